@@ -1,0 +1,59 @@
+"""``python -m bench [--json] [--quick] [--threads N] [--sections a,b]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .suite import SECTIONS, Config, run
+
+
+def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(obj, dict):
+        rows: list[tuple[str, Any]] = []
+        for k, v in obj.items():
+            rows += _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+        return rows
+    return [(prefix, obj)]
+
+
+def _print_text(report: dict[str, Any]) -> None:
+    for key, value in _flatten(report):
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        print(f"{key}: {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument(
+        "--sections",
+        default=None,
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)",
+    )
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    cfg = Config.quick_config(args.threads) if args.quick else Config.full(args.threads)
+    if args.sections:
+        wanted = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+        unknown = [s for s in wanted if s not in SECTIONS]
+        if unknown:
+            parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+        cfg = Config(**{**cfg.__dict__, "sections": wanted})
+    report = run(cfg)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    else:
+        _print_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

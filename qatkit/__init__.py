@@ -1,0 +1,42 @@
+"""qatkit: PyTorch CNNs from float to a bit-exact integer model for BPU-style NPUs.
+
+Workflow::
+
+    import qatkit as qk
+    qk.set_march("nash-e")
+    calib = qk.prepare(model, example_inputs, qconfig=qk.default_calibration_qconfig())
+    calib.eval(); qk.set_fake_quantize(calib, qk.FakeQuantState.CALIBRATION)
+    ...  # feed calibration batches
+    qat = qk.prepare(model, example_inputs, qconfig=qk.default_qat_qconfig())
+    qat.load_state_dict(calib.state_dict())
+    qat.train(); qk.set_fake_quantize(qat, qk.FakeQuantState.QAT)
+    ...  # train
+    quantized = qk.convert(qat)
+"""
+
+from qatkit.convert import convert
+from qatkit.errors import QatkitError, QatkitWarning, set_strict, silence, strict
+from qatkit.fake_quant import FakeQuantize, FakeQuantState, set_fake_quantize
+from qatkit.fuse import fuse
+from qatkit.march import MARCHES, March, get_march, set_march
+from qatkit.prepare import prepare
+from qatkit.qconfig import (
+    QConfig,
+    QConfigMapping,
+    QuantSpec,
+    default_calibration_qconfig,
+    default_qat_qconfig,
+    fixed_scale_qconfig,
+)
+from qatkit.qtensor import QTensor
+from qatkit.stubs import DeQuantStub, FloatFunctional, QuantStub
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MARCHES", "DeQuantStub", "FakeQuantState", "FakeQuantize", "FloatFunctional", "March",
+    "QConfig", "QConfigMapping", "QTensor", "QatkitError", "QatkitWarning", "QuantSpec",
+    "QuantStub", "__version__", "convert", "default_calibration_qconfig",
+    "default_qat_qconfig", "fixed_scale_qconfig", "fuse", "get_march", "prepare",
+    "set_fake_quantize", "set_march", "set_strict", "silence", "strict",
+]

@@ -1,0 +1,195 @@
+"""Integer kernels of the fixed-point model, exactly as ``docs/fixed-point.md`` specifies.
+
+All functions take and return integer tensors; the only floats are scales and the real
+multipliers made from them. Speed comes from choosing, per layer, an arithmetic that is
+*provably* exact (section 12 of the spec):
+
+* float32 convolution when a static bound shows every partial sum stays below 2^24,
+* int8 im2col + ``torch._int_mm`` (int32 accumulation) otherwise, for int8 inputs,
+* float64 convolution (exact below 2^53) for int16 inputs, grouped convs and transposed convs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qatkit.quant_math import qrange
+
+F32_EXACT = 2**24
+
+
+def multiplier(M: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode real multipliers ``M`` (float64) as ``m * 2^-n`` with ``2^14 <= |m| < 2^15``."""
+    M = torch.as_tensor(M, dtype=torch.float64)
+    f, e = torch.frexp(M)
+    m = torch.round(f * 2.0**15).to(torch.int64)
+    n = 15 - e.to(torch.int64)
+    full = m.abs() == 2**15
+    m = torch.where(full, m // 2, m)
+    n = torch.where(full, n - 1, n)
+    n = torch.where(m == 0, torch.zeros_like(n), n)
+    return m, n
+
+
+def _along(t: torch.Tensor, axis: int | None, ndim: int) -> torch.Tensor:
+    if axis is None or t.dim() == 0:
+        return t
+    shape = [1] * ndim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def requant(v: torch.Tensor, M: torch.Tensor | float, axis: int | None = None) -> torch.Tensor:
+    """``floor(v * m / 2^n + 1/2)`` in int64 (section 4); no saturation."""
+    return requant_mn(v, *multiplier(M), axis=axis)
+
+
+def requant_mn(v: torch.Tensor, m: torch.Tensor, n: torch.Tensor, axis: int | None = None
+               ) -> torch.Tensor:
+    """:func:`requant` with the multiplier already encoded by :func:`multiplier`."""
+    m, n = _along(m, axis, v.dim()), _along(n, axis, v.dim())
+    v = v.to(torch.int64) * m
+    if n.dim() == 0 and v.dim() > 0:  # common per-tensor case: plain Python shifts
+        ni = int(n)
+        if ni >= 1:
+            ni = min(ni, 63)  # |v*m| < 2^62, so any n >= 63 gives 0 exactly as 63 does
+            return (v + (1 << (ni - 1))) >> ni
+        return v << -ni
+    right = n.clamp(0, 63)
+    rnd = torch.where(right >= 1, torch.ones_like(right) << (right - 1).clamp_min(0), 0)
+    return ((v + rnd) >> right) << (-n).clamp_min(0)
+
+
+def saturate(v: torch.Tensor, dtype: str) -> torch.Tensor:
+    from qatkit.quant_math import TORCH_DTYPE
+    qmin, qmax = qrange(dtype)
+    return v.clamp(qmin, qmax).to(TORCH_DTYPE[dtype])
+
+
+def real_multiplier(*scales: torch.Tensor | float, divide_by: torch.Tensor | float
+                    ) -> torch.Tensor:
+    """``s1 * s2 * ... / s_o`` evaluated left to right in float64 from float32 scales."""
+    out = torch.as_tensor(scales[0], dtype=torch.float32).to(torch.float64)
+    for s in scales[1:]:
+        out = out * torch.as_tensor(s, dtype=torch.float32).to(torch.float64)
+    return out / torch.as_tensor(divide_by, dtype=torch.float32).to(torch.float64)
+
+
+def quantize_weight(w: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
+    return torch.round(w.to(torch.float32) / _along(s_w, 0, w.dim())).clamp_(-128, 127).to(
+        torch.int8)
+
+
+def quantize_bias(b: torch.Tensor, s_in: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
+    acc_scale = s_in.to(torch.float32).to(torch.float64) * s_w.to(torch.float64)
+    q = torch.round(b.to(torch.float32).to(torch.float64) / acc_scale)
+    return q.clamp(*qrange("qint32")).to(torch.int64)
+
+
+def accumulator_scale(s_in: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
+    return (s_in.to(torch.float64) * s_w.to(torch.float64)).to(torch.float32)
+
+
+def input_bound(dtype: str) -> int:
+    return -qrange(dtype)[0]
+
+
+def conv_method(q_w: torch.Tensor, in_dtype: str, groups: int) -> str:
+    """Pick an exact arithmetic for a conv from a static bound of its partial sums."""
+    bound = input_bound(in_dtype) * int(q_w.to(torch.int64).abs().flatten(1).sum(1).max())
+    if bound < F32_EXACT:
+        return "float32"
+    if in_dtype == "qint8" and groups == 1:
+        return "int_mm"
+    return "float64"
+
+
+def conv2d(q: torch.Tensor, q_w: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int],
+           dilation: tuple[int, int], groups: int, method: str,
+           w_cols: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact integer convolution sum (no bias); returns int32 for int_mm, int64 otherwise."""
+    if method == "int_mm":
+        return _conv2d_int_mm(q, q_w, stride, padding, dilation, w_cols)
+    ft = torch.float32 if method == "float32" else torch.float64
+    out = F.conv2d(q.to(ft), q_w.to(ft), None, stride, padding, dilation, groups)
+    return out.to(torch.int64)
+
+
+def weight_columns(q_w: torch.Tensor) -> torch.Tensor:
+    """int8 weights [O, C, kh, kw] as the [kh*kw*C, O] matrix of the NHWC im2col."""
+    return q_w.permute(2, 3, 1, 0).reshape(-1, q_w.shape[0]).contiguous()
+
+
+def _conv2d_int_mm(q: torch.Tensor, q_w: torch.Tensor, stride: tuple[int, int],
+                   padding: tuple[int, int], dilation: tuple[int, int],
+                   w_cols: torch.Tensor | None) -> torch.Tensor:
+    n, c, h, w = q.shape
+    o, _, kh, kw = q_w.shape
+    x = q.to(torch.int8).permute(0, 2, 3, 1)  # NHWC view
+    if padding[0] or padding[1]:
+        x = F.pad(x, (0, 0, padding[1], padding[1], padding[0], padding[0]))
+    hp, wp = x.shape[1], x.shape[2]
+    ho = (hp - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (wp - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    sn, sh, sw, sc = x.stride()
+    cols = x.as_strided((n, ho, wo, kh, kw, c),
+                        (sn, sh * stride[0], sw * stride[1], sh * dilation[0], sw * dilation[1],
+                         sc))
+    a = cols.reshape(n * ho * wo, kh * kw * c)
+    if w_cols is None:
+        w_cols = weight_columns(q_w)
+    acc = torch._int_mm(a, w_cols)  # int32, exact
+    return acc.view(n, ho, wo, o).permute(0, 3, 1, 2)
+
+
+def linear(q: torch.Tensor, q_w_t: torch.Tensor, method: str) -> torch.Tensor:
+    """Exact ``q @ q_w.T`` for inputs [..., K]; ``q_w_t`` is the [K, O] weight matrix."""
+    lead = q.shape[:-1]
+    a = q.reshape(-1, q.shape[-1])
+    if method == "int_mm":
+        acc = torch._int_mm(a.to(torch.int8).contiguous(), q_w_t)
+    else:
+        ft = torch.float32 if method == "float32" else torch.float64
+        acc = (a.to(ft) @ q_w_t.to(ft)).to(torch.int64)
+    return acc.reshape(*lead, q_w_t.shape[1])
+
+
+def conv_transpose2d(q: torch.Tensor, q_w: torch.Tensor, stride: tuple[int, int],
+                     padding: tuple[int, int], output_padding: tuple[int, int], groups: int,
+                     dilation: tuple[int, int]) -> torch.Tensor:
+    out = F.conv_transpose2d(q.to(torch.float64), q_w.to(torch.float64), None, stride, padding,
+                             output_padding, groups, dilation)
+    return out.to(torch.int64)
+
+
+def lut_table(fn_name: str, s_in: torch.Tensor, in_dtype: str, s_o: torch.Tensor,
+              out_dtype: str) -> torch.Tensor:
+    """The lookup table of section 10, indexed by ``q - qmin``."""
+    qmin, qmax = qrange(in_dtype)
+    x = torch.arange(qmin, qmax + 1, dtype=torch.float64) * float(s_in)
+    y = LUT_FUNCS[fn_name](x)
+    return saturate(torch.round(y / float(s_o)).to(torch.int64), out_dtype)
+
+
+LUT_FUNCS = {
+    "sigmoid": lambda x: 1.0 / (1.0 + torch.exp(-x)),
+    "tanh": torch.tanh,
+    "silu": lambda x: x / (1.0 + torch.exp(-x)),
+    "hardswish": lambda x: x * torch.clamp(x + 3.0, 0.0, 6.0) / 6.0,
+    "hardsigmoid": lambda x: torch.clamp(x + 3.0, 0.0, 6.0) / 6.0,
+}
+
+
+def bilinear_taps(in_size: int, out_size: int, align_corners: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices i0, i1 and the Q8 weight of i1 along one axis (section 9)."""
+    d = torch.arange(out_size, dtype=torch.float64)
+    if align_corners:
+        src = d * ((in_size - 1) / (out_size - 1)) if out_size > 1 else torch.zeros_like(d)
+    else:
+        src = ((d + 0.5) * (in_size / out_size) - 0.5).clamp_min(0.0)
+    i0 = torch.floor(src).to(torch.int64).clamp_max(in_size - 1)
+    i1 = (i0 + 1).clamp_max(in_size - 1)
+    w1 = torch.round((src - i0.to(torch.float64)) * 256).to(torch.int64)
+    return i0, i1, w1

@@ -1,0 +1,840 @@
+"""Independent NumPy reference of the integer arithmetic in docs/fixed-point.md.
+
+Used only by the test suite, to check the torch implementation bit for bit. It is written
+from the specification alone (no torch, no ``qatkit`` import), favours literal clarity over
+speed, and is meant for small tensors. Integers are int64 arrays; the requantization shift is
+done on Python ints so that it is exact at any width. Section numbers in comments ("§4") refer
+to docs/fixed-point.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+Scale = float | np.floating
+Pair = int | tuple[int, int]
+Activation = None | str | tuple[str, float, float]
+
+# §0 table of dtype ranges.
+QRANGE: dict[str, tuple[int, int]] = {
+    "qint8": (-128, 127),
+    "qint16": (-32768, 32767),
+    "qint32": (-2147483648, 2147483647),
+}
+
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _int64(q: ArrayLike) -> np.ndarray:
+    return np.asarray(q, dtype=np.int64)
+
+
+def _pair(v: Pair) -> tuple[int, int]:
+    if isinstance(v, int | np.integer):
+        return int(v), int(v)
+    a, b = v
+    return int(a), int(b)
+
+
+def _range(dtype: str) -> tuple[int, int]:
+    if dtype not in QRANGE:
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return QRANGE[dtype]
+
+
+def _scale64(s: Scale) -> float:
+    """float64(s) of a per-tensor scale; the spec's scales are float32 numbers (notation)."""
+    v = float(s)
+    if not (math.isfinite(v) and v > 0.0):
+        raise ValueError(f"scale must be finite and positive, got {v!r}")
+    if float(np.float32(v)) != v:
+        # A float64-only scale would make float32 vs float64 evaluation order matter silently.
+        raise ValueError(f"scale {v!r} is not a float32 number")
+    return v
+
+
+def _scales64(s: ArrayLike) -> np.ndarray:
+    """float64 of a vector of per-channel float32 scales."""
+    v = np.asarray(s, dtype=np.float64)
+    if v.ndim != 1:
+        raise ValueError("per-channel scales must be a 1-D array")
+    if not np.all(np.isfinite(v) & (v > 0.0)):
+        raise ValueError("scales must be finite and positive")
+    if not np.array_equal(v.astype(np.float32).astype(np.float64), v):
+        raise ValueError("per-channel scales are not float32 numbers")
+    return v
+
+
+def _is_vector(s: Scale | ArrayLike) -> bool:
+    return np.ndim(s) > 0
+
+
+def _round_sat(x: ArrayLike, dtype: str) -> np.ndarray:
+    """sat_T(round_half_even(x)) for float64 x.
+
+    Clipping to the integer bounds before rounding gives the same result (rounding is
+    monotone and fixes integers) and keeps an overflowed +-inf quotient representable.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if np.any(np.isnan(x)):
+        raise ValueError("NaN cannot be quantized")
+    lo, hi = _range(dtype)
+    return round_half_even(np.clip(x, float(lo), float(hi)))
+
+
+def _rhe_int(x: float) -> int:
+    return int(round_half_even(np.float64(x)))
+
+
+def _channel_index(ndim: int, axis: int, c: int) -> tuple:
+    idx: list = [slice(None)] * ndim
+    idx[axis] = c
+    return tuple(idx)
+
+
+def _normalize_axis(axis: int, ndim: int) -> int:
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} out of range for {ndim}-D array")
+    return axis % ndim
+
+
+def _objects_to_int64(r: ArrayLike) -> np.ndarray:
+    """Python-int (object) array -> int64, refusing silent wrap-around."""
+    r = np.asarray(r, dtype=object)
+    for x in r.flat:
+        if not _INT64_MIN <= int(x) <= _INT64_MAX:
+            raise OverflowError(f"requant result {x} does not fit int64")
+    return r.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- §0, §2, §3
+
+
+def sat(v: ArrayLike, dtype: str) -> np.ndarray:
+    """sat_T: clamp into the range of dtype T (§0)."""
+    lo, hi = _range(dtype)
+    return np.clip(_int64(v), lo, hi)
+
+
+def round_half_even(x: ArrayLike) -> np.ndarray:
+    """Round float64 values to the nearest integer, ties to even, as int64."""
+    x = np.asarray(x, dtype=np.float64)
+    if not np.all(np.isfinite(x)):
+        raise ValueError("round_half_even needs finite values")
+    # Work on |x|: for a >= 0, a - floor(a) is exact in float64 (no rounding of the fraction).
+    a = np.abs(x)
+    fl = np.floor(a)
+    frac = a - fl
+    odd = np.fmod(fl, 2.0) == 1.0
+    up = (frac > 0.5) | ((frac == 0.5) & odd)
+    r = np.where(x < 0, -(fl + up), fl + up)
+    if np.any(np.abs(r) >= 2.0**63):
+        raise OverflowError("value too large to round into int64")
+    return r.astype(np.int64)
+
+
+def scale_from_range(lo: float, hi: float, dtype: str, pow2: bool = False) -> np.float32:
+    """Scale from an observed range [lo, hi] (§2)."""
+    qmin, qmax = _range(dtype)
+    lo, hi = float(lo), float(hi)
+    if math.isnan(lo) or math.isnan(hi):
+        raise ValueError("range contains NaN")
+    t = max(abs(lo), abs(hi))
+    # §2: the division is a float64 division of the given (Python float) t, rounded once to float32.
+    s = np.float32(t / ((qmax - qmin) / 2))
+    s = max(s, np.float32(2.0**-40))
+    if pow2:
+        shift = min(max(math.floor(-math.log2(float(s))), 1), 14)
+        s = np.float32(2.0**-shift)
+    return np.float32(s)
+
+
+def quantize(x: ArrayLike, s: Scale, dtype: str) -> np.ndarray:
+    """q = sat_T(round_half_even(float32(x) / s)), division in float32 (§3)."""
+    s32 = np.float32(_scale64(s))
+    x32 = np.asarray(x, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        quotient = x32 / s32  # float32 / float32 -> float32, IEEE round to nearest
+    assert quotient.dtype == np.float32
+    return _round_sat(quotient.astype(np.float64), dtype)
+
+
+def dequantize(q: ArrayLike, s: Scale | ArrayLike, axis: int | None = None) -> np.ndarray:
+    """x = float32(float64(q) * float64(s)); per-channel s along `axis` (§3)."""
+    q64 = _int64(q).astype(np.float64)
+    if _is_vector(s):
+        if axis is None:
+            raise ValueError("per-channel scale needs an axis")
+        axis = _normalize_axis(axis, q64.ndim)
+        sv = _scales64(s)
+        shape = [1] * q64.ndim
+        shape[axis] = sv.size
+        prod = q64 * sv.reshape(shape)
+    else:
+        prod = q64 * _scale64(s)
+    return prod.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- §4
+
+
+def multiplier(M: float) -> tuple[int, int]:
+    """Encode a real multiplier M as (m, n) with M ~= m * 2**-n, 2**14 <= |m| < 2**15 (§4)."""
+    M = float(M)
+    if not math.isfinite(M):
+        raise ValueError(f"multiplier must be finite, got {M!r}")
+    if M == 0.0:
+        return 0, 0
+    f, e = math.frexp(M)
+    m = _rhe_int(f * 2.0**15)  # exact product: f has 53 bits, times a power of two
+    n = 15 - e
+    if abs(m) == 2**15:
+        m = m // 2  # exact: m is +-2**15
+        n = n - 1
+    return m, n
+
+
+def _requant_one(v: np.ndarray, M: float) -> np.ndarray:
+    """requant with one multiplier, returning Python ints (object array)."""
+    m, n = multiplier(M)
+    vo = np.asarray(v, dtype=np.int64).astype(object)  # Python ints: no overflow, >> floors
+    if n >= 1:
+        return np.asarray((vo * m + (1 << (n - 1))) >> n, dtype=object)
+    return np.asarray(vo * m * (1 << (-n)), dtype=object)
+
+
+def requant(v: ArrayLike, M: float | ArrayLike, axis: int | None = None) -> np.ndarray:
+    """floor(v * m / 2**n + 1/2), no saturation; per-channel M along `axis` (§4)."""
+    v = _int64(v)
+    if not _is_vector(M):
+        return _objects_to_int64(_requant_one(v, float(M)))
+    Mv = np.asarray(M, dtype=np.float64)
+    if Mv.ndim != 1:
+        raise ValueError("per-channel multipliers must be 1-D")
+    if axis is None:
+        raise ValueError("per-channel multipliers need an axis")
+    axis = _normalize_axis(axis, v.ndim)
+    if v.shape[axis] != Mv.size:
+        raise ValueError(f"{Mv.size} multipliers for {v.shape[axis]} channels")
+    out = np.empty(v.shape, dtype=object)
+    for c in range(Mv.size):
+        idx = _channel_index(v.ndim, axis, c)
+        out[idx] = _requant_one(v[idx], float(Mv[c]))
+    return _objects_to_int64(out)
+
+
+# ----------------------------------------------------------------------------- §5, §7
+
+
+def quantize_weight(w: ArrayLike, s_w: ArrayLike) -> np.ndarray:
+    """q_w = sat_qint8(round_half_even(float32(w) / s_w[c])), c = axis 0, float32 division (§5)."""
+    w32 = np.asarray(w, dtype=np.float32)
+    sv = _scales64(s_w).astype(np.float32)
+    if w32.shape[0] != sv.size:
+        raise ValueError(f"{sv.size} weight scales for {w32.shape[0]} output channels")
+    q = np.empty(w32.shape, dtype=np.int64)
+    for c in range(sv.size):
+        with np.errstate(over="ignore"):
+            quotient = w32[c] / sv[c]
+        q[c] = _round_sat(quotient.astype(np.float64), "qint8")
+    return q
+
+
+def _quantize_weight_transposed(w: np.ndarray, s_w: ArrayLike, groups: int) -> np.ndarray:
+    """ConvTranspose2d weight (Cin, Cout/groups, kh, kw): channel axis 1 (§5).
+
+    §5 gives s_w one entry per output channel; with groups, input channel ci of group g and
+    axis-1 index j feed output channel g * Cout/groups + j, so that is the scale used.
+    """
+    w32 = np.asarray(w, dtype=np.float32)
+    sv = _scales64(s_w).astype(np.float32)
+    cin, cout_g = w32.shape[0], w32.shape[1]
+    if sv.size != cout_g * groups:
+        raise ValueError(f"{sv.size} weight scales for {cout_g * groups} output channels")
+    cin_g = cin // groups
+    q = np.empty(w32.shape, dtype=np.int64)
+    for ci in range(cin):
+        g = ci // cin_g
+        for j in range(cout_g):
+            with np.errstate(over="ignore"):
+                quotient = w32[ci, j] / sv[g * cout_g + j]
+            q[ci, j] = _round_sat(quotient.astype(np.float64), "qint8")
+    return q
+
+
+def quantize_bias(b: ArrayLike, s_in: Scale, s_w: ArrayLike) -> np.ndarray:
+    """q_b[c] = sat_qint32(round_half_even(float64(b[c]) / (float64(s_in) * float64(s_w[c]))))."""
+    b64 = np.asarray(b, dtype=np.float32).astype(np.float64)
+    sv = _scales64(s_w)
+    if b64.shape != sv.shape:
+        raise ValueError("bias and weight scales must have one entry per output channel")
+    q = np.empty(b64.shape, dtype=np.int64)
+    for c in range(sv.size):
+        q[c] = _round_sat(b64[c] / (_scale64(s_in) * sv[c]), "qint32")
+    return q
+
+
+def accumulator_scale(s_in: Scale, s_w: ArrayLike) -> np.ndarray:
+    """s_acc[c] = float32(float64(s_in) * float64(s_w[c])) (§5)."""
+    return (_scale64(s_in) * _scales64(s_w)).astype(np.float32)
+
+
+def _product_multipliers(s_in: Scale, s_w: ArrayLike, s_out: Scale) -> np.ndarray:
+    """M[c] = float64(s_in) * float64(s_w[c]) / float64(s_out), left to right (§4, §5)."""
+    return (_scale64(s_in) * _scales64(s_w)) / _scale64(s_out)
+
+
+def relu(q: ArrayLike) -> np.ndarray:
+    """max(q, 0), scale unchanged (§7)."""
+    return np.maximum(_int64(q), 0)
+
+
+def _clamp(q: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    # Bounds can exceed int64 for a tiny scale; clipping them to int64 changes no int64 value.
+    lo = min(max(lo, _INT64_MIN), _INT64_MAX)
+    hi = min(max(hi, _INT64_MIN), _INT64_MAX)
+    return np.minimum(np.maximum(q, np.int64(lo)), np.int64(hi))
+
+
+def _activation_bounds(activation: Activation) -> tuple[float, float] | None:
+    if activation is None or activation == "relu":
+        return None
+    if activation == "relu6":
+        return 0.0, 6.0
+    if isinstance(activation, tuple) and len(activation) == 3 and activation[0] == "hardtanh":
+        return float(activation[1]), float(activation[2])
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def _fused_activation(q: np.ndarray, activation: Activation, s_o: Scale, dtype: str) -> np.ndarray:
+    """Fused activation after the requant to s_o (§7)."""
+    if activation is None:
+        return q
+    if activation == "relu":
+        return relu(q)
+    lo, hi = _activation_bounds(activation)  # type: ignore[misc]
+    # §7 writes lo / s_o without a precision; scales enter real arithmetic as float64 (§4).
+    q_lo = int(_round_sat(lo / _scale64(s_o), dtype))
+    q_hi = int(_round_sat(hi / _scale64(s_o), dtype))
+    return _clamp(q, q_lo, q_hi)
+
+
+def clamp_act(
+    q: ArrayLike, s_in: Scale, lo: float, hi: float, s_o: Scale, out_dtype: str
+) -> np.ndarray:
+    """Standalone ReLU6 / Hardtanh with its own output scale (§7)."""
+    # §7: the standalone bounds are not saturated, only the requantized result is.
+    q_lo = _rhe_int(float(lo) / _scale64(s_in))
+    q_hi = _rhe_int(float(hi) / _scale64(s_in))
+    clamped = _clamp(_int64(q), q_lo, q_hi)
+    return sat(requant(clamped, _scale64(s_in) / _scale64(s_o)), out_dtype)
+
+
+def _finish(
+    acc: np.ndarray,
+    s_in: Scale,
+    s_w: ArrayLike,
+    s_out: Scale,
+    out_dtype: str,
+    channel_axis: int,
+    activation: Activation,
+    mode: str,
+) -> np.ndarray:
+    """Role-dependent output of conv/linear (§5)."""
+    if mode == "accumulator":
+        if activation is not None:
+            # §5 defines the high-precision output as acc itself; no activation is specified.
+            raise ValueError("a fused activation is not defined for the accumulator output")
+        return sat(acc, "qint32")
+    if mode != "quantized":
+        raise ValueError(f"unknown mode {mode!r}")
+    M = _product_multipliers(s_in, s_w, s_out)
+    q = sat(requant(acc, M, axis=channel_axis), out_dtype)
+    return _fused_activation(q, activation, s_out, out_dtype)
+
+
+# ----------------------------------------------------------------------------- §5 conv / linear
+
+
+def conv2d_acc(
+    q_in: ArrayLike,
+    q_w: ArrayLike,
+    q_b: ArrayLike | None,
+    stride: Pair = (1, 1),
+    padding: Pair = (0, 0),
+    dilation: Pair = (1, 1),
+    groups: int = 1,
+) -> np.ndarray:
+    """acc[n, o] = q_b[o] + sum(q_in * q_w[o]) over the window, exact int64, zero padding (§5)."""
+    x = _int64(q_in)
+    w = _int64(q_w)
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    N, C, H, W = x.shape
+    Cout, Cg, kh, kw = w.shape
+    if Cg * groups != C or Cout % groups != 0:
+        raise ValueError("channel counts do not match groups")
+    Og = Cout // groups
+    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))  # zero padding: q = 0
+    acc = np.zeros((N, Cout, Ho, Wo), dtype=np.int64)
+    for g in range(groups):
+        cin = slice(g * Cg, (g + 1) * Cg)
+        cout = slice(g * Og, (g + 1) * Og)
+        for i in range(kh):
+            for j in range(kw):
+                # Input samples seen by tap (i, j) at every output position.
+                r0, c0 = i * dh, j * dw
+                patch = xp[
+                    :, cin, r0 : r0 + sh * (Ho - 1) + 1 : sh, c0 : c0 + sw * (Wo - 1) + 1 : sw
+                ]
+                acc[:, cout] += np.einsum("nchw,oc->nohw", patch, w[cout, :, i, j])
+    if q_b is not None:
+        acc += _int64(q_b).reshape(1, Cout, 1, 1)
+    return acc
+
+
+def conv2d(
+    q_in: ArrayLike,
+    s_in: Scale,
+    w: ArrayLike,
+    b: ArrayLike | None,
+    s_w: ArrayLike,
+    s_out: Scale,
+    out_dtype: str,
+    stride: Pair = (1, 1),
+    padding: Pair = (0, 0),
+    dilation: Pair = (1, 1),
+    groups: int = 1,
+    activation: Activation = None,
+    mode: str = "quantized",
+) -> np.ndarray:
+    """Quantized Conv2d from float weights (§5); mode "accumulator" is the high-precision output."""
+    q_w = quantize_weight(w, s_w)
+    q_b = None if b is None else quantize_bias(b, s_in, s_w)
+    acc = conv2d_acc(q_in, q_w, q_b, stride, padding, dilation, groups)
+    return _finish(acc, s_in, s_w, s_out, out_dtype, 1, activation, mode)
+
+
+def linear(
+    q_in: ArrayLike,
+    s_in: Scale,
+    w: ArrayLike,
+    b: ArrayLike | None,
+    s_w: ArrayLike,
+    s_out: Scale,
+    out_dtype: str,
+    activation: Activation = None,
+    mode: str = "quantized",
+) -> np.ndarray:
+    """Quantized Linear (§5): acc[..., o] = q_b[o] + sum_k q_in[..., k] * q_w[o, k]."""
+    x = _int64(q_in)
+    q_w = quantize_weight(w, s_w)
+    acc = np.einsum("...k,ok->...o", x, q_w)  # int64 einsum: exact
+    if b is not None:
+        acc = acc + quantize_bias(b, s_in, s_w)
+    # §1: the linear accumulator's channel axis is the last one.
+    return _finish(acc, s_in, s_w, s_out, out_dtype, -1, activation, mode)
+
+
+def conv_transpose2d(
+    q_in: ArrayLike,
+    s_in: Scale,
+    w: ArrayLike,
+    b: ArrayLike | None,
+    s_w: ArrayLike,
+    s_out: Scale,
+    out_dtype: str,
+    stride: Pair = (1, 1),
+    padding: Pair = (0, 0),
+    output_padding: Pair = (0, 0),
+    dilation: Pair = (1, 1),
+    groups: int = 1,
+    mode: str = "quantized",
+    activation: Activation = None,
+) -> np.ndarray:
+    """Quantized ConvTranspose2d (§5) by scattering every input sample into the output."""
+    x = _int64(q_in)
+    q_w = _quantize_weight_transposed(np.asarray(w), s_w, groups)
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    oph, opw = _pair(output_padding)
+    dh, dw = _pair(dilation)
+    N, Cin, H, W = x.shape
+    Cin_w, Og, kh, kw = q_w.shape
+    if Cin != Cin_w or Cin % groups != 0:
+        raise ValueError("channel counts do not match groups")
+    Cg = Cin // groups
+    Cout = Og * groups
+    Ho = (H - 1) * sh - 2 * ph + dh * (kh - 1) + oph + 1
+    Wo = (W - 1) * sw - 2 * pw + dw * (kw - 1) + opw + 1
+    acc = np.zeros((N, Cout, Ho, Wo), dtype=np.int64)
+    for g in range(groups):
+        cin = slice(g * Cg, (g + 1) * Cg)
+        cout = slice(g * Og, (g + 1) * Og)
+        for ih in range(H):
+            for iw in range(W):
+                for i in range(kh):
+                    oh = ih * sh - ph + i * dh
+                    if not 0 <= oh < Ho:
+                        continue
+                    for j in range(kw):
+                        ow = iw * sw - pw + j * dw
+                        if not 0 <= ow < Wo:
+                            continue
+                        acc[:, cout, oh, ow] += np.einsum(
+                            "nc,co->no", x[:, cin, ih, iw], q_w[cin, :, i, j]
+                        )
+    if b is not None:
+        acc += quantize_bias(b, s_in, s_w).reshape(1, Cout, 1, 1)
+    return _finish(acc, s_in, s_w, s_out, out_dtype, 1, activation, mode)
+
+
+# ----------------------------------------------------------------------------- §6
+
+
+def _to_intermediate(
+    q: ArrayLike, s: Scale | ArrayLike, s_o: Scale, axis: int | None
+) -> np.ndarray:
+    """requant(q, s / s_i), s / s_i evaluated as float64(s) / (float64(s_o) / 256) (§6)."""
+    s_i = _scale64(s_o) / 256
+    if _is_vector(s):
+        return requant(q, _scales64(s) / s_i, axis=axis)
+    return requant(q, _scale64(s) / s_i)
+
+
+def _from_intermediate(v: np.ndarray, s_o: Scale, out_dtype: str) -> np.ndarray:
+    """sat_T(requant(v, s_i / s_o)), M evaluated as float64(s_o) / 256 / float64(s_o) (§6)."""
+    M = _scale64(s_o) / 256 / _scale64(s_o)
+    return sat(requant(v, M), out_dtype)
+
+
+def add(
+    q_a: ArrayLike,
+    s_a: Scale | ArrayLike,
+    q_b: ArrayLike,
+    s_b: Scale | ArrayLike,
+    s_o: Scale,
+    out_dtype: str,
+    relu: bool = False,
+    sub: bool = False,
+    axis_a: int | None = None,
+    axis_b: int | None = None,
+) -> np.ndarray:
+    """Add / sub through the intermediate scale s_o / 256 (§6); fused ReLU after saturation."""
+    a_i = _to_intermediate(q_a, s_a, s_o, axis_a)
+    b_i = _to_intermediate(q_b, s_b, s_o, axis_b)
+    combined = a_i - b_i if sub else a_i + b_i
+    q = _from_intermediate(combined, s_o, out_dtype)
+    return np.maximum(q, 0) if relu else q
+
+
+def add_scalar(q_a: ArrayLike, s_a: Scale, c: float, s_o: Scale, out_dtype: str) -> np.ndarray:
+    """x + c (§6): b_i = round_half_even(float64(c) / (float64(s_o) / 256)), not saturated."""
+    a_i = _to_intermediate(q_a, s_a, s_o, None)
+    b_i = _rhe_int(float(c) / (_scale64(s_o) / 256))
+    return _from_intermediate(a_i + b_i, s_o, out_dtype)
+
+
+# ----------------------------------------------------------------------------- §8
+
+
+def _rescale(q: ArrayLike, s: Scale, s_o: Scale, out_dtype: str) -> np.ndarray:
+    """sat_T(requant(q, s / s_o))."""
+    return sat(requant(q, _scale64(s) / _scale64(s_o)), out_dtype)
+
+
+def mul(
+    q_a: ArrayLike, s_a: Scale, q_b: ArrayLike, s_b: Scale, s_o: Scale, out_dtype: str
+) -> np.ndarray:
+    """q_o = sat_T(requant(q_a * q_b, s_a * s_b / s_o)) (§8)."""
+    M = _scale64(s_a) * _scale64(s_b) / _scale64(s_o)
+    return sat(requant(_int64(q_a) * _int64(q_b), M), out_dtype)
+
+
+def mul_scalar(q_a: ArrayLike, s_a: Scale, c: float, s_o: Scale, out_dtype: str) -> np.ndarray:
+    """q_o = sat_T(requant(q_a, float64(s_a) * float64(c) / float64(s_o))), M may be <= 0 (§8)."""
+    M = _scale64(s_a) * float(c) / _scale64(s_o)
+    return sat(requant(q_a, M), out_dtype)
+
+
+def matmul(
+    q_a: ArrayLike, s_a: Scale, q_b: ArrayLike, s_b: Scale, s_o: Scale, out_dtype: str
+) -> np.ndarray:
+    """acc = sum_k q_a[.., i, k] * q_b[.., k, j] exact, then requant by s_a * s_b / s_o (§8)."""
+    acc = np.matmul(_int64(q_a), _int64(q_b))  # integer matmul: exact int64 loops, no BLAS
+    M = _scale64(s_a) * _scale64(s_b) / _scale64(s_o)
+    return sat(requant(acc, M), out_dtype)
+
+
+def _reduced_count(shape: tuple[int, ...], dim: int | Sequence[int] | None) -> int:
+    if dim is None:
+        return int(np.prod(shape, dtype=np.int64))
+    dims = (dim,) if isinstance(dim, int | np.integer) else tuple(dim)
+    return int(np.prod([shape[_normalize_axis(int(d), len(shape))] for d in dims], dtype=np.int64))
+
+
+def _axes(dim: int | Sequence[int] | None) -> int | tuple[int, ...] | None:
+    if dim is None or isinstance(dim, int | np.integer):
+        return dim
+    return tuple(int(d) for d in dim)
+
+
+def sum_(
+    q: ArrayLike,
+    s: Scale,
+    dim: int | Sequence[int] | None,
+    keepdim: bool,
+    s_o: Scale,
+    out_dtype: str,
+) -> np.ndarray:
+    """acc = sum q (int64), q_o = sat_T(requant(acc, s / s_o)) (§8)."""
+    acc = np.sum(_int64(q), axis=_axes(dim), keepdims=keepdim, dtype=np.int64)
+    return _rescale(acc, s, s_o, out_dtype)
+
+
+def mean(
+    q: ArrayLike,
+    s: Scale,
+    dim: int | Sequence[int] | None,
+    keepdim: bool,
+    s_o: Scale,
+    out_dtype: str,
+) -> np.ndarray:
+    """Sum, then requant by M = float64(s) / float64(n) / float64(s_o) (§8)."""
+    q = _int64(q)
+    acc = np.sum(q, axis=_axes(dim), keepdims=keepdim, dtype=np.int64)
+    n = _reduced_count(q.shape, dim)
+    M = _scale64(s) / float(n) / _scale64(s_o)
+    return sat(requant(acc, M), out_dtype)
+
+
+def maximum(
+    q_a: ArrayLike, s_a: Scale, q_b: ArrayLike, s_b: Scale, s_o: Scale, out_dtype: str
+) -> np.ndarray:
+    """max of both operands, each first brought to s_o and saturated (§8)."""
+    return np.maximum(_rescale(q_a, s_a, s_o, out_dtype), _rescale(q_b, s_b, s_o, out_dtype))
+
+
+def minimum(
+    q_a: ArrayLike, s_a: Scale, q_b: ArrayLike, s_b: Scale, s_o: Scale, out_dtype: str
+) -> np.ndarray:
+    """min of both operands, each first brought to s_o and saturated (§8)."""
+    return np.minimum(_rescale(q_a, s_a, s_o, out_dtype), _rescale(q_b, s_b, s_o, out_dtype))
+
+
+def cat(
+    qs: Sequence[ArrayLike], ss: Sequence[Scale], dim: int, s_o: Scale, out_dtype: str
+) -> np.ndarray:
+    """Every input sat_T(requant(q_k, s_k / s_o)), then concatenated (§8)."""
+    if len(qs) != len(ss):
+        raise ValueError("one scale per input")
+    return np.concatenate([_rescale(q, s, s_o, out_dtype) for q, s in zip(qs, ss)], axis=dim)
+
+
+def stack(
+    qs: Sequence[ArrayLike], ss: Sequence[Scale], dim: int, s_o: Scale, out_dtype: str
+) -> np.ndarray:
+    """Every input sat_T(requant(q_k, s_k / s_o)), then stacked (§8)."""
+    if len(qs) != len(ss):
+        raise ValueError("one scale per input")
+    return np.stack([_rescale(q, s, s_o, out_dtype) for q, s in zip(qs, ss)], axis=dim)
+
+
+# ----------------------------------------------------------------------------- §9 pooling
+
+
+def _pool_out_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """PyTorch's pooling output size; a ceil-mode window must start inside input or left pad."""
+    span = size + 2 * p - d * (k - 1) - 1
+    out = (span + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def max_pool2d(
+    q: ArrayLike,
+    kernel: Pair,
+    stride: Pair | None = None,
+    padding: Pair = 0,
+    dilation: Pair = 1,
+    ceil_mode: bool = False,
+) -> np.ndarray:
+    """Max over the valid (non-padding) positions of each window; integers unchanged (§7)."""
+    x = _int64(q)
+    kh, kw = _pair(kernel)
+    sh, sw = _pair(kernel if stride is None else stride)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    N, C, H, W = x.shape
+    Ho = _pool_out_size(H, kh, sh, ph, dh, ceil_mode)
+    Wo = _pool_out_size(W, kw, sw, pw, dw, ceil_mode)
+    out = np.empty((N, C, Ho, Wo), dtype=np.int64)
+    for oh in range(Ho):
+        rows = [r for r in (oh * sh - ph + i * dh for i in range(kh)) if 0 <= r < H]
+        for ow in range(Wo):
+            cols = [c for c in (ow * sw - pw + j * dw for j in range(kw)) if 0 <= c < W]
+            if not rows or not cols:
+                raise ValueError("pooling window has no valid input position")
+            out[:, :, oh, ow] = x[:, :, rows][:, :, :, cols].max(axis=(2, 3))
+    return out
+
+
+def _window_sums(x: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> np.ndarray:
+    """Sum of each kh x kw window over the zero-padded input (int64)."""
+    N, C, H, W = x.shape
+    Ho = (H + 2 * ph - kh) // sh + 1
+    Wo = (W + 2 * pw - kw) // sw + 1
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    acc = np.zeros((N, C, Ho, Wo), dtype=np.int64)
+    for oh in range(Ho):
+        for ow in range(Wo):
+            window = xp[:, :, oh * sh : oh * sh + kh, ow * sw : ow * sw + kw]
+            acc[:, :, oh, ow] = window.sum(axis=(2, 3), dtype=np.int64)
+    return acc
+
+
+def avg_pool2d(
+    q: ArrayLike,
+    s_in: Scale,
+    kernel: Pair,
+    stride: Pair | None,
+    padding: Pair,
+    s_o: Scale,
+    out_dtype: str,
+) -> np.ndarray:
+    """count_include_pad=True: M = float64(s_in) / float64(kh * kw) / float64(s_o) (§9)."""
+    kh, kw = _pair(kernel)
+    sh, sw = _pair(kernel if stride is None else stride)
+    ph, pw = _pair(padding)
+    acc = _window_sums(_int64(q), kh, kw, sh, sw, ph, pw)
+    M = _scale64(s_in) / float(kh * kw) / _scale64(s_o)
+    return sat(requant(acc, M), out_dtype)
+
+
+def adaptive_avg_pool2d(
+    q: ArrayLike, s_in: Scale, out_hw: Pair, s_o: Scale, out_dtype: str
+) -> np.ndarray:
+    """Adaptive average pool for input sizes that are multiples of the output size (§9)."""
+    x = _int64(q)
+    Ho, Wo = _pair(out_hw)
+    H, W = x.shape[-2:]
+    if Ho <= 0 or Wo <= 0 or H % Ho != 0 or W % Wo != 0:
+        raise ValueError(f"input {H}x{W} is not a multiple of output {Ho}x{Wo}")
+    kh, kw = H // Ho, W // Wo
+    acc = _window_sums(x, kh, kw, kh, kw, 0, 0)
+    M = _scale64(s_in) / float(kh * kw) / _scale64(s_o)
+    return sat(requant(acc, M), out_dtype)
+
+
+# ----------------------------------------------------------------------------- §9 resizing
+
+
+def upsample_nearest(q: ArrayLike, scale_factor: int) -> np.ndarray:
+    """Nearest upsample by an integer factor: each sample repeated, integers unchanged (§7)."""
+    if int(scale_factor) != scale_factor or scale_factor < 1:
+        raise ValueError("scale_factor must be a positive integer")
+    k = int(scale_factor)
+    return np.repeat(np.repeat(_int64(q), k, axis=-2), k, axis=-1)
+
+
+def _bilinear_taps(
+    size_in: int, size_out: int, align_corners: bool
+) -> list[tuple[int, int, int, int]]:
+    """Per output index: (i0, i1, w0, w1) with w0 + w1 = 256 (§9)."""
+    taps = []
+    if align_corners:
+        # PyTorch computes the scale first, then multiplies it by the index.
+        scale = (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
+    else:
+        scale = size_in / size_out
+    for dst in range(size_out):
+        # align_corners=False clamps a negative source coordinate at 0.
+        src = dst * scale if align_corners else max((dst + 0.5) * scale - 0.5, 0.0)
+        i0 = math.floor(src)
+        i1 = min(i0 + 1, size_in - 1)
+        w1 = _rhe_int((src - i0) * 256)
+        taps.append((i0, i1, 256 - w1, w1))
+    return taps
+
+
+def upsample_bilinear(
+    q: ArrayLike,
+    s_in: Scale,
+    out_hw: Pair,
+    align_corners: bool,
+    s_o: Scale,
+    out_dtype: str,
+) -> np.ndarray:
+    """acc = sum of the 4 taps q * wy * wx, then requant by float64(s_in) / 65536 / float64(s_o)."""
+    x = _int64(q)
+    Ho, Wo = _pair(out_hw)
+    H, W = x.shape[-2:]
+    ty = _bilinear_taps(H, Ho, align_corners)
+    tx = _bilinear_taps(W, Wo, align_corners)
+    acc = np.zeros((*x.shape[:-2], Ho, Wo), dtype=np.int64)
+    for oh, (y0, y1, wy0, wy1) in enumerate(ty):
+        for ow, (x0, x1, wx0, wx1) in enumerate(tx):
+            acc[..., oh, ow] = (
+                x[..., y0, x0] * (wy0 * wx0)
+                + x[..., y0, x1] * (wy0 * wx1)
+                + x[..., y1, x0] * (wy1 * wx0)
+                + x[..., y1, x1] * (wy1 * wx1)
+            )
+    M = _scale64(s_in) / 65536 / _scale64(s_o)
+    return sat(requant(acc, M), out_dtype)
+
+
+# ----------------------------------------------------------------------------- §10
+
+
+def _lut_function(kind: str, x: np.ndarray) -> np.ndarray:
+    """f of §10 in float64, formulas exactly as written there."""
+    with np.errstate(over="ignore"):  # exp(-x) -> inf for very negative x gives the right limit
+        if kind == "sigmoid":
+            return 1.0 / (1.0 + np.exp(-x))
+        if kind == "tanh":
+            return np.tanh(x)
+        if kind == "silu":
+            return x / (1.0 + np.exp(-x))
+        if kind == "hardswish":
+            return x * np.minimum(np.maximum(x + 3.0, 0.0), 6.0) / 6.0
+        if kind == "hardsigmoid":
+            return np.minimum(np.maximum(x + 3.0, 0.0), 6.0) / 6.0
+    raise ValueError(f"unknown LUT kind {kind!r}")
+
+
+def lut(
+    kind: str, s_in: Scale, in_dtype: str, s_o: Scale, out_dtype: str
+) -> tuple[np.ndarray, int]:
+    """Table over every input q in [qmin, qmax]; entry q sits at index q - qmin (§10)."""
+    if in_dtype not in ("qint8", "qint16"):
+        raise ValueError("LUT inputs are qint8 or qint16")
+    qmin, qmax = _range(in_dtype)
+    q = np.arange(qmin, qmax + 1, dtype=np.int64)
+    x = q.astype(np.float64) * _scale64(s_in)
+    table = _round_sat(_lut_function(kind, x) / _scale64(s_o), out_dtype)
+    return table, qmin
+
+
+def apply_lut(
+    q: ArrayLike, kind: str, s_in: Scale, in_dtype: str, s_o: Scale, out_dtype: str
+) -> np.ndarray:
+    """q_o = table[q_in] (§10)."""
+    table, qmin = lut(kind, s_in, in_dtype, s_o, out_dtype)
+    q = _int64(q)
+    lo, hi = _range(in_dtype)
+    if np.any((q < lo) | (q > hi)):
+        raise ValueError(f"input outside the {in_dtype} range")
+    return table[q - qmin]
