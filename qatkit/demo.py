@@ -1,0 +1,210 @@
+"""``qatkit demo``: the whole workflow on real data, end to end.
+
+float training -> calibration -> fixed point (calibrated) -> QAT -> fixed point (final), on
+sklearn's digits (shipped with scikit-learn) or Fashion-MNIST (when installed), with the
+accuracy of every stage. The building blocks are public so that examples, benchmarks and the
+multi-process demo reuse them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import qatkit as qk
+from qatkit import checkpoint, data
+from qatkit.calibrate import calibrate
+
+
+class DemoNet(nn.Module):
+    """A small residual CNN written the usual way: QuantStub in, DeQuantStub out,
+    a FloatFunctional for the residual add."""
+
+    def __init__(self, num_classes: int = 10, width: int = 32) -> None:
+        super().__init__()
+        self.quant = qk.QuantStub()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.relu2 = nn.ReLU()
+        self.conv3 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.skip = qk.FloatFunctional()
+        self.relu3 = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.conv4 = nn.Conv2d(width, 2 * width, 3, padding=1, bias=False)
+        self.bn4 = nn.BatchNorm2d(2 * width)
+        self.relu4 = nn.ReLU()
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, num_classes)
+        self.dequant = qk.DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quant(x)
+        x = self.relu1(self.bn1(self.conv1(x)))
+        y = self.relu2(self.bn2(self.conv2(x)))
+        x = self.relu3(self.skip.add(self.bn3(self.conv3(y)), x))
+        x = self.pool(x)
+        x = self.relu4(self.bn4(self.conv4(x)))
+        x = torch.flatten(self.gap(x), 1)
+        return self.dequant(self.fc(x))
+
+
+def centered(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] pixels -> [-1, 1]: symmetric int8 then uses its whole range."""
+    return x * 2.0 - 1.0
+
+
+def load(dataset: str, seed: int = 0) -> data.Split:
+    if dataset == "digits":
+        return data.load_digits(seed=seed)
+    if dataset == "fashion":
+        return data.load_fashion_mnist()
+    raise ValueError(f"unknown dataset {dataset!r}: use 'digits' or 'fashion'")
+
+
+def _progress(it: Any, desc: str, quiet: bool) -> Any:
+    if quiet:
+        return it
+    from tqdm.auto import tqdm
+    return tqdm(it, desc=desc, leave=False, file=sys.stderr)
+
+
+def train(model: nn.Module, split: data.Split, epochs: int, lr: float, seed: int,
+          batch_size: int = 64, quiet: bool = False, sgd: bool = False,
+          step_hook: Any = None) -> list[float]:
+    """Train with cross-entropy; returns the mean loss of each epoch."""
+    opt: torch.optim.Optimizer = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+                                  if sgd else torch.optim.Adam(model.parameters(), lr=lr))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
+    losses = []
+    for ep in _progress(range(epochs), "train", quiet):
+        model.train()
+        total, n = 0.0, 0
+        for x, y in data.batches(split.x_train, split.y_train, batch_size, shuffle=True,
+                                 seed=seed + ep):
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(centered(x)), y)
+            loss.backward()
+            opt.step()
+            if step_hook is not None:
+                step_hook()
+            total, n = total + float(loss.detach()) * len(y), n + len(y)
+        sched.step()
+        losses.append(total / max(n, 1))
+    return losses
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500
+             ) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(y), batch_size):
+        out = model(centered(x[i:i + batch_size]))
+        correct += int((out.argmax(1) == y[i:i + batch_size]).sum())
+    return correct / len(y)
+
+
+def calibration_batches(split: data.Split, n: int = 1024, batch_size: int = 128
+                        ) -> Iterator[torch.Tensor]:
+    x = split.x_train[:n]
+    for i in range(0, len(x), batch_size):
+        yield centered(x[i:i + batch_size])
+
+
+def run(dataset: str = "digits", march: str = "nash-e", epochs: int | None = None,
+        qat_epochs: int = 3, seed: int = 0, save: str | None = None, quiet: bool = False
+        ) -> dict[str, Any]:
+    """The whole workflow; returns the figures printed by ``qatkit demo``."""
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    split = load(dataset, seed)
+    epochs = epochs if epochs is not None else (15 if dataset == "digits" else 1)
+    example = centered(split.x_train[:2])
+    with qk.set_march(march):
+        float_model = DemoNet(split.num_classes)
+        train(float_model, split, epochs, lr=3e-3, seed=seed, quiet=quiet)
+        float_acc = accuracy(float_model, split.x_test, split.y_test)
+
+        calib = qk.prepare(float_model, example, qconfig=qk.default_calibration_qconfig())
+        calibrate(calib, calibration_batches(split), progress=not quiet)
+        calib_fixed = qk.convert(calib)
+        calib_acc = accuracy(calib_fixed, split.x_test, split.y_test)
+
+        qat = qk.prepare(float_model, example, qconfig=qk.default_qat_qconfig())
+        qat.load_state_dict(calib.state_dict())
+        qat.train()
+        qk.set_fake_quantize(qat, qk.FakeQuantState.QAT)
+        train(qat, split, qat_epochs, lr=1e-3, seed=seed + 1000, quiet=quiet, sgd=True)
+        qat.eval()
+        qk.set_fake_quantize(qat, qk.FakeQuantState.VALIDATION)
+        qat_acc = accuracy(qat, split.x_test, split.y_test)
+        quantized = qk.convert(qat)
+        quant_acc = accuracy(quantized, split.x_test, split.y_test)
+        if save:
+            os.makedirs(save, exist_ok=True)
+            checkpoint.save(float_model, os.path.join(save, "float.pt"))
+            checkpoint.save(calib, os.path.join(save, "calibrated.pt"))
+            checkpoint.save(qat, os.path.join(save, "qat.pt"))
+            checkpoint.save(quantized, os.path.join(save, "quantized.pt"))
+    return {
+        "dataset": split.name, "march": qk.march.resolve(march).name,
+        "float_accuracy": float_acc, "calibration_accuracy": calib_acc,
+        "qat_accuracy": qat_acc, "quantized_accuracy": quant_acc,
+        "quantized_minus_float": quant_acc - float_acc, "epochs": epochs,
+        "qat_epochs": qat_epochs, "train_size": len(split.y_train),
+        "test_size": len(split.y_test), "seed": seed, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", choices=("digits", "fashion"), default="digits")
+    p.add_argument("--march", default="nash-e", help="march or processor (see qatkit marches)")
+    p.add_argument("--epochs", type=int, default=None, help="float epochs (digits 15, fashion 1)")
+    p.add_argument("--qat-epochs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", metavar="DIR", help="write float/calibrated/qat/quantized .pt")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="calibrate and train QAT in N local processes (gloo)")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    if args.nproc > 1:
+        from qatkit import distributed
+        result = distributed.run_demo(args)
+    else:
+        result = run(args.dataset, args.march, args.epochs, args.qat_epochs, args.seed,
+                     args.save, quiet=args.json)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table(result)
+    return 0
+
+
+def print_table(r: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=f"qatkit demo: {r['dataset']} on {r['march']} ({r['seconds']} s)")
+    t.add_column("stage")
+    t.add_column("model")
+    t.add_column("test accuracy", justify="right")
+    t.add_row("float", "float32", f"{r['float_accuracy']:.2%}")
+    t.add_row("calibrated", "fixed point", f"{r['calibration_accuracy']:.2%}")
+    t.add_row("QAT", "fake quant", f"{r['qat_accuracy']:.2%}")
+    t.add_row("QAT -> convert", "fixed point", f"{r['quantized_accuracy']:.2%}")
+    Console().print(t)
