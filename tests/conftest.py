@@ -1,0 +1,20 @@
+import pytest
+import torch
+
+import qatkit as qk
+from qatkit import march
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_clean_march():
+    """Stable timings on a shared machine, and no march leaking between tests."""
+    torch.set_num_threads(1)
+    with march.no_march():
+        yield
+    qk.set_strict(False)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from qatkit.data import load_digits
+    return load_digits(seed=0)
