@@ -141,9 +141,7 @@ def _is_int(x: Array) -> bool:
 
 
 def _minmax(x: Array) -> tuple[float, float]:
-    if isinstance(x, torch.Tensor):
-        return float(x.min()), float(x.max())
-    return float(x.min()), float(x.max())
+    return float(x.min()), float(x.max())  # NaN propagates (numpy and torch alike)
 
 
 def _check_values(x: Array, lo: int, hi: int, what: str, expected: str) -> None:
