@@ -4,9 +4,10 @@ All functions take and return integer tensors; the only floats are scales and th
 multipliers made from them. Speed comes from choosing, per layer, an arithmetic that is
 *provably* exact (section 12 of the spec):
 
-* float32 convolution when a static bound shows every partial sum stays below 2^24,
-* int8 im2col + ``torch._int_mm`` (int32 accumulation) otherwise, for int8 inputs,
-* float64 convolution (exact below 2^53) for int16 inputs, grouped convs and transposed convs.
+* int8 im2col + ``torch._int_mm`` (int32 accumulation) for int8 inputs and ungrouped convs,
+* float32 convolution when a static bound shows every partial sum stays below 2^24 (grouped
+  and depthwise convs, int16 inputs with small kernels),
+* float64 convolution (exact below 2^53) otherwise, and for transposed convs.
 """
 
 from __future__ import annotations
@@ -61,6 +62,27 @@ def requant_mn(v: torch.Tensor, m: torch.Tensor, n: torch.Tensor, axis: int | No
     return ((v + rnd) >> right) << (-n).clamp_min(0)
 
 
+def requant_plan(m: torch.Tensor, n: torch.Tensor, q_b: torch.Tensor, acc_bound: int
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Float64 form of ``requant(acc + q_b, m, n)``: ``floor(acc * mult + addend)`` with
+    ``mult = m * 2^-n`` and ``addend = q_b * mult + 1/2``. Every intermediate is an integer
+    multiple of ``2^-n`` below ``2^53 * 2^-n``, hence exact, when ``|acc + q_b| * 2^15 < 2^52``
+    and ``n <= 52``; returns None when that cannot be proven."""
+    if (acc_bound + int(q_b.abs().max())) * 2**15 >= 2**52 or int(n.max()) > 52:
+        return None
+    mult = m.to(torch.float64) * torch.exp2(-n.to(torch.float64))
+    return mult, q_b.to(torch.float64) * mult + 0.5
+
+
+def requant_f64(acc: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor], lo: int, hi: int,
+                dtype: str, axis: int) -> torch.Tensor:
+    """Apply a :func:`requant_plan`, clamp to ``[lo, hi]`` and cast to ``dtype``."""
+    mult, addend = (_along(t, axis, acc.dim()) for t in plan)
+    t = torch.addcmul(addend, acc if acc.is_floating_point() else acc.to(torch.float64), mult)
+    from qatkit.quant_math import TORCH_DTYPE
+    return t.floor_().clamp_(lo, hi).to(TORCH_DTYPE[dtype])
+
+
 def saturate(v: torch.Tensor, dtype: str) -> torch.Tensor:
     from qatkit.quant_math import TORCH_DTYPE
     qmin, qmax = qrange(dtype)
@@ -95,36 +117,62 @@ def input_bound(dtype: str) -> int:
     return -qrange(dtype)[0]
 
 
+def acc_bound(q_w: torch.Tensor, in_dtype: str) -> int:
+    """Largest possible ``|sum(q_in * q_w[c])|`` over channels and inputs of ``in_dtype``."""
+    return input_bound(in_dtype) * int(q_w.to(torch.int64).abs().flatten(1).sum(1).max())
+
+
 def conv_method(q_w: torch.Tensor, in_dtype: str, groups: int) -> str:
     """Pick an exact arithmetic for a conv from a static bound of its partial sums."""
-    bound = input_bound(in_dtype) * int(q_w.to(torch.int64).abs().flatten(1).sum(1).max())
-    if bound < F32_EXACT:
-        return "float32"
     if in_dtype == "qint8" and groups == 1:
-        return "int_mm"
+        return "int_mm"  # exact always, and faster than float32 convolution on CPU
+    if acc_bound(q_w, in_dtype) < F32_EXACT:
+        return "float32"
     return "float64"
 
 
 def conv2d(q: torch.Tensor, q_w: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int],
            dilation: tuple[int, int], groups: int, method: str,
            w_cols: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact integer convolution sum (no bias); returns int32 for int_mm, int64 otherwise."""
+    """Exact integer convolution sum (no bias): int32 for int_mm, otherwise a float tensor
+    holding integers. ``w_cols``: the weights prepared for ``method`` (see
+    :func:`prepared_weight`), to skip preparing them on every call."""
     if method == "int_mm":
         return _conv2d_int_mm(q, q_w, stride, padding, dilation, w_cols)
-    ft = torch.float32 if method == "float32" else torch.float64
-    out = F.conv2d(q.to(ft), q_w.to(ft), None, stride, padding, dilation, groups)
-    return out.to(torch.int64)
+    ft = FLOAT_METHODS[method]
+    w = w_cols if w_cols is not None else q_w.to(ft)
+    return F.conv2d(q.to(ft), w, None, stride, padding, dilation, groups)
+
+
+FLOAT_METHODS = {"float32": torch.float32, "float64": torch.float64}
+
+
+def prepared_weight(q_w: torch.Tensor, method: str) -> torch.Tensor:
+    return weight_columns(q_w) if method == "int_mm" else q_w.to(FLOAT_METHODS[method])
+
+
+def canonical(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with row-major strides. torch._int_mm on CPU reads operands wrongly when their
+    strides are unusual even though ``is_contiguous()`` holds (a size-1 dimension with any
+    stride, or an overlapping im2col view), so its operands are normalised first."""
+    want, acc = [], 1
+    for size in reversed(t.shape):
+        want.append(acc)
+        acc *= size
+    if t.stride() == tuple(reversed(want)):
+        return t
+    return torch.empty(t.shape, dtype=t.dtype).copy_(t)
 
 
 def weight_columns(q_w: torch.Tensor) -> torch.Tensor:
     """int8 weights [O, C, kh, kw] as the [kh*kw*C, O] matrix of the NHWC im2col."""
-    return q_w.permute(2, 3, 1, 0).reshape(-1, q_w.shape[0]).contiguous()
+    return canonical(q_w.permute(2, 3, 1, 0).reshape(-1, q_w.shape[0]))
 
 
 def _conv2d_int_mm(q: torch.Tensor, q_w: torch.Tensor, stride: tuple[int, int],
                    padding: tuple[int, int], dilation: tuple[int, int],
                    w_cols: torch.Tensor | None) -> torch.Tensor:
-    n, c, h, w = q.shape
+    n, c = q.shape[:2]
     o, _, kh, kw = q_w.shape
     x = q.to(torch.int8).permute(0, 2, 3, 1)  # NHWC view
     if padding[0] or padding[1]:
@@ -136,7 +184,7 @@ def _conv2d_int_mm(q: torch.Tensor, q_w: torch.Tensor, stride: tuple[int, int],
     cols = x.as_strided((n, ho, wo, kh, kw, c),
                         (sn, sh * stride[0], sw * stride[1], sh * dilation[0], sw * dilation[1],
                          sc))
-    a = cols.reshape(n * ho * wo, kh * kw * c)
+    a = canonical(cols.reshape(n * ho * wo, kh * kw * c))
     if w_cols is None:
         w_cols = weight_columns(q_w)
     acc = torch._int_mm(a, w_cols)  # int32, exact
@@ -148,7 +196,7 @@ def linear(q: torch.Tensor, q_w_t: torch.Tensor, method: str) -> torch.Tensor:
     lead = q.shape[:-1]
     a = q.reshape(-1, q.shape[-1])
     if method == "int_mm":
-        acc = torch._int_mm(a.to(torch.int8).contiguous(), q_w_t)
+        acc = torch._int_mm(canonical(a.to(torch.int8)), canonical(q_w_t))
     else:
         ft = torch.float32 if method == "float32" else torch.float64
         acc = (a.to(ft) @ q_w_t.to(ft)).to(torch.int64)

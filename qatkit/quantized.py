@@ -107,7 +107,10 @@ class _QWeighted(QModule):
                 c["mn"] = fp.multiplier(fp.real_multiplier(s_in, self.weight_scale,
                                                            divide_by=self.out_scale))
                 c["clamp"] = _clamp_bounds(self.activation, float(self.out_scale),
-                                           self.out_dtype)
+                                           self.out_dtype) or qrange(self.out_dtype)
+                # the same integers through float64 where provably exact (spec section 12)
+                c["f64"] = fp.requant_plan(*c["mn"], c["q_b"],
+                                           fp.acc_bound(self.weight, x.dtype))
             else:
                 c["acc_scale"] = fp.accumulator_scale(s_in, self.weight_scale)
             self._cache[key] = c
@@ -117,13 +120,14 @@ class _QWeighted(QModule):
         return fp.conv_method(self.weight, in_dtype, getattr(self, "groups", 1))
 
     def _finish(self, acc: torch.Tensor, c: dict[str, Any], axis: int) -> QTensor:
+        if self.output_mode == "quantized" and c["f64"] is not None:
+            q = fp.requant_f64(acc, c["f64"], *c["clamp"], self.out_dtype, axis)
+            return QTensor(q, self.out_scale, self.out_dtype)
         acc = acc.to(torch.int64) + fp._along(c["q_b"], axis, acc.dim())
         if self.output_mode != "quantized":
             q = acc.clamp(*qrange("qint32")).to(torch.int32)
             return QTensor(q, c["acc_scale"], "qint32", axis=axis)
-        q = fp.requant_mn(acc, *c["mn"], axis=axis)
-        if c["clamp"] is not None:
-            q = q.clamp(*c["clamp"])
+        q = fp.requant_mn(acc, *c["mn"], axis=axis).clamp(*c["clamp"])
         return self._out(q)
 
 
@@ -143,10 +147,10 @@ class QConv2d(_QWeighted):
     def forward(self, x: QTensor) -> QTensor:
         x = _need_q(x, self)
         c = self._prep(x)
-        if c["method"] == "int_mm" and "w_cols" not in c:
-            c["w_cols"] = fp.weight_columns(self.weight)
+        if "w" not in c:
+            c["w"] = fp.prepared_weight(self.weight, c["method"])
         acc = fp.conv2d(x.q, self.weight, self.stride, self.padding, self.dilation, self.groups,
-                        c["method"], c.get("w_cols"))
+                        c["method"], c["w"])
         return self._finish(acc, c, 1)
 
 
@@ -352,7 +356,7 @@ class QFunctional(QModule):
     def matmul(self, a: QTensor, b: QTensor) -> QTensor:
         a, b = _need_q(a, self), _need_q(b, self)
         if a.q.dim() == 2 and b.q.dim() == 2 and a.dtype == b.dtype == "qint8":
-            acc = torch._int_mm(a.q.contiguous(), b.q.contiguous())
+            acc = torch._int_mm(fp.canonical(a.q), fp.canonical(b.q))
         else:  # products < 2^31, sums < 2^53: exact in float64
             acc = torch.matmul(a.q.to(torch.float64), b.q.to(torch.float64)).to(torch.int64)
         M = fp.real_multiplier(a.scale, b.scale, divide_by=self.out_scale)
