@@ -14,8 +14,12 @@ Workflow::
     quantized = qk.convert(qat)
 """
 
+from qatkit import checkpoint, colour, doctor
+from qatkit.calibrate import calibrate
 from qatkit.convert import convert
+from qatkit.deploy_colour import QCenteredYUVToRGB, insert_yuv_input
 from qatkit.errors import QatkitError, QatkitWarning, set_strict, silence, strict
+from qatkit.evaluate import FixedPointMonitor, GapRecord, evaluate
 from qatkit.fake_quant import FakeQuantize, FakeQuantState, set_fake_quantize
 from qatkit.fuse import fuse
 from qatkit.march import MARCHES, March, get_march, set_march
@@ -29,14 +33,17 @@ from qatkit.qconfig import (
     fixed_scale_qconfig,
 )
 from qatkit.qtensor import QTensor
+from qatkit.rules.qk009_overfitting import check_overfitting
 from qatkit.stubs import DeQuantStub, FloatFunctional, QuantStub
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MARCHES", "DeQuantStub", "FakeQuantState", "FakeQuantize", "FloatFunctional", "March",
-    "QConfig", "QConfigMapping", "QTensor", "QatkitError", "QatkitWarning", "QuantSpec",
-    "QuantStub", "__version__", "convert", "default_calibration_qconfig",
-    "default_qat_qconfig", "fixed_scale_qconfig", "fuse", "get_march", "prepare",
+    "MARCHES", "DeQuantStub", "FakeQuantState", "FakeQuantize", "FixedPointMonitor",
+    "FloatFunctional", "GapRecord", "March", "QCenteredYUVToRGB", "QConfig", "QConfigMapping",
+    "QTensor", "QatkitError", "QatkitWarning", "QuantSpec", "QuantStub", "__version__",
+    "calibrate", "check_overfitting", "checkpoint", "colour", "convert",
+    "default_calibration_qconfig", "default_qat_qconfig", "doctor", "evaluate",
+    "fixed_scale_qconfig", "fuse", "get_march", "insert_yuv_input", "prepare",
     "set_fake_quantize", "set_march", "set_strict", "silence", "strict",
 ]

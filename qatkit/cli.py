@@ -47,8 +47,15 @@ def run_cli(args: argparse.Namespace) -> int:  # `qatkit marches`
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors: one line on stderr and exit code 2, never a traceback."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qatkit", description=__doc__)
+    parser = _Parser(prog="qatkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)

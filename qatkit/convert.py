@@ -60,6 +60,7 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
                 set_submodule(model, name, new)
     meta.attach(model, m.march, "converted")
     model.eval()
+    guards.attach_converted(model)  # QK008 (ops added later), QK006 (fixed-point evaluated)
     return model
 
 
@@ -96,5 +97,5 @@ def _convert_module(mod: nn.Module) -> nn.Module | None:
             return QAvgPool2d(None, None, 0, fq.scale, fq.dtype, adaptive_out=op.output_size)
         if kind == "upsample_bilinear":
             return QUpsampleBilinear(op.size, op.scale_factor, bool(op.align_corners), fq.scale,
-                                     fq.dtype)
+                                     fq.dtype, op.recompute_scale_factor)
     return None

@@ -43,14 +43,20 @@ def _only_consumer(g: tr.Graph, node: tr.Node) -> tr.Node | None:
     return None
 
 
-def fuse(model: nn.Module, example_inputs: Any, inplace: bool = False) -> nn.Module:
-    """Return the fused float model (a copy unless ``inplace``)."""
+def fuse(model: nn.Module, example_inputs: Any, inplace: bool = False, *,
+         graph: tr.Graph | None = None) -> nn.Module:
+    """Return the fused float model (a copy unless ``inplace``). ``graph``: a trace of this
+    very ``model`` object made by the caller, with ``inplace=True`` (saves one forward; the
+    doctor passes its own)."""
+    if graph is not None and not inplace:
+        raise ValueError("fuse(graph=...) needs inplace=True: the graph refers to the modules "
+                         "of the model it traced")
     if not inplace:
         model = copy.deepcopy(model)
     model = from_torch_ao(model)
     if getattr(model, "_qatkit_fused", False):
         return model
-    g = tr.trace(model, example_inputs)
+    g = graph if graph is not None else tr.trace(model, example_inputs)
     single = {n.target for n in g.nodes if n.kind == "module" and n.call == 0} - {
         n.target for n in g.nodes if n.kind == "module" and n.call > 0}
     done: set[str] = set()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import skip_init
 
 ACTIVATIONS = {
     None: lambda x: x,
@@ -47,8 +48,10 @@ def fold_bn(conv: nn.Conv2d | None, bn: nn.BatchNorm2d) -> FusedConv2d:
     if conv is None:  # standalone BN: per-channel affine as a 1x1 depthwise conv
         conv = nn.Conv2d(c, c, 1, groups=c, bias=False)
         conv.weight.data.fill_(1.0)
-    fused = FusedConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                        conv.padding, conv.dilation, conv.groups, True, conv.padding_mode)
+    # skip_init: every weight is overwritten below, a random init would only cost time
+    fused = skip_init(FusedConv2d, conv.in_channels, conv.out_channels, conv.kernel_size,
+                      conv.stride, conv.padding, conv.dilation, conv.groups, True,
+                      conv.padding_mode, device=conv.weight.device)
     with torch.no_grad():
         inv = (bn.running_var + bn.eps).rsqrt()
         gamma = bn.weight if bn.weight is not None else torch.ones_like(inv)
@@ -63,9 +66,9 @@ def fold_bn(conv: nn.Conv2d | None, bn: nn.BatchNorm2d) -> FusedConv2d:
 def as_fused_conv(conv: nn.Conv2d) -> FusedConv2d:
     if isinstance(conv, FusedConv2d):
         return conv
-    fused = FusedConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                        conv.padding, conv.dilation, conv.groups, conv.bias is not None,
-                        conv.padding_mode)
+    fused = skip_init(FusedConv2d, conv.in_channels, conv.out_channels, conv.kernel_size,
+                      conv.stride, conv.padding, conv.dilation, conv.groups,
+                      conv.bias is not None, conv.padding_mode, device=conv.weight.device)
     fused.load_state_dict(conv.state_dict())
     return fused.to(conv.weight.device)
 
@@ -73,6 +76,7 @@ def as_fused_conv(conv: nn.Conv2d) -> FusedConv2d:
 def as_fused_linear(lin: nn.Linear) -> FusedLinear:
     if isinstance(lin, FusedLinear):
         return lin
-    fused = FusedLinear(lin.in_features, lin.out_features, lin.bias is not None)
+    fused = skip_init(FusedLinear, lin.in_features, lin.out_features, lin.bias is not None,
+                      device=lin.weight.device)
     fused.load_state_dict(lin.state_dict())
     return fused.to(lin.weight.device)

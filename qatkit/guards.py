@@ -8,10 +8,14 @@ strict mode), silenced findings are logged for the report.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
+import torch
 import torch.nn as nn
 
+from qatkit import trace as _trace
 from qatkit.errors import QatkitError, silenced_log, warn
 from qatkit.march import March
 from qatkit.rules import Context, Finding, run
@@ -25,7 +29,11 @@ def context(model: nn.Module, stage: str, march: March | None = None, graph: Any
 
 def check(ctx: Context, codes: Any = None) -> list[Finding]:
     """Run the rules of ``ctx.stage``; raise on the first error, warn on warnings."""
-    findings = list(run(ctx, codes))
+    return report(list(run(ctx, codes)))
+
+
+def report(findings: list[Finding]) -> list[Finding]:
+    """Raise on the first unsilenced error, warn on unsilenced warnings, log silenced ones."""
     errors = [f for f in findings if f.severity == "error" and f.silenced is None]
     if errors:
         first = errors[0]
@@ -36,8 +44,20 @@ def check(ctx: Context, codes: Any = None) -> list[Finding]:
         if f.silenced is not None:
             silenced_log.append((f.code, f.module, f.silenced))
         elif f.severity == "warning":
-            warn(f.code, _where(f) + f.message, f.fix, stacklevel=4)
+            warn(f.code, _where(f) + f.message, f.fix, stacklevel=_user_stacklevel())
     return findings
+
+
+_NOT_USER = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+             os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for ``errors.warn`` that points at the user's line, not qatkit's."""
+    f, level = sys._getframe(1), 2  # level 1 is errors.warn, level 2 is report (frame 1 here)
+    while f is not None and f.f_code.co_filename.startswith(_NOT_USER):
+        f, level = f.f_back, level + 1
+    return level
 
 
 def _where(f: Finding) -> str:
@@ -46,11 +66,102 @@ def _where(f: Finding) -> str:
     return f"module '{f.module}'" + (f" ({f.source})" if f.source else "") + ": "
 
 
-def on_set_state(model: nn.Module, state: Any) -> None:
-    """Checks when fake-quant state changes (march consistency, multi-device calibration)."""
+def on_set_state(model: nn.Module, state: Any, wrapper: nn.Module | None = None) -> None:
+    """Checks when fake-quant state changes (march consistency, multi-device calibration).
+    ``wrapper`` is the model as passed to ``set_fake_quantize`` (e.g. a DataParallel)."""
     from qatkit import meta
     from qatkit.march import get_march
     m = meta.get(model)
     ctx = context(model, "calibration" if state.name == "CALIBRATION" else state.name.lower(),
-                  get_march(), extra={"state": state, "recorded_march": m.march if m else None})
+                  get_march(), extra={"state": state, "recorded_march": m.march if m else None,
+                                      "wrapper": wrapper if wrapper is not None else model})
     check(ctx)
+    # Runtime checks at the input QuantStubs cannot see the root: hand them its silencing.
+    table = getattr(model, "_qatkit_silenced", {})
+    for stub in model.modules():
+        if stub.__dict__.get("_qatkit_runtime"):
+            stub.__dict__["_qatkit_root_silenced"] = table
+
+
+# ---- runtime guards: per-batch checks at the input QuantStubs of a prepared model ----------
+
+def attach_runtime(model: nn.Module, graph: Any) -> None:
+    """Called by ``prepare``: hook the QuantStubs so calibration and validation batches are
+    checked (QK004 DataParallel wrapping, QK005 camera input data, QK006 fake-quant
+    evaluation). The hook costs an attribute lookup and an integer add per batch."""
+    from qatkit.fake_quant import FakeQuantize
+    from qatkit.rules.qk005_centered_yuv_input import input_stub_nodes
+    from qatkit.stubs import QuantStub
+    inputs = {n.target for n in input_stub_nodes(graph)}
+    order = [n.target for n in graph.nodes if isinstance(n.module, QuantStub)]
+    camera = getattr(model, "_qatkit_input_source", None) in ("camera", "pyramid")
+    primary = order[0] if order else None
+    for name, stub in model.named_modules():
+        if not isinstance(stub, QuantStub) or not isinstance(stub.activation_post_process,
+                                                            FakeQuantize):
+            continue
+        d = stub.__dict__
+        d["_qatkit_name"] = name
+        d["_qatkit_input_stub"] = name in inputs
+        d["_qatkit_camera"] = camera and name in inputs
+        d["_qatkit_primary"] = name == primary
+        if not d.get("_qatkit_runtime"):
+            d["_qatkit_runtime"] = True
+            stub.register_forward_pre_hook(_stub_hook)
+
+
+def _stub_hook(stub: nn.Module, args: tuple) -> None:
+    if _trace._active:  # traces observe the model; they are not batches
+        return
+    state = getattr(stub.activation_post_process, "state", None)
+    if state is None:
+        return
+    name = state.name
+    if name == "CALIBRATION":
+        _calibration_batch(stub, args)
+    elif name == "VALIDATION" and stub.__dict__.get("_qatkit_primary"):
+        from qatkit.rules import qk006_qat_evaluation as qk006
+        n = qk006.count_validation_batch(stub)
+        if n is not None:
+            ctx = context(stub, "validation", extra={"validation_batches": n})
+            _runtime_report(stub, list(qk006.RULE.check(ctx)))
+
+
+def _calibration_batch(stub: nn.Module, args: tuple) -> None:
+    from qatkit.rules import qk004_multi_device_calibration as qk004
+    name = stub.__dict__.get("_qatkit_name", "")
+    if qk004.inside_data_parallel():
+        _runtime_report(stub, [qk004.runtime_finding(name)])
+    if stub.__dict__.get("_qatkit_camera") and not stub.__dict__.get("_qatkit_checked_input"):
+        stub.__dict__["_qatkit_checked_input"] = True
+        from qatkit.rules import qk005_centered_yuv_input as qk005
+        ctx = context(stub, "calibration", input_source="camera",
+                      calibration_inputs=args[0] if args else None,
+                      extra={"at_stub": name, "stub_scale": qk005.stub_scale(
+                          context(stub, "calibration"), name, stub)})
+        _runtime_report(stub, list(qk005.RULE.check(ctx)))
+
+
+def _runtime_report(stub: nn.Module, findings: list[Finding]) -> None:
+    from qatkit.errors import silenced_reason
+    root = stub.__dict__.get("_qatkit_root_silenced", {})
+    for f in findings:
+        f.silenced = silenced_reason(stub, f.code) or root.get(f.code)
+    report(findings)
+
+
+# ---- converted models -----------------------------------------------------------------------
+
+def attach_converted(model: nn.Module) -> None:
+    """Called by ``convert``: record the module types (QK008 finds ops added afterwards) and
+    count fixed-point forwards (QK006 stays quiet once the fixed-point model is evaluated)."""
+    model._qatkit_converted_types = {n: type(m) for n, m in model.named_modules()}
+    if not model.__dict__.get("_qatkit_fixed_point_hook"):
+        model.__dict__["_qatkit_fixed_point_hook"] = True
+        model.register_forward_pre_hook(_fixed_point_hook)
+
+
+def _fixed_point_hook(model: nn.Module, args: tuple) -> None:
+    if not _trace._active:
+        from qatkit.evaluate import note_fixed_point_forward
+        note_fixed_point_forward()

@@ -51,13 +51,16 @@ def high_precision_modules(g: tr.Graph, qconfigs: dict[str, QConfig | None]) -> 
 
 def prepare(model: nn.Module, example_inputs: Any,
             qconfig: QConfig | QConfigMapping | None = None, *, fuse: bool = True,
-            processor: str | None = None, input_source: str | None = None) -> nn.Module:
+            processor: str | None = None, input_source: str | None = None,
+            history: dict[str, list[float]] | None = None) -> nn.Module:
     """Return the prepared copy of ``model`` (fake quants in QAT state).
 
     ``qconfig`` applies globally (or pass a :class:`QConfigMapping`); modules with a
     ``qconfig`` attribute, and their children, use it (``None`` keeps them float).
     ``processor`` declares the target chip (checked against the march, QK002);
-    ``input_source="camera"`` declares centered YUV444 input (checked by QK005)."""
+    ``input_source="camera"`` declares centered YUV444 input (checked by QK005);
+    ``history`` (per-epoch ``train_loss``/``val_loss``/``train_acc``/``val_acc`` of the float
+    training) is checked for overfitting (QK009)."""
     march = get_march(required=True)
     model = from_torch_ao(copy.deepcopy(model))
     if fuse:
@@ -66,7 +69,7 @@ def prepare(model: nn.Module, example_inputs: Any,
     qconfigs = mapping.resolve(model)
     g = tr.trace(model, example_inputs)
     ctx = guards.context(model, "prepare", march, g, example_inputs, qconfigs=qconfigs,
-                         processor=processor, input_source=input_source)
+                         processor=processor, input_source=input_source, history=history)
     guards.check(ctx)
     region = tr.quantized_nodes(g)
     hp = high_precision_modules(g, qconfigs) if march.high_precision_output else set()
@@ -75,7 +78,7 @@ def prepare(model: nn.Module, example_inputs: Any,
             continue
         q = qconfigs.get(node.target)
         mod = node.module
-        if q is None or q.activation is None and not isinstance(mod, QuantStub):
+        if q is None or (q.activation is None and not isinstance(mod, QuantStub)):
             continue
         _swap(model, node.target, mod, q, march.pow2_scales, hp)
     for name, mod in model.named_modules():  # modules seen only outside a traced call
@@ -87,6 +90,7 @@ def prepare(model: nn.Module, example_inputs: Any,
     meta.attach(model, march.name, "prepared")
     model._qatkit_input_source = input_source
     model._qatkit_processor = processor
+    guards.attach_runtime(model, g)  # per-batch checks at the QuantStubs (QK004/5/6)
     return model
 
 

@@ -62,7 +62,7 @@ class FloatFunctional(nn.Module):
                    "call one of its methods: add, add_scalar, sub, mul, mul_scalar, cat, "
                    "stack, matmul, sum, mean, maximum, minimum")
 
-    def _call(self, op: str, fn, inputs: tuple, *args, **kwargs) -> torch.Tensor:  # noqa: ANN001
+    def _call(self, op: str, fn, inputs: tuple, *args, **kwargs) -> torch.Tensor:
         from qatkit import trace
         with trace.inside_leaf():
             y = fn(*args, **kwargs)

@@ -132,6 +132,17 @@ def _walk(obj: Any, fn: Any) -> None:
             _walk(o, fn)
 
 
+def _fresh(obj: Any, seen: set[int]) -> Any:
+    from qatkit.qtensor import QTensor
+    if isinstance(obj, torch.Tensor) and id(obj) in seen:
+        return obj.view_as(obj)
+    if isinstance(obj, QTensor) and id(obj) in seen:
+        return QTensor(obj.q, obj.scale, obj.dtype, obj.axis)
+    if isinstance(obj, (list, tuple)) and any(id(o) in seen for o in obj):
+        return type(obj)(_fresh(o, seen) for o in obj)
+    return obj
+
+
 def _user_frame() -> str:
     f = sys._getframe(2)
     while f is not None:
@@ -203,12 +214,21 @@ def trace(model: nn.Module, example_inputs: Any) -> Graph:
             mod._qatkit_args = args
         tracer.depth += 1
 
-    def post(mod: nn.Module, args: tuple, out: Any) -> None:
+    def post(mod: nn.Module, args: tuple, out: Any) -> Any:
         tracer.depth -= 1
         if tracer.depth == 0:
             name = tracer.names.get(id(mod), "?")
-            tracer.add("module", name, type(mod).__name__, mod, mod.__dict__.pop("_qatkit_args"),
-                       out)
+            args = mod.__dict__.pop("_qatkit_args")
+            seen: set[int] = set()
+            _walk(args, lambda t: seen.add(id(t)))
+            # Identity-like modules (DeQuantStub, Identity, Dropout in eval) return their input
+            # object; give their output its own identity so the data flow stays correct.
+            tracer.depth += 1  # the aliasing view is not a traced op
+            out = _fresh(out, seen)
+            tracer.depth -= 1
+            tracer.add("module", name, type(mod).__name__, mod, args, out)
+            return out
+        return None
 
     for m in model.modules():
         if id(m) in skip or not is_leaf(m):
@@ -246,8 +266,8 @@ def _mark_output(tracer: _Tracer, x: Any) -> None:
 def quantized_nodes(g: Graph) -> set[int]:
     """Nodes whose output is a quantized value: reached from a QuantStub without passing a
     DeQuantStub (the deploy region)."""
-    from qatkit.stubs import DeQuantStub, QuantStub
     from qatkit.quantized import QDeQuantStub, QQuantStub
+    from qatkit.stubs import DeQuantStub, QuantStub
     out: set[int] = set()
     for n in g.nodes:
         if n.kind == "input":
@@ -263,8 +283,8 @@ def quantized_nodes(g: Graph) -> set[int]:
 
 def float_nodes_before_quant(g: Graph) -> set[int]:
     """Nodes computed from data before any QuantStub sees it (pre-processing)."""
-    from qatkit.stubs import QuantStub
     from qatkit.quantized import QQuantStub
+    from qatkit.stubs import QuantStub
     pre: set[int] = set()
     for n in g.nodes:
         if n.kind == "input":

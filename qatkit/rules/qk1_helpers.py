@@ -1,0 +1,118 @@
+"""Shared helpers of the QK1nn rules: the deploy region, fake-quant scales, producer walks.
+
+Not a rule itself (not listed in ``RULE_MODULES``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from qatkit import trace as tr
+from qatkit.fake_quant import FakeQuantize
+from qatkit.ops import FUNCTIONS_ON_QUANTIZED, PASSTHROUGH
+from qatkit.rules import Context
+from qatkit.stubs import DeQuantStub, FloatFunctional, QuantStub
+
+
+def region(ctx: Context) -> set[int]:
+    """Indices of the graph nodes in the deploy region (computed once per context)."""
+    if ctx.graph is None:
+        return set()
+    r = ctx.extra.get("_region")
+    if r is None:
+        r = ctx.extra["_region"] = tr.quantized_nodes(ctx.graph)
+    return r
+
+
+def fq_owner(name: str) -> str:
+    """``'layer1.conv.activation_post_process'`` -> ``'layer1.conv'``."""
+    for suffix in (".activation_post_process", ".weight_fake_quant"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def effective_scale(fq: FakeQuantize, ctx: Context | None = None) -> torch.Tensor | None:
+    """The scale convert would use now, without changing ``fq``: a calibration that has not
+    been closed yet (``_dirty``) has its scale only in the observer. Cached in ``ctx`` because
+    a histogram observer's threshold search is costly."""
+    if fq.fixed:
+        return fq.scale
+    if not (fq._dirty and fq.observer.seen):
+        return fq.scale if bool(fq.initialized) else None
+    cache = ctx.extra.setdefault("_qk1_scales", {}) if ctx is not None else {}
+    key = (id(fq), int(fq.observer.count))
+    if key not in cache:
+        from qatkit.quant_math import scale_from_amax
+        cache[key] = scale_from_amax(fq.observer.amax(), fq.dtype, fq.pow2)
+    return cache[key]
+
+
+def output_fake_quant(mod: nn.Module | None) -> FakeQuantize | None:
+    app = getattr(mod, "activation_post_process", None)
+    return app if isinstance(app, FakeQuantize) else None
+
+
+def is_passthrough(node: tr.Node) -> bool:
+    """Nodes that move integers without changing them (same scale in, same scale out)."""
+    if node.kind == "function":
+        return node.op in FUNCTIONS_ON_QUANTIZED
+    if node.kind != "module" or node.module is None:
+        return False
+    mod = node.module
+    if isinstance(mod, DeQuantStub):
+        return False
+    if type(mod) in PASSTHROUGH:
+        return True
+    return type(mod) is nn.Upsample and mod.mode == "nearest"
+
+
+def producer_scale(ctx: Context, index: int, depth: int = 0) -> tuple[float, str] | None:
+    """The scale of the value produced by node ``index`` and the module that sets it, found by
+    walking back through scale-preserving ops; None when unknown or not an 8/16-bit output
+    (high-precision accumulators, float values, uncalibrated fake quants)."""
+    if index < 0 or depth > 64:
+        return None
+    g = ctx.graph
+    node = g.nodes[index]
+    if is_passthrough(node):
+        first = next((i for i in node.inputs if i >= 0), -1)
+        return producer_scale(ctx, first, depth + 1)
+    if node.kind not in ("module", "functional") or node.module is None:
+        return None
+    mod = node.module
+    fq = output_fake_quant(mod)
+    if fq is not None:
+        s = effective_scale(fq, ctx)
+        return None if s is None or s.numel() != 1 else (float(s), node.target)
+    out_scale = getattr(mod, "out_scale", None)  # converted (fixed-point) modules
+    if isinstance(out_scale, torch.Tensor) and out_scale.numel() == 1 and \
+            getattr(mod, "out_dtype", "qint32") != "qint32":
+        return float(out_scale), node.target
+    return None
+
+
+def is_marker(mod: nn.Module) -> bool:
+    """Stubs and FloatFunctionals (float, QAT or converted forms)."""
+    from qatkit.quantized import QDeQuantStub, QFunctional, QQuantStub
+    return isinstance(mod, (QuantStub, DeQuantStub, FloatFunctional, QQuantStub, QDeQuantStub,
+                            QFunctional))
+
+
+def n_calls(g: tr.Graph, name: str) -> int:
+    return len(g.calls(name))
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def fmt(x: Any) -> str:
+    """Numbers for messages: short, scientific when tiny or huge."""
+    x = float(x)
+    if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
+        return f"{x:.3g}"
+    return f"{x:.4g}"
