@@ -14,7 +14,7 @@ Workflow::
     quantized = qk.convert(qat)
 """
 
-from qatkit import checkpoint, colour, doctor
+from qatkit import checkpoint, colour, distributed, doctor
 from qatkit.calibrate import calibrate
 from qatkit.convert import convert
 from qatkit.deploy_colour import QCenteredYUVToRGB, insert_yuv_input
@@ -43,7 +43,7 @@ __all__ = [
     "FloatFunctional", "GapRecord", "March", "QCenteredYUVToRGB", "QConfig", "QConfigMapping",
     "QTensor", "QatkitError", "QatkitWarning", "QuantSpec", "QuantStub", "__version__",
     "calibrate", "check_overfitting", "checkpoint", "colour", "convert",
-    "default_calibration_qconfig", "default_qat_qconfig", "doctor", "evaluate",
+    "default_calibration_qconfig", "default_qat_qconfig", "distributed", "doctor", "evaluate",
     "fixed_scale_qconfig", "fuse", "get_march", "insert_yuv_input", "prepare",
     "set_fake_quantize", "set_march", "set_strict", "silence", "strict",
 ]

@@ -7,7 +7,7 @@ and every observer must have seen something.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -17,10 +17,27 @@ from qatkit.errors import fail
 from qatkit.fake_quant import FakeQuantState, fake_quants, set_fake_quantize
 
 
-def calibrate(model: nn.Module, data: Iterable[Any], progress: bool = False) -> nn.Module:
+def calibrate(model: nn.Module, data: Iterable[Any], progress: bool = False,
+              synchronize: bool = False) -> nn.Module:
     """Calibrate ``model`` in place on ``data`` (tensors, tuples of inputs, or (x, y) pairs
     when ``model`` takes one input: the first element is used). Returns the model in
-    VALIDATION state (eval mode)."""
+    VALIDATION state (eval mode).
+
+    ``synchronize=True``: every rank of a torch.distributed job calls this on its own shard;
+    the statistics are merged and the scales equal one process calibrating on all shards
+    (``qatkit.distributed``, ``docs/distributed.md``). In one process it changes nothing."""
+    if synchronize:
+        from qatkit import distributed
+        return distributed.calibrate(model, data, progress)
+    from qatkit.distributed import check_loader
+    check_loader(data)  # a padding DistributedSampler would count samples twice
+    return _calibrate(model, data, progress)
+
+
+def _calibrate(model: nn.Module, data: Iterable[Any], progress: bool,
+               batches_of_all: Callable[[int], int] | None = None) -> nn.Module:
+    # batches_of_all: the batch count of all ranks (synchronized calibration), so that an
+    # empty shard is fine and every rank raises together when there is no data at all.
     model.eval()
     set_fake_quantize(model, FakeQuantState.CALIBRATION)
     batches = 0
@@ -32,6 +49,8 @@ def calibrate(model: nn.Module, data: Iterable[Any], progress: bool = False) -> 
         for batch in it:
             model(*_inputs(model, batch))
             batches += 1
+    if batches_of_all is not None:
+        batches = batches_of_all(batches)
     if batches == 0:
         raise fail("QK008", "calibration received no data: every scale would be undefined.",
                    "pass a non-empty iterable of input batches (a few hundred samples)")

@@ -18,8 +18,15 @@ from qatkit import meta
 from qatkit.errors import QatkitError, fail
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DataParallel/DDP keep the model in .module; checkpoints hold the model's own keys
+    from torch.nn.parallel import DistributedDataParallel
+    return model.module if isinstance(model, (nn.DataParallel, DistributedDataParallel)) \
+        else model
+
+
 def save(model: nn.Module, path: str | os.PathLike) -> None:
-    torch.save(model.state_dict(), path)
+    torch.save(_unwrap(model).state_dict(), path)
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -36,6 +43,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 
 def load_state(model: nn.Module, state: dict[str, Any]) -> nn.Module:
+    model = _unwrap(model)
     if not isinstance(state, dict):
         raise fail("QK000", "a checkpoint must hold a state_dict (a dict of tensors).")
     have, want = set(model.state_dict()), set(state)

@@ -26,6 +26,7 @@ from qatkit.errors import fail
 from qatkit.observers import FixedScaleObserver, Observer
 from qatkit.qconfig import QuantSpec
 from qatkit.quant_math import fake_quantize, scale_from_amax
+from qatkit.rules import qk004_multi_device_calibration as _qk004
 
 
 class FakeQuantState(enum.Enum):
@@ -65,7 +66,8 @@ class FakeQuantize(nn.Module):
         return isinstance(self.observer, FixedScaleObserver)
 
     def extra_repr(self) -> str:
-        return f"dtype={self.dtype}, state={self.state.value}, observer={type(self.observer).__name__}"
+        obs = type(self.observer).__name__
+        return f"dtype={self.dtype}, state={self.state.value}, observer={obs}"
 
     def update_scale(self) -> None:
         """Make ``scale`` from the observer (no-op for fixed scales)."""
@@ -102,9 +104,9 @@ class FakeQuantize(nn.Module):
         if self.training != _MODE[st]:
             raise _mode_error(st, self.training)
         if st is FakeQuantState.CALIBRATION:
-            if getattr(self, "_is_replica", False):
-                raise _replica_error()
-            _check_distributed(self)
+            err = _qk004.forward_error(self)  # DataParallel replica, or several processes
+            if err is not None:
+                raise err
             self.observer(x)
             self._dirty = True
             self.calibrated.fill_(1)
@@ -148,22 +150,6 @@ def _mode_error(state: FakeQuantState, training: bool) -> Exception:
                 f"FakeQuantState.{state.name}) and keep it while running")
 
 
-def _replica_error() -> Exception:
-    return fail("QK004", "calibration is running inside torch.nn.DataParallel: observer "
-                "updates on its replicas are thrown away after every forward, so calibration "
-                "would silently learn nothing.",
-                "calibrate the unwrapped model on one device, or use torch.distributed "
-                "processes with qatkit's synchronized calibration")
-
-
-def _check_distributed(fq: FakeQuantize) -> None:
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    from qatkit import distributed
-    distributed.check_calibration_allowed(fq)
-
-
 def fake_quants(model: nn.Module) -> list[tuple[str, FakeQuantize]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantize)]
 
@@ -174,21 +160,28 @@ def set_fake_quantize(model: nn.Module, state: FakeQuantState) -> nn.Module:
     if not isinstance(state, FakeQuantState):
         raise fail("QK000", f"unknown fake-quant state {state!r}.",
                    "use qk.FakeQuantState.CALIBRATION, QAT or VALIDATION")
+    passed = model
     if isinstance(model, nn.DataParallel):
-        if state is FakeQuantState.CALIBRATION:
-            raise _replica_error()
         model = model.module
     inner = getattr(model, "module", model)
     fqs = fake_quants(inner)
     if not fqs:
         raise fail("QK000", "the model has no fake quants: it was not prepared.",
                    "call qk.prepare(model, example_inputs, qconfig=...) first")
+    world = _qk004.world_size()
+    synced = False
+    if world > 1:  # merge the ranks' statistics first, so that the guards judge global ones
+        from qatkit import distributed
+        synced = distributed.on_set_state(inner, [fq for _, fq in fqs], state)
+    from qatkit import guards
+    guards.on_set_state(inner, state, wrapper=passed)  # QK004 refuses a DataParallel here
     if inner.training != _MODE[state]:
         raise _mode_error(state, inner.training)
-    from qatkit import guards
-    guards.on_set_state(inner, state)
+    # world: accepted by the guards (or silenced), so calibration forwards may run in it
     for _, fq in fqs:
-        if fq.state is FakeQuantState.CALIBRATION and state is not FakeQuantState.CALIBRATION:
+        if fq.state is FakeQuantState.CALIBRATION and state is not FakeQuantState.CALIBRATION \
+                and not synced:  # synchronized: rank 0's scales were shared already
             fq.update_scale()
         fq.state = state
+        fq._qatkit_calibration_world = world
     return model

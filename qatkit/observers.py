@@ -64,6 +64,8 @@ class Observer(nn.Module):
         torch.maximum(self.max_val, hi, out=self.max_val)
 
     def forward(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:  # an empty batch (e.g. an uneven shard's split) adds nothing
+            return
         lo, hi = self._batch_minmax(x)
         self._merge(lo, hi)
         self.count += x.numel()
@@ -96,6 +98,8 @@ class MovingAverageMinMaxObserver(Observer):
         self.averaging_constant = averaging_constant
 
     def forward(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:
+            return
         lo, hi = self._batch_minmax(x)
         if not self.seen:
             self._merge(lo, hi)
@@ -135,6 +139,8 @@ class HistogramObserver(Observer):
         self.hist_exp.fill_(exp)
 
     def forward(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:
+            return
         lo, hi = self._batch_minmax(x)
         self._merge(lo, hi)
         self.count += x.numel()
@@ -145,7 +151,13 @@ class HistogramObserver(Observer):
         if peak > 0:
             self.grow_to(int(torch.frexp(torch.tensor(peak, dtype=torch.float32))[1]))
         # |x| * 2^(11 - e) is exact in float32, so bin membership does not depend on the order.
-        idx = (a * 2.0 ** (11 - int(self.hist_exp))).to(torch.int64).clamp_(max=HIST_BINS - 1)
+        if peak == 0:  # all zeros (or nothing finite): everything is in bin 0
+            self.hist[0] += a.numel()
+            return
+        factor = 2.0 ** (11 - int(self.hist_exp))
+        if factor > 2.0**100:  # tiny ranges: keep the power-of-two product exact and finite
+            a = a.to(torch.float64)
+        idx = (a * factor).to(torch.int64).clamp_(max=HIST_BINS - 1)
         self.hist += torch.bincount(idx, minlength=HIST_BINS)
 
     def amax(self) -> torch.Tensor:

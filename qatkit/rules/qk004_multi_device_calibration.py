@@ -57,9 +57,10 @@ def _world_message(n: int) -> str:
             "shard counts and the ranks may end up with different scales.")
 
 
-_WORLD_FIX = ("calibrate in one process (before init_process_group, or on one rank with the "
-              "unwrapped model and silence QK004 on the model with that reason), or use "
-              "qatkit's synchronized calibration once it is enabled (qatkit.distributed)")
+_WORLD_FIX = ("run the calibration on every rank with qk.calibrate(model, shard, "
+              "synchronize=True) (docs/distributed.md), or calibrate in one process (before "
+              "init_process_group, or on one rank with the unwrapped model and silence QK004 "
+              "on the model with that reason)")
 
 
 def _check(ctx: Context) -> Iterator[Finding]:
