@@ -122,11 +122,17 @@ def acc_bound(q_w: torch.Tensor, in_dtype: str) -> int:
     return input_bound(in_dtype) * int(q_w.to(torch.int64).abs().flatten(1).sum(1).max())
 
 
+INT32_EXACT = 2**31
+
+
 def conv_method(q_w: torch.Tensor, in_dtype: str, groups: int) -> str:
     """Pick an exact arithmetic for a conv from a static bound of its partial sums."""
-    if in_dtype == "qint8" and groups == 1:
-        return "int_mm"  # exact always, and faster than float32 convolution on CPU
-    if acc_bound(q_w, in_dtype) < F32_EXACT:
+    bound = acc_bound(q_w, in_dtype)
+    if in_dtype == "qint8" and groups == 1 and bound < INT32_EXACT:
+        # exact (the int32 sums cannot overflow: always so below 131072 taps), and faster than
+        # float32 convolution on CPU
+        return "int_mm"
+    if bound < F32_EXACT:
         return "float32"
     return "float64"
 
@@ -229,14 +235,21 @@ LUT_FUNCS = {
 }
 
 
-def bilinear_taps(in_size: int, out_size: int, align_corners: bool
+def bilinear_taps(in_size: int, out_size: int, align_corners: bool,
+                  scale_factor: float | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Source indices i0, i1 and the Q8 weight of i1 along one axis (section 9)."""
+    """Source indices i0, i1 and the Q8 weight of i1 along one axis (section 9).
+    ``scale_factor``: the factor PyTorch was given (and not asked to recompute). Without
+    ``align_corners`` PyTorch then maps ``dst`` back with ``1 / scale_factor``, not
+    ``in_size / out_size`` (they differ when ``in_size * scale_factor`` is not an integer),
+    except along an axis whose size does not change, which it copies."""
     d = torch.arange(out_size, dtype=torch.float64)
     if align_corners:
         src = d * ((in_size - 1) / (out_size - 1)) if out_size > 1 else torch.zeros_like(d)
     else:
-        src = ((d + 0.5) * (in_size / out_size) - 0.5).clamp_min(0.0)
+        scale = (1.0 / scale_factor if scale_factor and out_size != in_size
+                 else in_size / out_size)
+        src = ((d + 0.5) * scale - 0.5).clamp_min(0.0)
     i0 = torch.floor(src).to(torch.int64).clamp_max(in_size - 1)
     i1 = (i0 + 1).clamp_max(in_size - 1)
     w1 = torch.round((src - i0.to(torch.float64)) * 256).to(torch.int64)

@@ -268,21 +268,26 @@ class QUpsampleBilinear(QModule):
     """Bilinear resize with Q8 interpolation weights per axis (section 9)."""
 
     def __init__(self, size: Any, scale_factor: Any, align_corners: bool,
-                 out_scale: torch.Tensor, out_dtype: str) -> None:
+                 out_scale: torch.Tensor, out_dtype: str,
+                 recompute_scale_factor: bool | None = None) -> None:
         super().__init__(out_scale, out_dtype)
         self.size, self.scale_factor, self.align_corners = size, scale_factor, bool(align_corners)
+        self.recompute_scale_factor = recompute_scale_factor
 
     def forward(self, x: QTensor) -> QTensor:
         x = _need_q(x, self)
         h, w = x.q.shape[-2:]
+        sh = sw = None  # PyTorch's source-index rule uses a given scale factor (section 9)
         if self.size is not None:
             oh, ow = (self.size, self.size) if isinstance(self.size, int) else self.size
         else:
             sf = self.scale_factor
             sh, sw = (sf, sf) if not isinstance(sf, (tuple, list)) else sf
             oh, ow = int(h * sh), int(w * sw)
-        y0, y1, wy = fp.bilinear_taps(h, oh, self.align_corners)
-        x0, x1, wx = fp.bilinear_taps(w, ow, self.align_corners)
+            if self.recompute_scale_factor:
+                sh = sw = None
+        y0, y1, wy = fp.bilinear_taps(h, oh, self.align_corners, sh)
+        x0, x1, wx = fp.bilinear_taps(w, ow, self.align_corners, sw)
         q = x.q.to(torch.int64)
         rows = q[..., y0, :] * (256 - wy)[:, None] + q[..., y1, :] * wy[:, None]
         acc = rows[..., x0] * (256 - wx) + rows[..., x1] * wx
@@ -355,7 +360,9 @@ class QFunctional(QModule):
 
     def matmul(self, a: QTensor, b: QTensor) -> QTensor:
         a, b = _need_q(a, self), _need_q(b, self)
-        if a.q.dim() == 2 and b.q.dim() == 2 and a.dtype == b.dtype == "qint8":
+        # int8 x int8 -> int32 is exact while k * 128 * 128 < 2^31
+        if a.q.dim() == 2 and b.q.dim() == 2 and a.dtype == b.dtype == "qint8" \
+                and a.q.shape[1] * 2**14 < fp.INT32_EXACT:
             acc = torch._int_mm(fp.canonical(a.q), fp.canonical(b.q))
         else:  # products < 2^31, sums < 2^53: exact in float64
             acc = torch.matmul(a.q.to(torch.float64), b.q.to(torch.float64)).to(torch.int64)
