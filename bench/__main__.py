@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [s for s in wanted if s not in SECTIONS]
         if unknown:
             parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
-        cfg = Config(**{**cfg.__dict__, "sections": wanted})
+        cfg = dataclasses.replace(cfg, sections=wanted)
     report = run(cfg)
     if args.json:
         json.dump(report, sys.stdout, indent=2)

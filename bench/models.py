@@ -99,7 +99,8 @@ class ResNet18Like(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Five conv-bn-relu layers with one residual add, global average pool and a linear head.
+    """Five conv-bn layers with ReLUs (the fourth's through the residual ``add_relu``), global
+    average pool and a linear head; 16-32-32-32-64 channels, two stride-2 convs.
 
     Made for 1x28x28 (Fashion-MNIST); works on any input of at least 4x4 (e.g. 8x8 digits).
     """

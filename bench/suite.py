@@ -1,4 +1,4 @@
-"""The benchmark suite: configuration, measurement registries and the runner behind ``python -m bench``.
+"""Benchmark suite: configuration, measurement registries and the runner of ``python -m bench``.
 
 Extension points (a new toolkit's figures are one function and one registry entry each):
 
@@ -6,8 +6,11 @@ Extension points (a new toolkit's figures are one function and one registry entr
   :class:`Case` (model copy, optimizer, converted model) and returns the zero-argument callable
   that is timed. Every entry is timed for every model and batch size, and its peak memory is
   measured (fresh process, see :mod:`bench.timing`) for the models at ``Config.memory_batch``.
-* :data:`RATIOS` -- ``(ratio_name, numerator, denominator)`` over SPEED names, from medians
-  (used for the speed and the memory sections alike).
+* :data:`RATIOS` -- ``(ratio_name, numerator, denominator)`` over SPEED names (speed section:
+  ``ratios`` from medians and ``ratios_from_min`` from minima; memory section: peak MiB).
+
+The SPEED entries of one case are timed interleaved (round-robin, :func:`bench.timing.
+measure_interleaved`), so load from other processes hits numerator and denominator alike.
 * :data:`ACCURACY` -- ``(name, build)``; ``build(trained_float_model, split, cfg)`` returns a
   predictor ``x -> logits`` evaluated on the test set (accuracy and agreement with the float model).
 * :data:`SECTIONS` -- top-level sections of the report, ``name -> fn(cfg) -> dict``.
@@ -31,7 +34,7 @@ from torch import nn
 from qatkit.data import Split, batches, load_digits, load_fashion_mnist
 
 from .models import MODELS, count_macs, count_params
-from .timing import measure, peak_memory
+from .timing import measure_interleaved, peak_memory
 from .torchao_flow import (
     BACKEND,
     float_forward,
@@ -67,9 +70,11 @@ class Config:
     input_shapes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     batch_sizes: tuple[int, ...] = (1, 8)
     warmup: int = 2
-    repeats: int = 5
-    #: keep timing a case until this much time is spent (short workloads get more repeats).
+    rounds: int = 7
+    #: timed seconds to aim for per function (short workloads get several calls per round).
     min_time_s: float = 1.0
+    #: no new timing round starts after this many seconds per case (bounds a loaded machine).
+    case_budget_s: float | None = 40.0
     calib_batches: int = 2
     #: batch size of the memory section; None skips it.
     memory_batch: int | None = 8
@@ -96,7 +101,7 @@ class Config:
             input_shapes=shapes,
             batch_sizes=(1, 2),
             warmup=1,
-            repeats=1,
+            rounds=1,
             min_time_s=0.0,
             calib_batches=1,
             memory_batch=None,
@@ -232,27 +237,40 @@ def section_models(cfg: Config) -> dict[str, Any]:
 
 
 def section_speed(cfg: Config) -> dict[str, Any]:
-    """Median wall time of every SPEED entry per model and batch size, and the RATIOS."""
+    """Wall time of every SPEED entry per model and batch size (interleaved), and the RATIOS."""
     out: dict[str, Any] = {}
     for name in cfg.models:
         out[name] = {}
         for batch in cfg.batch_sizes:
             case = make_case(name, batch, cfg.input_shapes[name], cfg.seed, cfg.calib_batches)
-            res: dict[str, Any] = {}
+            fns = {}
             for mname, setup in SPEED:
-                _log(f"speed {name} batch {batch}: {mname}")
-                fn = setup(case)
-                t = measure(fn, cfg.warmup, cfg.repeats, min_time_s=cfg.min_time_s)
-                res[mname] = {
+                _log(f"speed {name} batch {batch}: set up {mname}")
+                fns[mname] = setup(case)
+            _log(f"speed {name} batch {batch}: timing {len(fns)} functions interleaved")
+            timed = measure_interleaved(
+                fns,
+                cfg.warmup,
+                cfg.rounds,
+                min_time_s=cfg.min_time_s,
+                budget_s=cfg.case_budget_s,
+            )
+            del fns
+            res: dict[str, Any] = {
+                mname: {
                     "median_s": _round(t["median_s"]),
                     "min_s": _round(t["min_s"]),
                     "max_s": _round(max(t["all"])),
                     "repeats": len(t["all"]),
                 }
-                del fn
+                for mname, t in timed.items()
+            }
             res["ratios"] = {
                 k: _round(v)
-                for k, v in _ratios({k: v["median_s"] for k, v in res.items()}).items()
+                for k, v in _ratios({k: v["median_s"] for k, v in timed.items()}).items()
+            }
+            res["ratios_from_min"] = {
+                k: _round(v) for k, v in _ratios({k: v["min_s"] for k, v in timed.items()}).items()
             }
             out[name][f"batch_{batch}"] = res
     return out
@@ -309,7 +327,9 @@ def train_float(model: nn.Module, split: Split, cfg: Config) -> float:
     model.train()
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
-        for xb, yb in batches(split.x_train, split.y_train, cfg.train_batch, True, cfg.seed + epoch):
+        for xb, yb in batches(
+            split.x_train, split.y_train, cfg.train_batch, True, cfg.seed + epoch
+        ):
             train_step(model, opt, xb, yb)
             sched.step()
     model.eval()
@@ -332,7 +352,9 @@ def build_float(model: nn.Module, split: Split, cfg: Config) -> Callable[[torch.
     return model
 
 
-def build_torchao_int8(model: nn.Module, split: Split, cfg: Config) -> Callable[[torch.Tensor], Any]:
+def build_torchao_int8(
+    model: nn.Module, split: Split, cfg: Config
+) -> Callable[[torch.Tensor], Any]:
     """torch.ao PTQ (x86): fuse, calibrate on ``cfg.calib_images`` training images, convert."""
     return torchao_int8_model(model, calibration_batches(split, cfg))
 
@@ -414,6 +436,13 @@ SECTIONS: dict[str, Callable[[Config], dict[str, Any]]] = {
 }
 
 
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def run(cfg: Config) -> dict[str, Any]:
     """Run the configured sections; returns the whole report as a JSON-ready dict."""
     torch.set_num_threads(cfg.threads)
@@ -425,17 +454,22 @@ def run(cfg: Config) -> dict[str, Any]:
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(),
+            # other processes on the machine skew timings (2 threads on 2 busy cores: 10-100x)
+            "loadavg_1min_start": _loadavg(),
             "quantized_engine": BACKEND,
             "quick": cfg.quick,
             "timing": {
                 "warmup": cfg.warmup,
-                "repeats_min": cfg.repeats,
+                "rounds": cfg.rounds,
+                "case_budget_s": cfg.case_budget_s,
                 "min_time_s": cfg.min_time_s,
-                "statistic": "median",
+                "interleaved": True,
+                "ratios": "median (ratios) and min (ratios_from_min)",
             },
         }
     }
     for name in cfg.sections:
         report[name] = SECTIONS[name](cfg)
+    report["meta"]["loadavg_1min_end"] = _loadavg()
     report["meta"]["total_s"] = _round(time.perf_counter() - t0)
     return report

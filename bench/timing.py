@@ -2,13 +2,16 @@
 
 Timing: :func:`measure` calls a zero-argument function ``warmup`` times untimed, then at least
 ``repeats`` times (more, up to ``max_repeats``, while the timed total is under ``min_time_s``),
-each call timed with ``time.perf_counter``. Report the median; compare ratios measured in one run.
+each call timed with ``time.perf_counter``. :func:`measure_interleaved` does the same for several
+functions in alternating rounds, which is what to use for ratios on a shared machine. Compare
+ratios measured in one run, never absolute times across runs.
 
 Peak memory: :func:`peak_memory` runs the workload in a FRESH Python process, because the usual
 in-process tools are unsound for PyTorch: ``tracemalloc`` sees only Python's allocator (tensor
 storage comes from C++ ``malloc``), and ``/proc/self/status`` VmHWM or ``ru_maxrss`` are
 process-lifetime high-water marks, so an earlier, bigger step of the same process hides the
-measured one. In the child, after the setup (model, data, optimizer built), the Linux peak-RSS
+measured one. In the child, after the setup (model, data, optimizer built) and glibc
+``malloc_trim(0)`` (so memory the setup freed cannot be silently reused), the Linux peak-RSS
 counter is reset by writing ``5`` to ``/proc/self/clear_refs``; the result is VmHWM after the
 call minus VmRSS just before it: the extra resident memory the call needed at its peak
 (including memory it keeps, e.g. gradients created by a first backward). Where ``clear_refs``
@@ -18,9 +21,12 @@ the call, a lower bound, and says so in ``method``.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import importlib
 import json
+import math
 import os
 import resource
 import statistics
@@ -30,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["measure", "peak_memory"]
+__all__ = ["measure", "measure_interleaved", "peak_memory"]
 
 
 def measure(
@@ -55,7 +61,56 @@ def measure(
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+    return _summary(times)
+
+
+def _summary(times: list[float]) -> dict[str, Any]:
     return {"median_s": statistics.median(times), "min_s": min(times), "all": times}
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], object]],
+    warmup: int = 2,
+    rounds: int = 5,
+    *,
+    min_time_s: float = 0.0,
+    max_repeats: int = 200,
+    budget_s: float | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Time several functions in alternation, so that load from other processes (a shared
+    machine) falls on all of them alike and their ratios stay meaningful.
+
+    Each function is called ``warmup`` times untimed, then ``rounds`` rounds run every function
+    in turn, ``k`` timed calls each: ``k = 1``, or (with ``min_time_s`` and ``warmup >= 1``) enough
+    calls for about ``min_time_s`` per function over all rounds, judged from the last warm-up
+    call, at most ``max_repeats`` in all. With ``budget_s``, no new round starts once the timed
+    rounds have taken that long (at least two rounds run), which bounds a run on a loaded machine.
+    Returns ``{name: measure()-style dict}``.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    per_round: dict[str, int] = {}
+    for name, fn in fns.items():
+        elapsed = 0.0
+        for _ in range(warmup):
+            t0 = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - t0
+        k = 1
+        if warmup and min_time_s > 0:
+            k = math.ceil(min_time_s / rounds / max(elapsed, 1e-9))
+        per_round[name] = max(1, min(k, max_repeats // rounds))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    for done in range(rounds):
+        if budget_s is not None and done >= 2 and time.perf_counter() - start > budget_s:
+            break
+        for name, fn in fns.items():
+            for _ in range(per_round[name]):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: _summary(ts) for name, ts in times.items()}
 
 
 # ----------------------------------------------------------------------------- peak memory
@@ -101,12 +156,19 @@ def _resolve(target: str) -> Callable[..., Any]:
     return obj
 
 
+def _release_free_heap() -> None:
+    """Return freed heap pages to the OS (glibc), so the setup's garbage cannot be reused."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _child_main(request: dict[str, Any]) -> dict[str, Any]:
     factory = _resolve(request["target"])
     fn = factory(*request["args"])
     for _ in range(request["warmup"]):
         fn()
     gc.collect()
+    _release_free_heap()
     if os.path.exists("/proc/self/status") and _reset_hwm():
         before = _status_kib()["VmRSS"] * 1024
         t0 = time.perf_counter()

@@ -9,9 +9,10 @@ Every function works on a deep copy and leaves the float model untouched.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,20 @@ __all__ = [
 
 BACKEND = "x86"
 
+# Deprecation notices torch 2.x prints while preparing/converting (not about this usage).
+_NOISE = (
+    r"Please use quant_min and quant_max",
+    r"torch\.quantize_per_tensor, torch\.quantize_per_channel",
+)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        for pattern in _NOISE:
+            warnings.filterwarnings("ignore", message=pattern)
+        yield
+
 
 def use_backend(backend: str = BACKEND) -> None:
     """Select the quantized engine that converted models run on (process-wide setting)."""
@@ -61,9 +76,10 @@ def torchao_qat_model(float_model: nn.Module, backend: str = BACKEND) -> nn.Modu
     """Fused, fake-quantized copy of ``float_model`` in train mode, ready for QAT steps."""
     use_backend(backend)
     model = copy.deepcopy(float_model).train()
-    fuse_modules_qat(model, fuse_spec(model), inplace=True)
-    model.qconfig = get_default_qat_qconfig(backend)
-    prepare_qat(model, inplace=True)
+    with _quiet():
+        fuse_modules_qat(model, fuse_spec(model), inplace=True)
+        model.qconfig = get_default_qat_qconfig(backend)
+        prepare_qat(model, inplace=True)
     return model
 
 
@@ -71,7 +87,8 @@ def torchao_convert(qat_model: nn.Module, backend: str = BACKEND) -> nn.Module:
     """int8 model from a QAT (or calibrated) prepared model; the input model is not modified."""
     use_backend(backend)
     model = copy.deepcopy(qat_model).eval()
-    convert(model, inplace=True)
+    with _quiet():
+        convert(model, inplace=True)
     return model
 
 
@@ -84,13 +101,14 @@ def torchao_int8_model(
     or ``(x, y)`` tuples, only ``x`` is used), convert to int8."""
     use_backend(backend)
     model = copy.deepcopy(float_model).eval()
-    fuse_modules(model, fuse_spec(model), inplace=True)
-    model.qconfig = get_default_qconfig(backend)
-    prepare(model, inplace=True)
-    with torch.no_grad():
-        for batch in calib_batches:
-            model(batch[0] if isinstance(batch, tuple | list) else batch)
-    convert(model, inplace=True)
+    with _quiet():
+        fuse_modules(model, fuse_spec(model), inplace=True)
+        model.qconfig = get_default_qconfig(backend)
+        prepare(model, inplace=True)
+        with torch.no_grad():
+            for batch in calib_batches:
+                model(batch[0] if isinstance(batch, tuple | list) else batch)
+        convert(model, inplace=True)
     return model
 
 

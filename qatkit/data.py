@@ -115,7 +115,9 @@ def _read_idx(path: Path, limit: int | None = None) -> np.ndarray:
     with opener(path, "rb") as f:
         zero, dtype_code, ndim = struct.unpack(">HBB", f.read(4))
         if zero != 0 or dtype_code != 0x08:
-            raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {zero:#x} {dtype_code:#x})")
+            raise ValueError(
+                f"{path}: not an unsigned-byte IDX file (magic {zero:#x} {dtype_code:#x})"
+            )
         dims = list(struct.unpack(f">{ndim}I", f.read(4 * ndim)))
         if limit is not None:
             if limit < 0:
@@ -133,7 +135,7 @@ def load_fashion_mnist(
     limit_train: int | None = None,
     limit_test: int | None = None,
 ) -> Split:
-    """Fashion-MNIST from its gzip IDX files: 60000 train / 10000 test 28x28 images, scaled by 1/255.
+    """Fashion-MNIST from gzip IDX files: 60000 train / 10000 test 28x28 images, scaled by 1/255.
 
     ``limit_train`` / ``limit_test`` keep the first N examples in file order (the files are not
     sorted by class). Raises ``FileNotFoundError`` with install instructions when files are absent.
@@ -152,7 +154,9 @@ def load_fashion_mnist(
     y_test = _read_idx(paths["test_labels"], limit_test)
     for xs, ys, part in ((x_train, y_train, "train"), (x_test, y_test, "test")):
         if xs.ndim != 3 or len(xs) != len(ys):
-            raise ValueError(f"Fashion-MNIST {part}: images {xs.shape} do not match labels {ys.shape}")
+            raise ValueError(
+                f"Fashion-MNIST {part}: images {xs.shape} do not match labels {ys.shape}"
+            )
     return Split(
         x_train=_to_images(x_train, 255.0),
         y_train=torch.from_numpy(y_train.astype(np.int64)),
@@ -179,10 +183,7 @@ def batches(
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} items but y has {len(y)}")
     n = len(x)
-    if shuffle:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    else:
-        order = None
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else None
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         if order is None:

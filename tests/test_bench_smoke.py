@@ -1,0 +1,137 @@
+"""Smoke test of the benchmark suite (``python -m bench --quick --json``) and its helpers.
+
+No timing assertions: only that every figure exists and is a positive finite number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from bench.timing import measure, measure_interleaved, peak_memory
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = ("resnet18_like", "small_cnn")
+SPEED_KEYS = ("float_forward", "float_train_step", "torchao_qat_train_step", "torchao_int8_forward")
+RATIO_KEYS = ("torchao_qat_step_over_float", "torchao_int8_forward_over_float")
+
+
+def _positive_finite(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def quick_report() -> dict:
+    # one thread: the machine may be shared, and two threads on two busy cores crawl
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--json", "--threads", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+def test_meta(quick_report):
+    meta = quick_report["meta"]
+    assert meta["quick"] is True and meta["threads"] == 1
+    assert meta["torch"] and meta["quantized_engine"] == "x86"
+    assert _positive_finite(meta["total_s"])
+
+
+def test_model_sizes(quick_report):
+    for name in MODELS:
+        info = quick_report["models"][name]
+        assert _positive_finite(info["params"]) and _positive_finite(info["macs_per_image"])
+        assert info["macs_per_image"] == info["macs_conv"] + info["macs_linear"]
+    assert quick_report["models"]["resnet18_like"]["params"] == 11_689_512  # torchvision's count
+
+
+def test_speed_figures_and_ratios(quick_report):
+    speed = quick_report["speed"]
+    for name in MODELS:
+        assert set(speed[name]) == {"batch_1", "batch_2"}
+        for case in speed[name].values():
+            for key in SPEED_KEYS:
+                assert _positive_finite(case[key]["median_s"]), (name, key)
+                assert case[key]["min_s"] <= case[key]["median_s"] <= case[key]["max_s"]
+            for key in RATIO_KEYS:
+                assert _positive_finite(case["ratios"][key]), (name, key)
+                assert _positive_finite(case["ratios_from_min"][key]), (name, key)
+
+
+def test_accuracy_section(quick_report):
+    acc = quick_report["accuracy"]
+    assert acc["dataset"] == "digits" and acc["test_images"] > 0
+    for key in ("float", "torchao_int8"):
+        res = acc["results"][key]
+        assert 0.5 < res["accuracy"] <= 1.0, key
+        assert 0.0 <= res["agreement_with_float"] <= 1.0
+    assert acc["results"]["float"]["agreement_with_float"] == 1.0
+
+
+def test_memory_section_skipped_in_quick_mode(quick_report):
+    assert "skipped" in quick_report["memory"]
+
+
+def test_measure_counts_calls():
+    calls = []
+    t = measure(lambda: calls.append(1), warmup=2, repeats=3)
+    assert len(calls) == 5 and len(t["all"]) == 3
+    assert t["min_s"] <= t["median_s"] and all(v >= 0 for v in t["all"])
+    with pytest.raises(ValueError):
+        measure(lambda: None, repeats=0)
+
+
+def test_measure_interleaved_alternates():
+    order: list[str] = []
+    fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    t = measure_interleaved(fns, warmup=1, rounds=3)
+    assert order == ["a", "b"] + ["a", "b"] * 3
+    assert {k: len(v["all"]) for k, v in t.items()} == {"a": 3, "b": 3}
+    t = measure_interleaved(fns, warmup=1, rounds=2, min_time_s=10.0, max_repeats=8)
+    assert {k: len(v["all"]) for k, v in t.items()} == {"a": 8, "b": 8}
+    t = measure_interleaved(fns, warmup=0, rounds=5, budget_s=0.0)  # budget spent: 2 rounds
+    assert {k: len(v["all"]) for k, v in t.items()} == {"a": 2, "b": 2}
+
+
+def touch_bytes(nbytes: int) -> Callable[[], int]:
+    """peak_memory factory (module level, imported by name in the child process)."""
+
+    def run() -> int:
+        buf = b"\x01" * nbytes  # written, so every page is resident
+        return len(buf)
+
+    return run
+
+
+def test_peak_memory_sees_a_fresh_allocation():
+    n = 64 * 1024 * 1024
+    r = peak_memory(touch_bytes, n)
+    assert r["method"].startswith(("clear_refs", "ru_maxrss"))
+    assert 0.9 * n <= r["peak_delta_bytes"] <= 2 * n
+    with pytest.raises(ValueError):
+        peak_memory(lambda: lambda: None)
+
+
+def test_small_cnn_macs_by_hand():
+    from bench.models import count_macs, small_cnn
+
+    # conv1 1->16 @28x28, conv2 16->32 s2 @14x14, conv3/conv4 32->32 @14x14, conv5 32->64 @7x7
+    conv = (
+        28 * 28 * 16 * 9 + 14 * 14 * 32 * 16 * 9 + 2 * 14 * 14 * 32 * 32 * 9 + 7 * 7 * 64 * 32 * 9
+    )
+    assert count_macs(small_cnn(), (1, 28, 28)) == {
+        "conv": conv,
+        "linear": 640,
+        "total": conv + 640,
+    }
