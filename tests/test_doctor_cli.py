@@ -93,8 +93,8 @@ def models(tmp_path: Path) -> Path:
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qatkit.cli", "doctor", *args], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "qatkit.cli", "doctor", *args],
+                          capture_output=True, text=True, timeout=120)
 
 
 def test_subprocess_exit_0_text(models):
