@@ -721,7 +721,7 @@ def run_demo(args: Any) -> dict[str, Any]:
     quiet = bool(getattr(args, "json", False))
     torch.manual_seed(seed)
     split = demo.load(args.dataset, seed)
-    epochs = args.epochs if args.epochs is not None else (15 if args.dataset == "digits" else 1)
+    epochs, qat_epochs = demo.default_epochs(args.dataset, args.epochs, args.qat_epochs)
     march = qk.march.resolve(args.march).name
     with qk.set_march(march):
         float_model = demo.DemoNet(split.num_classes)
@@ -730,7 +730,7 @@ def run_demo(args: Any) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="qatkit-demo-") as work:
         float_path = os.path.join(work, "float_weights.pt")
         torch.save(float_model.state_dict(), float_path)
-        results = spawn(_demo_worker, nproc, args.dataset, march, int(args.qat_epochs), seed,
+        results = spawn(_demo_worker, nproc, args.dataset, march, qat_epochs, seed,
                         float_path, args.save, work)
     r0 = results[0]
     return {
@@ -738,7 +738,7 @@ def run_demo(args: Any) -> dict[str, Any]:
         "calibration_accuracy": r0["calibration_accuracy"],
         "qat_accuracy": r0["qat_accuracy"], "quantized_accuracy": r0["quantized_accuracy"],
         "quantized_minus_float": r0["quantized_accuracy"] - float_acc, "epochs": epochs,
-        "qat_epochs": int(args.qat_epochs), "train_size": len(split.y_train),
+        "qat_epochs": qat_epochs, "train_size": len(split.y_train),
         "test_size": len(split.y_test), "seed": seed, "torch": torch.__version__,
         "threads": r0["threads"], "seconds": round(time.perf_counter() - t0, 2),
         "nproc": nproc, "backend": "gloo",
