@@ -11,7 +11,7 @@ import qatkit as qk
 from qatkit import guards
 from qatkit import trace as tr
 from qatkit.rules import Context, run
-from tests.test_rules_qk00_helpers import DigitsNet, digits, qk_warnings, train
+from tests._rules import DigitsNet, digits, qk_warnings, train
 
 
 class Standardize(nn.Module):

@@ -11,7 +11,7 @@ import qatkit as qk
 from qatkit import trace as tr
 from qatkit.march import no_march
 from qatkit.rules import Context, run
-from tests.test_rules_qk00_helpers import (
+from tests._rules import (
     DigitsNet,
     calibrate,
     digits,

@@ -7,7 +7,7 @@ import pytest
 import qatkit as qk
 from qatkit import trace as tr
 from qatkit.rules import Context, run
-from tests.test_rules_qk00_helpers import calibrate, digits, qk_warnings, trained_digits_net
+from tests._rules import calibrate, digits, qk_warnings, trained_digits_net
 
 # A hand-made qconfig, as users write them: int8 everywhere, output layer included.
 LOW_PRECISION_OUTPUT = qk.QConfig(qk.QuantSpec("qint8", "mse"), qk.QuantSpec(per_channel=True),

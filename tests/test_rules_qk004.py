@@ -17,7 +17,7 @@ import torch.nn as nn
 
 import qatkit as qk
 from qatkit.rules import qk004_multi_device_calibration as qk004
-from tests.test_rules_qk00_helpers import (
+from tests._rules import (
     DigitsNet,
     calibrate,
     digits,

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 import qatkit as qk
 from qatkit.colour import rgb_to_yuv444
-from tests.test_rules_qk00_helpers import calibrate, qk_warnings, train
+from tests._rules import calibrate, qk_warnings, train
 
 
 @functools.cache

@@ -10,7 +10,7 @@ import torch.nn as nn
 import qatkit as qk
 from qatkit.evaluate import FixedPointMonitor, accuracy, evaluate, fixed_point_evaluated
 from qatkit.rules import qk006_qat_evaluation as qk006
-from tests.test_rules_qk00_helpers import calibrate, digits, qk_warnings, trained_digits_net
+from tests._rules import calibrate, digits, qk_warnings, trained_digits_net
 
 BATCH = 32  # 450 test images: 15 batches per evaluation
 

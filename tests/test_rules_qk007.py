@@ -10,7 +10,7 @@ import torch.nn as nn
 import qatkit as qk
 from qatkit import trace as tr
 from qatkit.rules import Context, run
-from tests.test_rules_qk00_helpers import calibrate, digits, qk_warnings, train
+from tests._rules import calibrate, digits, qk_warnings, train
 
 
 def conv_bn(cin: int, cout: int) -> nn.Sequential:

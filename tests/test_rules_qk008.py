@@ -12,7 +12,7 @@ import qatkit as qk
 from qatkit import trace as tr
 from qatkit.evaluate import evaluate
 from qatkit.rules import Context, run
-from tests.test_rules_qk00_helpers import calibrate, digits, qk_warnings, train
+from tests._rules import calibrate, digits, qk_warnings, train
 
 
 class TwoHeads(nn.Module):

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import qatkit as qk
 from qatkit.rules.qk009_overfitting import check_overfitting
-from tests.test_rules_qk00_helpers import digits, qk_warnings
+from tests._rules import digits, qk_warnings
 
 
 class MLP(nn.Module):

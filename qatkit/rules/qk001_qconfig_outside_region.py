@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from qatkit import trace as tr
 from qatkit.rules import Context, Finding, Rule
-from qatkit.rules.qk00_common import qconfigs, region, sources
+from qatkit.rules.common import qconfigs, region, sources
 
 
 def _downstream_of_quant(g: tr.Graph) -> set[int]:

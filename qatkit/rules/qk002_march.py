@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from qatkit.errors import QatkitError
 from qatkit.march import March, resolve
 from qatkit.rules import Context, Finding, Rule
-from qatkit.rules.qk00_common import qconfigs, recorded_march, region, sources
+from qatkit.rules.common import qconfigs, recorded_march, region, sources
 
 
 def _compile(march: March) -> str:
@@ -85,7 +85,7 @@ def _dtypes_at_prepare(ctx: Context, march: March) -> Iterator[Finding]:
 def _dtypes_of_modules(ctx: Context, march: March) -> Iterator[Finding]:
     from qatkit.fake_quant import FakeQuantize
     from qatkit.quantized import QModule
-    from qatkit.rules.qk00_common import owner_name
+    from qatkit.rules.common import owner_name
     done: set[str] = set()
     for name, m in ctx.model.named_modules():
         dtype, kind = None, "activation"

@@ -13,7 +13,7 @@ from typing import Any
 
 from qatkit import trace as tr
 from qatkit.rules import Context, Finding, Rule
-from qatkit.rules.qk00_common import qconfigs, region
+from qatkit.rules.common import qconfigs, region
 
 
 def _only_dequant(g: tr.Graph, n: tr.Node) -> list[tr.Node]:

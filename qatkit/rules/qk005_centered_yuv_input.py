@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from qatkit import trace as tr
 from qatkit.rules import Context, Finding, Rule
-from qatkit.rules.qk00_common import input_source, qconfigs
+from qatkit.rules.common import input_source, qconfigs
 
 CAMERA_SCALE = 1.0 / 128
 # Data reaching more than twice the fixed scale's range (|x| > 2 for 1/128) is not "a few

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from qatkit import trace as tr
 from qatkit.rules import Context, Finding, Rule
-from qatkit.rules.qk00_common import has_own_output, region
+from qatkit.rules.common import has_own_output, region
 
 
 def _check(ctx: Context) -> Iterator[Finding]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from qatkit.rules import Context, Finding, Rule
-from qatkit.rules.qk00_common import is_fixed_point, owner_name, region
+from qatkit.rules.common import is_fixed_point, owner_name, region
 
 _FIX_STATS = ("run calibration (or QAT) batches that exercise every op kept in the deployed "
               "model (all heads and branches), or set qconfig=None on modules that are not "

@@ -16,7 +16,7 @@ import torch.nn as nn
 from qatkit import trace as tr
 from qatkit.ops import op_kind
 from qatkit.rules import Context, Finding, Rule
-from qatkit.rules.qk1_helpers import n_calls, region
+from qatkit.rules.common import n_calls, region
 
 _ACTS = (nn.ReLU, nn.ReLU6)
 

@@ -10,7 +10,7 @@ from qatkit.fake_quant import FakeQuantize
 from qatkit.meta import META_NAME
 from qatkit.observers import Observer
 from qatkit.rules import Context, Finding, Rule
-from qatkit.rules.qk1_helpers import is_marker
+from qatkit.rules.common import is_marker
 
 
 def _weighted(mod: nn.Module) -> bool:

@@ -20,7 +20,7 @@ import torch.nn as nn
 from qatkit import trace as tr
 from qatkit.ops import FUNCTIONS_ON_QUANTIZED, OWN_OUTPUT, WEIGHTED, op_kind
 from qatkit.rules import Context, Finding, Rule
-from qatkit.rules.qk1_helpers import output_fake_quant, region
+from qatkit.rules.common import output_fake_quant, region
 from qatkit.stubs import FloatFunctional, QuantStub
 
 # What to use instead of a torch function on quantized values.

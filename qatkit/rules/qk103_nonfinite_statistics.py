@@ -14,7 +14,7 @@ import torch
 
 from qatkit.fake_quant import FakeQuantize, FakeQuantState, fake_quants
 from qatkit.rules import Context, Finding, Rule
-from qatkit.rules.qk1_helpers import fq_owner, plural, region
+from qatkit.rules.common import owner_name, plural, region
 
 
 def _at_calibration_end(ctx: Context, fqs: list[tuple[str, FakeQuantize]]) -> bool:
@@ -59,7 +59,7 @@ def _check(ctx: Context) -> Iterator[Finding]:
             bad, total = int(obs.nonfinite), int(obs.count)
             if bad <= 0:
                 continue
-            owner = fq_owner(name)
+            owner = owner_name(name)
             if bad < total:
                 partial[owner] = (bad, total)
                 continue

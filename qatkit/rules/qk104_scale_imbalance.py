@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 from qatkit.quant_math import MIN_SCALE
 from qatkit.rules import Context, Finding, Rule
-from qatkit.rules.qk1_helpers import fmt, producer_scale, region
+from qatkit.rules.common import fmt, producer_scale, region
 
 CAT_LIKE_RATIO = 16.0
 ADD_LIKE_RATIO = 32.0

@@ -31,7 +31,7 @@ from qatkit.observers import HistogramObserver
 from qatkit.ops import op_kind
 from qatkit.quant_math import qrange
 from qatkit.rules import Context, Finding, Rule
-from qatkit.rules.qk1_helpers import effective_scale, fmt, fq_owner, region
+from qatkit.rules.common import effective_scale, fmt, owner_name, region
 
 WEIGHT_OUTLIER_RATIO = 8.0
 MIN_WEIGHTS = 64
@@ -132,7 +132,7 @@ def _activation_findings(ctx: Context) -> Iterator[Finding]:
         s = effective_scale(fq, ctx)
         if total == 0 or s is None or s.numel() != 1:
             continue
-        owner = fq_owner(name)
+        owner = owner_name(name)
         w = obs.bin_width()
         qmin, qmax = qrange(fq.dtype)
         amax = float(s) * (qmax - qmin) / 2  # the threshold the scale was made from

@@ -16,7 +16,7 @@ import torch.nn as nn
 from qatkit import trace as tr
 from qatkit.ops import OWN_OUTPUT, PASSTHROUGH, WEIGHTED, op_kind
 from qatkit.rules import Context, Finding, Rule
-from qatkit.rules.qk1_helpers import is_marker, region
+from qatkit.rules.common import is_marker, region
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
