@@ -1,4 +1,4 @@
-"""``python -m bench [--json] [--quick] [--threads N] [--sections a,b]``."""
+"""``python -m bench [--json] [--quick] [--threads N] [--sections a,b]`` (also ``qatkit bench``)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,7 @@ def _print_text(report: dict[str, Any]) -> None:
         print(f"{key}: {value}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
@@ -37,15 +36,21 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)",
     )
-    args = parser.parse_args(argv)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run the bench for parsed arguments; usage errors print one line and return 2."""
     if args.threads < 1:
-        parser.error("--threads must be >= 1")
+        print("bench: error: --threads must be >= 1", file=sys.stderr)
+        return 2
     cfg = Config.quick_config(args.threads) if args.quick else Config.full(args.threads)
     if args.sections:
         wanted = tuple(s.strip() for s in args.sections.split(",") if s.strip())
         unknown = [s for s in wanted if s not in SECTIONS]
         if unknown:
-            parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+            print(f"bench: error: unknown section(s) {unknown}; choose from {list(SECTIONS)}",
+                  file=sys.stderr)
+            return 2
         cfg = dataclasses.replace(cfg, sections=wanted)
     report = run(cfg)
     if args.json:
@@ -54,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         _print_text(report)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    add_arguments(parser)
+    return run_cli(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import qatkit as qk
 from qatkit.data import Split, batches, load_digits, load_fashion_mnist
 
 from .models import MODELS, count_macs, count_params
@@ -84,6 +85,9 @@ class Config:
     train_batch: int = 64
     train_lr: float = 0.1
     calib_images: int = 2000
+    #: training images of the short qatkit QAT run in the accuracy section (None: one epoch).
+    qat_images: int | None = 20000
+    qat_lr: float = 0.002
     sections: tuple[str, ...] = ("models", "speed", "memory", "accuracy")
 
     @classmethod
@@ -108,6 +112,7 @@ class Config:
             accuracy_dataset="digits",
             epochs=2,
             calib_images=256,
+            qat_images=512,
         )
 
 
@@ -128,6 +133,8 @@ class Case:
     #: calibration batches (same shape as ``x``) for post-training quantization.
     calib: list[torch.Tensor]
     lr: float = 0.01
+    #: per-case cache for expensive setup shared by several SPEED entries (e.g. calibration).
+    cache: dict[str, Any] = field(default_factory=dict)
 
     def fresh_model(self) -> nn.Module:
         return copy.deepcopy(self.float_model)
@@ -194,6 +201,145 @@ RATIOS: list[tuple[str, str, str]] = [
     ("torchao_qat_step_over_float", "torchao_qat_train_step", "float_train_step"),
     ("torchao_int8_forward_over_float", "torchao_int8_forward", "float_forward"),
 ]
+
+
+# ----------------------------------------------------------------------------- qatkit entries
+
+#: the march every qatkit figure is measured on (BPU-style NPU, int8 activations).
+MARCH = "nash-e"
+
+
+def _qatkit_prepare(case: Case, qconfig: qk.QConfig) -> nn.Module:
+    with qk.set_march(MARCH):
+        return qk.prepare(case.float_model, case.x[:1], qconfig=qconfig)
+
+
+def qatkit_calibrated(case: Case, observer: str = "mse") -> nn.Module:
+    """prepare (default calibration qconfig: MSE histogram observers) + qk.calibrate on
+    ``case.calib``; the model is left in VALIDATION state."""
+    key = f"qatkit_calibrated_{observer}"
+    if key not in case.cache:
+        model = _qatkit_prepare(case, qk.default_calibration_qconfig(observer=observer))
+        case.cache[key] = qk.calibrate(model, case.calib)
+    return copy.deepcopy(case.cache[key])
+
+
+def setup_qatkit_fixedpoint_forward(case: Case) -> Callable[[], object]:
+    """qatkit fixed-point (bit-exact integer) model forward. The FIRST call converts the
+    calibrated model in place (``qk.convert(inplace=True)``) and runs it, so the memory section
+    measures convert + fixed-point inference; the timed calls (after warm-up) are forwards."""
+    calib = qatkit_calibrated(case)
+    state: dict[str, nn.Module] = {}
+
+    def run() -> torch.Tensor:
+        if "fx" not in state:
+            state["fx"] = qk.convert(calib, inplace=True)
+        with torch.inference_mode():
+            return state["fx"](case.x)
+
+    return run
+
+
+def setup_qatkit_qat_train_step(case: Case) -> Callable[[], object]:
+    """qatkit QAT step: prepare(default_qat_qconfig) (BN folded, the vendor's fuse_bn mode),
+    calibrated scales loaded, train(), QAT state, SGD step."""
+    calib = qatkit_calibrated(case)
+    with qk.set_march(MARCH):
+        model = qk.prepare(case.float_model, case.x[:1], qconfig=qk.default_qat_qconfig())
+    model.load_state_dict(calib.state_dict())
+    model.train()
+    qk.set_fake_quantize(model, qk.FakeQuantState.QAT)
+    opt = case.optimizer(model)
+    return lambda: train_step(model, opt, case.x, case.y)
+
+
+def _calibration_forward(case: Case, observer: str) -> Callable[[], object]:
+    model = _qatkit_prepare(case, qk.default_calibration_qconfig(observer=observer)).eval()
+    qk.set_fake_quantize(model, qk.FakeQuantState.CALIBRATION)
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return model(case.x)
+
+    return run
+
+
+def setup_qatkit_calibration_forward(case: Case) -> Callable[[], object]:
+    """One calibration batch: prepared model in CALIBRATION state (default MSE histogram
+    observers), eval, no_grad."""
+    return _calibration_forward(case, "mse")
+
+
+def setup_qatkit_calibration_minmax_forward(case: Case) -> Callable[[], object]:
+    """As :func:`setup_qatkit_calibration_forward` with min/max observers."""
+    return _calibration_forward(case, "minmax")
+
+
+def setup_float_eval_no_grad(case: Case) -> Callable[[], object]:
+    """float32 eval forward under ``torch.no_grad`` (what calibration is compared with)."""
+    model = case.fresh_model().eval()
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return model(case.x)
+
+    return run
+
+
+def setup_qatkit_doctor_check(case: Case) -> Callable[[], object]:
+    """``qk.doctor.check`` of the float model (fuses a copy, traces one forward on ``case.x``,
+    runs every rule of the float stage)."""
+    model = case.fresh_model().eval()
+
+    def run() -> object:
+        with qk.set_march(MARCH):
+            return qk.doctor.check(model, case.x)
+
+    return run
+
+
+SPEED += [
+    ("float_eval_no_grad", setup_float_eval_no_grad),
+    ("qatkit_fixedpoint_forward", setup_qatkit_fixedpoint_forward),
+    ("qatkit_qat_train_step", setup_qatkit_qat_train_step),
+    ("qatkit_calibration_forward", setup_qatkit_calibration_forward),
+    ("qatkit_calibration_minmax_forward", setup_qatkit_calibration_minmax_forward),
+    ("qatkit_doctor_check", setup_qatkit_doctor_check),
+]
+RATIOS += [
+    ("fixedpoint_over_float", "qatkit_fixedpoint_forward", "float_forward"),
+    ("fixedpoint_over_torchao_int8", "qatkit_fixedpoint_forward", "torchao_int8_forward"),
+    ("qat_step_over_float", "qatkit_qat_train_step", "float_train_step"),
+    ("qat_step_over_torchao_qat_step", "qatkit_qat_train_step", "torchao_qat_train_step"),
+    # throughput ratio = time of float eval / time of calibration
+    ("calibration_over_float_eval", "float_eval_no_grad", "qatkit_calibration_forward"),
+    ("calibration_minmax_over_float_eval", "float_eval_no_grad",
+     "qatkit_calibration_minmax_forward"),
+    ("doctor_over_forward", "qatkit_doctor_check", "float_forward"),
+]
+#: SPEED entries the memory section skips (no memory figure: same workload as another entry,
+#: or not a model run); saves fresh processes on a 10-minute budget.
+MEMORY_SKIP = {
+    "float_eval_no_grad",
+    "qatkit_calibration_forward",
+    "qatkit_calibration_minmax_forward",
+    "qatkit_doctor_check",
+}
+#: memory-section ratio names (peak MiB) that differ from the speed ratio of the same pair.
+MEMORY_RATIO_NAMES = {"fixedpoint_over_float": "memory_fixedpoint_over_float"}
+
+#: headline figures: JSON key -> (section, ratio name, target as (op, bound))
+HEADLINE: dict[str, tuple[str, str, tuple[str, float]]] = {
+    "fixedpoint_over_float": ("speed", "fixedpoint_over_float", ("<=", 0.7)),
+    "fixedpoint_over_torchao_int8": ("speed", "fixedpoint_over_torchao_int8", ("<=", 1.0)),
+    "qat_step_over_float": ("speed", "qat_step_over_float", ("<=", 1.15)),
+    "torchao_qat_step_over_float": ("speed", "torchao_qat_step_over_float", ("<=", 1.15)),
+    "calibration_over_float_eval": ("speed", "calibration_over_float_eval", (">=", 0.9)),
+    "calibration_minmax_over_float_eval": (
+        "speed", "calibration_minmax_over_float_eval", (">=", 0.9)),
+    "doctor_over_forward": ("speed", "doctor_over_forward", ("<=", 3.0)),
+    "memory_fixedpoint_over_float": ("memory", "memory_fixedpoint_over_float", ("<=", 1.0)),
+}
 
 
 def _ratios(values: dict[str, float]) -> dict[str, float]:
@@ -294,6 +440,8 @@ def section_memory(cfg: Config) -> dict[str, Any]:
         res: dict[str, Any] = {}
         method = ""
         for mname, _setup in SPEED:
+            if mname in MEMORY_SKIP:
+                continue
             _log(f"memory {name} batch {cfg.memory_batch}: {mname}")
             r = peak_memory(
                 memory_factory,
@@ -306,7 +454,11 @@ def section_memory(cfg: Config) -> dict[str, Any]:
             )
             res[mname] = _round(r["peak_delta_bytes"] / MIB)
             method = r["method"]
-        res["ratios"] = {k: _round(v) for k, v in _ratios(res).items()}
+        ratios = _ratios(res)
+        for speed_name, memory_name in MEMORY_RATIO_NAMES.items():
+            if speed_name in ratios:
+                ratios[memory_name] = ratios[speed_name]
+        res["ratios"] = {k: _round(v) for k, v in ratios.items()}
         res["method"] = method
         out[name] = res
     return out
@@ -359,8 +511,46 @@ def build_torchao_int8(
     return torchao_int8_model(model, calibration_batches(split, cfg))
 
 
+def _qatkit_calibrated_on(model: nn.Module, split: Split, cfg: Config) -> nn.Module:
+    with qk.set_march(MARCH):
+        calib = qk.prepare(model, split.x_train[:2], qconfig=qk.default_calibration_qconfig())
+    return qk.calibrate(calib, calibration_batches(split, cfg))
+
+
+def build_qatkit_calibrated(
+    model: nn.Module, split: Split, cfg: Config
+) -> Callable[[torch.Tensor], Any]:
+    """qatkit PTQ: prepare (MSE observers), calibrate on the same ``cfg.calib_images`` training
+    images as torch.ao, convert to the bit-exact fixed-point model."""
+    return qk.convert(_qatkit_calibrated_on(model, split, cfg))
+
+
+def build_qatkit_qat(model: nn.Module, split: Split, cfg: Config) -> Callable[[torch.Tensor], Any]:
+    """qatkit QAT from the calibrated scales: ``cfg.qat_images`` training images (one shuffled
+    pass, SGD momentum 0.9, cosine lr from ``cfg.qat_lr``), then convert to fixed point."""
+    calib = _qatkit_calibrated_on(model, split, cfg)
+    with qk.set_march(MARCH):
+        qat = qk.prepare(model, split.x_train[:2], qconfig=qk.default_qat_qconfig())
+    qat.load_state_dict(calib.state_dict())
+    qat.train()
+    qk.set_fake_quantize(qat, qk.FakeQuantState.QAT)
+    n_images = len(split.x_train) if cfg.qat_images is None else cfg.qat_images
+    steps = max(1, min(n_images, len(split.x_train)) // cfg.train_batch)
+    opt = torch.optim.SGD(qat.parameters(), lr=cfg.qat_lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    it = batches(split.x_train, split.y_train, cfg.train_batch, True, cfg.seed + 2000)
+    for _, (xb, yb) in zip(range(steps), it, strict=False):
+        train_step(qat, opt, xb, yb)
+        sched.step()
+    qat.eval()
+    qk.set_fake_quantize(qat, qk.FakeQuantState.VALIDATION)
+    return qk.convert(qat)
+
+
 ACCURACY: list[tuple[str, Callable[[nn.Module, Split, Config], Callable[[torch.Tensor], Any]]]] = [
     ("float", build_float),
+    ("calibrated", build_qatkit_calibrated),
+    ("qat", build_qatkit_qat),
     ("torchao_int8", build_torchao_int8),
 ]
 
@@ -425,6 +615,11 @@ def section_accuracy(cfg: Config) -> dict[str, Any]:
             "eval_s": _round(eval_s),
         }
     out["results"] = results
+    for name in results:  # the headline accuracies, one number each
+        out[name] = results[name]["accuracy"]
+    out["qat_images"] = (
+        len(split.x_train) if cfg.qat_images is None else min(cfg.qat_images, len(split.x_train))
+    )
     return out
 
 
@@ -434,6 +629,84 @@ SECTIONS: dict[str, Callable[[Config], dict[str, Any]]] = {
     "memory": section_memory,
     "accuracy": section_accuracy,
 }
+
+
+HEADLINE_MODEL = "resnet18_like"
+HEADLINE_BATCH = 8
+
+
+def _headline_batch(per_batch: dict[str, Any]) -> str | None:
+    want = f"batch_{HEADLINE_BATCH}"
+    if want in per_batch:
+        return want
+    keys = sorted(per_batch, key=lambda k: int(k.split("_")[1]))  # quick mode: the largest
+    return keys[-1] if keys else None
+
+
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """Top-level figures: the value for the large model at batch 8 (the largest batch in quick
+    mode), its target and whether it is met, and ``details`` for every model and batch."""
+    out: dict[str, Any] = {}
+    for key, (section, ratio, (op, bound)) in HEADLINE.items():
+        sec = report.get(section)
+        details: dict[str, Any] = {}
+        value = None
+        batch_used = None
+        if section == "speed" and isinstance(sec, dict):
+            for model, per_batch in sec.items():
+                details[model] = {b: r["ratios"].get(ratio) for b, r in per_batch.items()}
+            if HEADLINE_MODEL in sec:
+                batch_used = _headline_batch(sec[HEADLINE_MODEL])
+                if batch_used is not None:
+                    value = details[HEADLINE_MODEL][batch_used]
+        elif section == "memory" and isinstance(sec, dict) and "skipped" not in sec:
+            batch_used = f"batch_{sec['batch']}"
+            for model, res in sec.items():
+                if isinstance(res, dict):
+                    details[model] = {batch_used: res["ratios"].get(ratio)}
+            if HEADLINE_MODEL in details:
+                value = details[HEADLINE_MODEL][batch_used]
+        met = None
+        if value is not None:
+            met = value <= bound if op == "<=" else value >= bound
+        out[key] = {
+            "value": value,
+            "model": HEADLINE_MODEL,
+            "batch": batch_used,
+            "target": f"{op} {bound}",
+            "met": met,
+            "details": details,
+        }
+    return out
+
+
+def cost_per_mac(report: dict[str, Any]) -> dict[str, Any]:
+    """Seconds per multiply-accumulate (median time / (MACs per image * batch)) of every SPEED
+    entry, per model and batch, and how it grows from the small to the large model."""
+    speed, models = report["speed"], report["models"]
+    out: dict[str, Any] = {"unit": "ns per MAC"}
+    for model, per_batch in speed.items():
+        macs = models[model]["macs_per_image"]
+        out[model] = {
+            b: {
+                m: _round(r[m]["median_s"] / (macs * int(b.split("_")[1])) * 1e9)
+                for m, _ in SPEED
+                if m in r
+            }
+            for b, r in per_batch.items()
+        }
+    small, large = "small_cnn", HEADLINE_MODEL
+    if small in out and large in out:
+        growth: dict[str, Any] = {}
+        for b in out[large]:
+            if b in out[small]:
+                growth[b] = {
+                    m: _round(out[large][b][m] / out[small][b][m])
+                    for m in out[large][b]
+                    if m in out[small][b] and out[small][b][m] > 0
+                }
+        out["large_over_small_per_mac"] = growth
+    return out
 
 
 def _loadavg() -> float | None:
@@ -470,6 +743,9 @@ def run(cfg: Config) -> dict[str, Any]:
     }
     for name in cfg.sections:
         report[name] = SECTIONS[name](cfg)
+    report.update(headline(report))
+    if "speed" in report and "models" in report:
+        report["cost_per_mac"] = cost_per_mac(report)
     report["meta"]["loadavg_1min_end"] = _loadavg()
     report["meta"]["total_s"] = _round(time.perf_counter() - t0)
     return report

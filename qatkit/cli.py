@@ -15,6 +15,7 @@ COMMANDS = {
     "marches": ("qatkit.cli", "list marches, processors and capabilities"),
     "doctor": ("qatkit.doctor", "check a model for quantization misuses"),
     "report": ("qatkit.report", "write the per-layer accuracy report (HTML + JSON)"),
+    "bench": ("qatkit.bench_cli", "benchmarks against torch.ao (needs the repository's bench/)"),
 }
 
 

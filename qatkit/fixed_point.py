@@ -78,7 +78,10 @@ def requant_f64(acc: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor], lo: 
                 dtype: str, axis: int) -> torch.Tensor:
     """Apply a :func:`requant_plan`, clamp to ``[lo, hi]`` and cast to ``dtype``."""
     mult, addend = (_along(t, axis, acc.dim()) for t in plan)
-    t = torch.addcmul(addend, acc if acc.is_floating_point() else acc.to(torch.float64), mult)
+    # one float64 buffer, updated in place: acc * mult and the sum with addend are exact (see
+    # requant_plan), so the order and rounding of these steps cannot change a bit
+    t = acc.to(torch.float64, copy=True)
+    t.mul_(mult).add_(addend)
     from qatkit.quant_math import TORCH_DTYPE
     return t.floor_().clamp_(lo, hi).to(TORCH_DTYPE[dtype])
 

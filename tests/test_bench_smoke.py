@@ -18,8 +18,37 @@ from bench.timing import measure, measure_interleaved, peak_memory
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("resnet18_like", "small_cnn")
-SPEED_KEYS = ("float_forward", "float_train_step", "torchao_qat_train_step", "torchao_int8_forward")
-RATIO_KEYS = ("torchao_qat_step_over_float", "torchao_int8_forward_over_float")
+SPEED_KEYS = (
+    "float_forward",
+    "float_train_step",
+    "torchao_qat_train_step",
+    "torchao_int8_forward",
+    "float_eval_no_grad",
+    "qatkit_fixedpoint_forward",
+    "qatkit_qat_train_step",
+    "qatkit_calibration_forward",
+    "qatkit_calibration_minmax_forward",
+    "qatkit_doctor_check",
+)
+RATIO_KEYS = (
+    "torchao_qat_step_over_float",
+    "torchao_int8_forward_over_float",
+    "fixedpoint_over_float",
+    "fixedpoint_over_torchao_int8",
+    "qat_step_over_float",
+    "calibration_over_float_eval",
+    "calibration_minmax_over_float_eval",
+    "doctor_over_forward",
+)
+HEADLINE_KEYS = (
+    "fixedpoint_over_float",
+    "fixedpoint_over_torchao_int8",
+    "qat_step_over_float",
+    "torchao_qat_step_over_float",
+    "calibration_over_float_eval",
+    "doctor_over_forward",
+)
+ACCURACY_KEYS = ("float", "calibrated", "qat", "torchao_int8")
 
 
 def _positive_finite(value: object) -> bool:
@@ -72,11 +101,63 @@ def test_speed_figures_and_ratios(quick_report):
 def test_accuracy_section(quick_report):
     acc = quick_report["accuracy"]
     assert acc["dataset"] == "digits" and acc["test_images"] > 0
-    for key in ("float", "torchao_int8"):
+    for key in ACCURACY_KEYS:
         res = acc["results"][key]
         assert 0.5 < res["accuracy"] <= 1.0, key
         assert 0.0 <= res["agreement_with_float"] <= 1.0
+        assert acc[key] == res["accuracy"], key
     assert acc["results"]["float"]["agreement_with_float"] == 1.0
+
+
+def test_headline_figures(quick_report):
+    # quick mode: the large model at its largest batch (2); details for every model and batch
+    for key in HEADLINE_KEYS:
+        fig = quick_report[key]
+        assert fig["model"] == "resnet18_like" and fig["batch"] == "batch_2", key
+        assert _positive_finite(fig["value"]), key
+        assert fig["met"] in (True, False) and fig["target"].startswith(("<=", ">=")), key
+        assert set(fig["details"]) == set(MODELS), key
+        for per_batch in fig["details"].values():
+            assert set(per_batch) == {"batch_1", "batch_2"}, key
+            assert all(_positive_finite(v) for v in per_batch.values()), key
+    mem = quick_report["memory_fixedpoint_over_float"]
+    assert mem["value"] is None and mem["met"] is None and mem["details"] == {}
+
+
+def test_cost_per_mac(quick_report):
+    cpm = quick_report["cost_per_mac"]
+    for name in MODELS:
+        for case in cpm[name].values():
+            assert all(_positive_finite(case[key]) for key in SPEED_KEYS)
+    growth = cpm["large_over_small_per_mac"]
+    assert set(growth) == {"batch_1", "batch_2"}
+    assert all(_positive_finite(v) for v in growth["batch_2"].values())
+
+
+def test_qatkit_bench_command_without_bench_package(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from qatkit import bench_cli, cli
+
+    assert "bench" in cli.COMMANDS
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench_cli, "_candidates", lambda: [str(tmp_path)])
+    monkeypatch.setitem(sys.modules, "bench.__main__", None)  # not importable
+    args = argparse.Namespace(json=True, quick=True, threads=1, sections=None)
+    assert bench_cli.run_cli(args) == 2
+    assert "not installed" in capsys.readouterr().err
+
+
+def test_qatkit_bench_command_usage_error():
+    proc = subprocess.run(
+        [sys.executable, "-m", "qatkit.cli", "bench", "--sections", "nope"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2 and "unknown section" in proc.stderr
 
 
 def test_memory_section_skipped_in_quick_mode(quick_report):
