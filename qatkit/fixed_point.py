@@ -86,6 +86,20 @@ def requant_f64(acc: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor], lo: 
     return t.floor_().clamp_(lo, hi).to(TORCH_DTYPE[dtype])
 
 
+def requant_float(v: torch.Tensor, M: torch.Tensor | float, axis: int | None = None
+                  ) -> torch.Tensor:
+    """:func:`requant` of an int8/int16/int32 tensor as an integer-valued float64 tensor.
+    ``floor(v * (m * 2^-n) + 1/2)`` is exact in float64 when ``n <= 52``: ``|v * m| < 2^46``,
+    and every intermediate is a multiple of ``2^-n`` with at most 53 significant bits. (float64
+    because CPUs without AVX-512 have no vectorised int64 multiply.)"""
+    m, n = multiplier(M)
+    if int(n.max()) > 52:  # a tiny multiplier: the int64 rule as written
+        return requant_mn(v, m, n, axis).to(torch.float64)
+    mult = _along(m.to(torch.float64) * torch.exp2(-n.to(torch.float64)), axis, v.dim())
+    t = v.to(torch.float64, copy=True)
+    return t.mul_(mult).add_(0.5).floor_()
+
+
 def saturate(v: torch.Tensor, dtype: str) -> torch.Tensor:
     from qatkit.quant_math import TORCH_DTYPE
     qmin, qmax = qrange(dtype)

@@ -325,15 +325,18 @@ class QFunctional(QModule):
              ) -> QTensor:
         a = _need_q(a, self, per_tensor=False)
         s_i = torch.tensor(float(self.out_scale), dtype=torch.float64) / 256
-        ai = fp.requant(a.q, a.scale.to(torch.float64) / s_i, a.axis)
+        # operands are int8/int16/int32, so their requants are exact in float64; their sum is
+        # below 2^48 and the final requant by 2^-8 is floor(total / 256 + 1/2), exact too
+        ai = fp.requant_float(a.q, a.scale.to(torch.float64) / s_i, a.axis)
         if b is not None:
             b = _need_q(b, self, per_tensor=False)
-            bi = fp.requant(b.q, b.scale.to(torch.float64) / s_i, b.axis)
+            bi = fp.requant_float(b.q, b.scale.to(torch.float64) / s_i, b.axis)
+            ai = ai.add_(bi, alpha=sign) if ai.shape == torch.broadcast_shapes(
+                ai.shape, bi.shape) else ai.add(bi, alpha=sign)
         else:
-            bi = torch.tensor(round(float(c) / float(s_i)), dtype=torch.int64)
-        total = ai + sign * bi
-        return self._fin(fp.requant(total, s_i / float(self.out_scale)), op,
-                         (a,) if b is None else (a, b))
+            ai.add_(round(float(c) / float(s_i)))
+        total = ai.mul_(2.0**-8).add_(0.5).floor_()
+        return self._fin(total, op, (a,) if b is None else (a, b))
 
     def add(self, a: QTensor, b: QTensor) -> QTensor:
         return self._add(a, b, None, 1, "add")
