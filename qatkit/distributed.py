@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from qatkit.errors import QatkitError, fail, silenced_reason
-from qatkit.fake_quant import FakeQuantize, FakeQuantState, fake_quants
+from qatkit.fake_quant import FakeQuantize, FakeQuantState, fake_quants, prepared_fake_quants
 from qatkit.observers import HistogramObserver, Observer
 
 __all__ = [
@@ -253,10 +253,7 @@ def synchronized_calibration(model: nn.Module, group: Any = None) -> Iterator[nn
                    "calibrate ddp.module (calibration needs no gradient sync): "
                    "qk.calibrate(ddp.module, shard, synchronize=True)")
     inner = unwrap(model)
-    fqs = fake_quants(inner)
-    if not fqs:
-        raise fail("QK000", "the model has no fake quants: it was not prepared.",
-                   "call qk.prepare(model, example_inputs, qconfig=...) first")
+    fqs = prepared_fake_quants(inner)
     if world_size(group) > 1:
         _check_same_setup(inner, fqs, group, "synchronized calibration")
         _check_mergeable(fqs)  # same verdict on every rank: the setups are equal
@@ -501,10 +498,7 @@ def ddp(model: nn.Module, group: Any = None, **kwargs: Any
                    "launch with torchrun and call torch.distributed.init_process_group(backend)"
                    " first (gloo on CPU, nccl on GPU)")
     inner = unwrap(model)
-    fqs = fake_quants(inner)
-    if not fqs:
-        raise fail("QK000", "the model has no fake quants: it was not prepared.",
-                   "call qk.prepare(model, example_inputs, qconfig=...) first")
+    fqs = prepared_fake_quants(inner)
     check_consistent(inner, group)
     if any(fq.state is FakeQuantState.QAT for _, fq in fqs) and world_size(group) > 1:
         _check_qat(inner, [fq for _, fq in fqs])

@@ -154,6 +154,15 @@ def fake_quants(model: nn.Module) -> list[tuple[str, FakeQuantize]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantize)]
 
 
+def prepared_fake_quants(model: nn.Module) -> list[tuple[str, FakeQuantize]]:
+    """:func:`fake_quants`, refusing a model that was never prepared."""
+    fqs = fake_quants(model)
+    if not fqs:
+        raise fail("QK000", "the model has no fake quants: it was not prepared.",
+                   "call qk.prepare(model, example_inputs, qconfig=...) first")
+    return fqs
+
+
 def set_fake_quantize(model: nn.Module, state: FakeQuantState) -> nn.Module:
     """Put every fake quant of ``model`` in ``state``; the model must already be in the
     matching mode (``eval()`` for CALIBRATION/VALIDATION, ``train()`` for QAT)."""
@@ -164,10 +173,7 @@ def set_fake_quantize(model: nn.Module, state: FakeQuantState) -> nn.Module:
     if isinstance(model, nn.DataParallel):
         model = model.module
     inner = getattr(model, "module", model)
-    fqs = fake_quants(inner)
-    if not fqs:
-        raise fail("QK000", "the model has no fake quants: it was not prepared.",
-                   "call qk.prepare(model, example_inputs, qconfig=...) first")
+    fqs = prepared_fake_quants(inner)
     world = _qk004.world_size()
     synced = False
     if world > 1:  # merge the ranks' statistics first, so that the guards judge global ones

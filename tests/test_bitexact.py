@@ -35,14 +35,6 @@ from tests.reference import npref as R
 pytestmark = pytest.mark.filterwarnings("ignore::qatkit.errors.QatkitWarning")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 ACT_MODULE = {None: None, "relu": nn.ReLU, "relu6": nn.ReLU6}
 
 

@@ -23,14 +23,6 @@ from tests.reference import npref as R
 pytestmark = pytest.mark.filterwarnings("ignore::qatkit.errors.QatkitWarning")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _one_op(op: nn.Module, shape: tuple, in_dtype: str, out_dtype: str, s_in: float,
             s_out: float | None) -> nn.Module:
     """Convert QuantStub -> op -> DeQuantStub; ``s_out=None``: the op keeps its input scale."""
