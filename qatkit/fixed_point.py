@@ -77,13 +77,31 @@ def requant_plan(m: torch.Tensor, n: torch.Tensor, q_b: torch.Tensor, acc_bound:
 def requant_f64(acc: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor], lo: int, hi: int,
                 dtype: str, axis: int) -> torch.Tensor:
     """Apply a :func:`requant_plan`, clamp to ``[lo, hi]`` and cast to ``dtype``."""
+    from qatkit.quant_math import TORCH_DTYPE
     mult, addend = (_along(t, axis, acc.dim()) for t in plan)
+    out_dtype = TORCH_DTYPE[dtype]
+    per_sample = acc.numel() // max(acc.shape[0], 1) if acc.dim() else 1
+    if acc.dim() < 2 or axis == 0 or acc.numel() <= REQUANT_CHUNK:
+        return _requant_f64_block(acc, mult, addend, lo, hi, out_dtype)
+    # a float64 scratch of the whole output would be the largest tensor of the forward: work
+    # through the batch in slices (each sample is requantized independently)
+    out = torch.empty_like(acc, dtype=out_dtype)
+    step = max(1, REQUANT_CHUNK // per_sample)
+    for i in range(0, acc.shape[0], step):
+        out[i:i + step] = _requant_f64_block(acc[i:i + step], mult, addend, lo, hi, out_dtype)
+    return out
+
+
+REQUANT_CHUNK = 1 << 20  # elements of float64 scratch (8 MiB) per requantization step
+
+
+def _requant_f64_block(acc: torch.Tensor, mult: torch.Tensor, addend: torch.Tensor, lo: int,
+                       hi: int, out_dtype: torch.dtype) -> torch.Tensor:
     # one float64 buffer, updated in place: acc * mult and the sum with addend are exact (see
     # requant_plan), so the order and rounding of these steps cannot change a bit
     t = acc.to(torch.float64, copy=True)
     t.mul_(mult).add_(addend)
-    from qatkit.quant_math import TORCH_DTYPE
-    return t.floor_().clamp_(lo, hi).to(TORCH_DTYPE[dtype])
+    return t.floor_().clamp_(lo, hi).to(out_dtype)
 
 
 def requant_float(v: torch.Tensor, M: torch.Tensor | float, axis: int | None = None

@@ -703,3 +703,23 @@ def test_whole_model_calibrated(march: str, dtype: str) -> None:
     x = torch.randn(5, 2, 6, 6, generator=gen) * 3
     with torch.no_grad():
         B.assert_floats(c(x), _small_net_reference(p, c, x.numpy(), dtype), "calibrated")
+
+
+def test_requant_in_batch_slices_gives_the_same_integers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large outputs are requantized a few samples at a time (memory); the integers must not
+    depend on the slicing, in NCHW or NHWC-strided layouts."""
+    g = torch.Generator().manual_seed(0)
+    acc = torch.randint(-2**30, 2**30, (5, 7, 6, 6), generator=g, dtype=torch.int32)
+    m, n = fp.multiplier(torch.rand(7, generator=g, dtype=torch.float64) * 1e-6)
+    q_b = torch.randint(-2**20, 2**20, (7,), generator=g)
+    plan = fp.requant_plan(m, n, q_b, 2**31)
+    assert plan is not None
+    for a in (acc, acc.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)):
+        whole = fp.requant_f64(a, plan, -128, 127, "qint8", 1)
+        monkeypatch.setattr(fp, "REQUANT_CHUNK", 50)  # 1 sample of 252 per slice, 5 slices
+        sliced = fp.requant_f64(a, plan, -128, 127, "qint8", 1)
+        monkeypatch.setattr(fp, "REQUANT_CHUNK", 1 << 20)
+        assert torch.equal(whole, sliced)
+        want = fp.requant_mn(a.to(torch.int64) + q_b.reshape(1, -1, 1, 1), m, n, 1).clamp(
+            -128, 127)
+        assert torch.equal(whole.to(torch.int64), want)
