@@ -719,7 +719,7 @@ def run_demo(args: Any) -> dict[str, Any]:
     march = qk.march.resolve(args.march).name
     with qk.set_march(march):
         float_model = demo.DemoNet(split.num_classes)
-        demo.train(float_model, split, epochs, lr=3e-3, seed=seed, quiet=quiet)
+        demo.train_float(float_model, split, epochs, seed, quiet)
         float_acc = demo.accuracy(float_model, split.x_test, split.y_test)
     with tempfile.TemporaryDirectory(prefix="qatkit-demo-") as work:
         float_path = os.path.join(work, "float_weights.pt")

@@ -435,7 +435,7 @@ def demo_models(dataset: str = "digits", march: str = "nash-e", epochs: int | No
     x_test, y_test = demo.centered(split.x_test), split.y_test
     with set_march(march):
         float_model = demo.DemoNet(split.num_classes, width=width)
-        demo.train(float_model, split, epochs, lr=3e-3, seed=seed, quiet=quiet)
+        demo.train_float(float_model, split, epochs, seed, quiet)
         calib = prepare(float_model, example, qconfig=default_calibration_qconfig())
         calibrate(calib, demo.calibration_batches(split))
         qat = prepare(float_model, example, qconfig=default_qat_qconfig())
