@@ -203,7 +203,7 @@ class QCenteredYUVToRGB(QModule):
         # Elementwise int64 (exact; integer matmul is not available on every device).
         rgb = torch.stack([W[c, 0] * y + W[c, 1] * u + W[c, 2] * v for c in range(3)], ax)
         # Clamp to the 8-bit RGB range the model was trained on, as yuv444_to_rgb does.
-        acc = rgb.clamp(0, _RGB_MAX) - fp._along(off, ax, q.dim())
+        acc = rgb.clamp(0, _RGB_MAX) - fp.along(off, ax, q.dim())
         out = fp.requant_mn(acc, p["m"].to(dev), p["n"].to(dev), axis=ax)
         return self._out(out)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qatkit.quant_math import qrange
+from qatkit.quant_math import along, qrange
 
 F32_EXACT = 2**24
 
@@ -33,14 +33,6 @@ def multiplier(M: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
     return m, n
 
 
-def _along(t: torch.Tensor, axis: int | None, ndim: int) -> torch.Tensor:
-    if axis is None or t.dim() == 0:
-        return t
-    shape = [1] * ndim
-    shape[axis] = -1
-    return t.reshape(shape)
-
-
 def requant(v: torch.Tensor, M: torch.Tensor | float, axis: int | None = None) -> torch.Tensor:
     """``floor(v * m / 2^n + 1/2)`` in int64 (section 4); no saturation."""
     return requant_mn(v, *multiplier(M), axis=axis)
@@ -49,7 +41,7 @@ def requant(v: torch.Tensor, M: torch.Tensor | float, axis: int | None = None) -
 def requant_mn(v: torch.Tensor, m: torch.Tensor, n: torch.Tensor, axis: int | None = None
                ) -> torch.Tensor:
     """:func:`requant` with the multiplier already encoded by :func:`multiplier`."""
-    m, n = _along(m, axis, v.dim()), _along(n, axis, v.dim())
+    m, n = along(m, axis, v.dim()), along(n, axis, v.dim())
     v = v.to(torch.int64) * m
     if n.dim() == 0 and v.dim() > 0:  # common per-tensor case: plain Python shifts
         ni = int(n)
@@ -78,7 +70,7 @@ def requant_f64(acc: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor], lo: 
                 dtype: str, axis: int) -> torch.Tensor:
     """Apply a :func:`requant_plan`, clamp to ``[lo, hi]`` and cast to ``dtype``."""
     from qatkit.quant_math import TORCH_DTYPE
-    mult, addend = (_along(t, axis, acc.dim()) for t in plan)
+    mult, addend = (along(t, axis, acc.dim()) for t in plan)
     out_dtype = TORCH_DTYPE[dtype]
     per_sample = acc.numel() // max(acc.shape[0], 1) if acc.dim() else 1
     if acc.dim() < 2 or axis == 0 or acc.numel() <= REQUANT_CHUNK:
@@ -113,7 +105,7 @@ def requant_float(v: torch.Tensor, M: torch.Tensor | float, axis: int | None = N
     m, n = multiplier(M)
     if int(n.max()) > 52:  # a tiny multiplier: the int64 rule as written
         return requant_mn(v, m, n, axis).to(torch.float64)
-    mult = _along(m.to(torch.float64) * torch.exp2(-n.to(torch.float64)), axis, v.dim())
+    mult = along(m.to(torch.float64) * torch.exp2(-n.to(torch.float64)), axis, v.dim())
     t = v.to(torch.float64, copy=True)
     return t.mul_(mult).add_(0.5).floor_()
 
@@ -134,7 +126,7 @@ def real_multiplier(*scales: torch.Tensor | float, divide_by: torch.Tensor | flo
 
 
 def quantize_weight(w: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
-    return torch.round(w.to(torch.float32) / _along(s_w, 0, w.dim())).clamp_(-128, 127).to(
+    return torch.round(w.to(torch.float32) / along(s_w, 0, w.dim())).clamp_(-128, 127).to(
         torch.int8)
 
 

@@ -43,16 +43,17 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: str, axis: int | None 
              ) -> torch.Tensor:
     """``sat(round_half_even(x / s))`` with the division in float32; returns int64."""
     qmin, qmax = qrange(dtype)
-    s = _along(scale, axis, x.dim())
+    s = along(scale, axis, x.dim())
     return torch.round(x.to(torch.float32) / s).clamp_(qmin, qmax).to(torch.int64)
 
 
-def _along(scale: torch.Tensor, axis: int | None, ndim: int) -> torch.Tensor:
-    if axis is None or scale.dim() == 0:
-        return scale
+def along(t: torch.Tensor, axis: int | None, ndim: int) -> torch.Tensor:
+    """A per-channel vector shaped to broadcast along ``axis`` of an ``ndim`` tensor."""
+    if axis is None or t.dim() == 0:
+        return t
     shape = [1] * ndim
     shape[axis] = -1
-    return scale.reshape(shape)
+    return t.reshape(shape)
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -75,7 +76,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, dtype: str, axis: int | 
                   ) -> torch.Tensor:
     """Fake quantization with vectorised tensor ops (no ATen scalar-loop kernels)."""
     qmin, qmax = qrange(dtype)
-    s = _along(scale, axis, x.dim())
+    s = along(scale, axis, x.dim())
     if not x.requires_grad:
         return torch.round(x / s).clamp_(qmin, qmax).mul_(s)
     return _FakeQuant.apply(x, s, qmin, qmax)

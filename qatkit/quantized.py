@@ -86,10 +86,14 @@ def _clamp_bounds(act: str | None, s_o: float, dtype: str, lo: float = 0.0, hi: 
 class _QWeighted(QModule):
     """Shared by conv, linear and transposed conv (spec section 5)."""
 
-    def _init_weights(self, w_oc_first: torch.Tensor, s_w: torch.Tensor,
-                      bias: torch.Tensor | None, output_mode: str, activation: str | None
-                      ) -> None:
-        self.output_mode, self.activation = output_mode, activation
+    def __init__(self, qat: nn.Module, w_oc_first: torch.Tensor, activation: str | None
+                 ) -> None:
+        """``qat``: the QAT module; ``w_oc_first``: its weight with output channels first."""
+        app = qat.activation_post_process
+        super().__init__(None if app is None else app.scale,
+                         "qint32" if app is None else app.dtype)
+        s_w, bias = qat.weight_fake_quant.weight_scale(w_oc_first), qat.bias
+        self.output_mode, self.activation = qat.output_mode, activation
         self.register_buffer("weight_scale", s_w.detach().clone().to(torch.float32))
         self.register_buffer("weight", fp.quantize_weight(w_oc_first.detach(), s_w))
         self.register_buffer("bias", None if bias is None else bias.detach().clone().float())
@@ -123,7 +127,7 @@ class _QWeighted(QModule):
         if self.output_mode == "quantized" and c["f64"] is not None:
             q = fp.requant_f64(acc, c["f64"], *c["clamp"], self.out_dtype, axis)
             return QTensor(q, self.out_scale, self.out_dtype)
-        acc = acc.to(torch.int64) + fp._along(c["q_b"], axis, acc.dim())
+        acc = acc.to(torch.int64) + fp.along(c["q_b"], axis, acc.dim())
         if self.output_mode != "quantized":
             q = acc.clamp(*qrange("qint32")).to(torch.int32)
             return QTensor(q, c["acc_scale"], "qint32", axis=axis)
@@ -133,16 +137,12 @@ class _QWeighted(QModule):
 
 class QConv2d(_QWeighted):
     def __init__(self, qat: nn.Module) -> None:
-        app = qat.activation_post_process
-        super().__init__(None if app is None else app.scale,
-                         "qint32" if app is None else app.dtype)
+        super().__init__(qat, qat.weight, qat.activation)
         self.stride, self.padding, self.dilation = qat.stride, qat.padding, qat.dilation
         self.groups = qat.groups
         if isinstance(self.padding, str) or qat.padding_mode != "zeros":
             raise fail("QK106", "fixed-point Conv2d needs numeric padding with zeros.",
                        "use padding=(ph, pw) and padding_mode='zeros'")
-        self._init_weights(qat.weight, qat.weight_fake_quant.weight_scale(qat.weight), qat.bias,
-                           qat.output_mode, qat.activation)
 
     def forward(self, x: QTensor) -> QTensor:
         x = _need_q(x, self)
@@ -156,11 +156,7 @@ class QConv2d(_QWeighted):
 
 class QLinear(_QWeighted):
     def __init__(self, qat: nn.Module) -> None:
-        app = qat.activation_post_process
-        super().__init__(None if app is None else app.scale,
-                         "qint32" if app is None else app.dtype)
-        self._init_weights(qat.weight, qat.weight_fake_quant.weight_scale(qat.weight), qat.bias,
-                           qat.output_mode, qat.activation)
+        super().__init__(qat, qat.weight, qat.activation)
 
     def forward(self, x: QTensor) -> QTensor:
         x = _need_q(x, self)
@@ -174,14 +170,9 @@ class QLinear(_QWeighted):
 
 class QConvTranspose2d(_QWeighted):
     def __init__(self, qat: nn.Module) -> None:
-        app = qat.activation_post_process
-        super().__init__(None if app is None else app.scale,
-                         "qint32" if app is None else app.dtype)
+        super().__init__(qat, qat._weight_oc_first(), None)
         self.stride, self.padding, self.dilation = qat.stride, qat.padding, qat.dilation
         self.output_padding, self.groups = qat.output_padding, qat.groups
-        w = qat._weight_oc_first()
-        self._init_weights(w, qat.weight_fake_quant.weight_scale(w), qat.bias, qat.output_mode,
-                           None)
         self.weight_shape = tuple(qat.weight.shape)
 
     def _method(self, in_dtype: str) -> str:
