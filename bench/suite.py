@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 import qatkit as qk
-from qatkit.data import Split, batches, load_digits, load_fashion_mnist
+from qatkit.demo.data import Split, batches, load_digits, load_fashion_mnist
 
 from .models import MODELS, count_macs, count_params
 from .timing import measure_interleaved, peak_memory
@@ -152,7 +152,7 @@ def _model(name: str, seed: int) -> tuple[nn.Module, int]:
 def make_case(
     model_name: str, batch: int, image_shape: tuple[int, int, int], seed: int, calib_batches: int
 ) -> Case:
-    """Seeded model and inputs in ``[0, 1)`` (the range of :mod:`qatkit.data` images)."""
+    """Seeded model and inputs in ``[0, 1)`` (the range of :mod:`qatkit.demo.data` images)."""
     model, num_classes = _model(model_name, seed)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.rand(batch, *image_shape, generator=g)

@@ -3,7 +3,7 @@
 Every case is built through the public workflow: a tiny float ``nn.Module`` with QuantStubs, the
 op(s) and a DeQuantStub; ``qk.prepare`` under a march; the activation fake quants' ``scale``
 buffers set directly (``initialized``/``calibrated`` = 1); ``qk.convert``. The converted
-modules are then run on :class:`~qatkit.qtensor.QTensor` inputs and their integers compared
+modules are then run on :class:`~qatkit.base.qtensor.QTensor` inputs and their integers compared
 with the NumPy reference (``tests/reference/npref.py``) with ``np.array_equal``.
 """
 
@@ -20,9 +20,9 @@ import torch.nn as nn
 from hypothesis import strategies as st
 
 import qatkit as qk
-from qatkit.fake_quant import fake_quants
-from qatkit.qtensor import QTensor
-from qatkit.quant_math import TORCH_DTYPE
+from qatkit.base.qtensor import QTensor
+from qatkit.base.quant_math import TORCH_DTYPE
+from qatkit.quantization.fake_quant import fake_quants
 from tests.reference import npref as R
 
 DTYPES = ("qint8", "qint16")

@@ -11,9 +11,9 @@ import warnings
 import torch
 
 import qatkit as qk
-from qatkit.calibrate import calibrate
-from qatkit.demo import DemoNet, calibration_batches, centered, train
-from qatkit.report import damage
+from qatkit.analysis.report import damage
+from qatkit.demo.recipe import DemoNet, calibration_batches, centered, train
+from qatkit.quantization.calibrate import calibrate
 
 MARCH = "nash-e"
 # Module-scoped fixtures run before conftest's per-test one-thread fixture: two threads on a
@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 
 @functools.cache
 def digits():
-    from qatkit.data import load_digits
+    from qatkit.demo.data import load_digits
     return load_digits(seed=0)
 
 

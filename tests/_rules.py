@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import qatkit as qk
-from qatkit.errors import QatkitWarning
+from qatkit.base.errors import QatkitWarning
 
 torch.set_num_threads(1)
 
@@ -22,8 +22,8 @@ torch.set_num_threads(1)
 def digits() -> Any:
     """sklearn digits as float tensors (N, 1, 8, 8) in [0, 1], stratified split."""
     try:
-        from qatkit.data import load_digits
-    except ImportError:  # qatkit.data not there yet
+        from qatkit.demo.data import load_digits
+    except ImportError:  # qatkit.demo.data not there yet
         load_digits = None
     if load_digits is not None:
         return load_digits()

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import qatkit as qk
-from qatkit import march
+from qatkit.base import march
 
 
 @pytest.fixture(autouse=True)
@@ -16,5 +16,5 @@ def _one_thread_and_clean_march():
 
 @pytest.fixture(scope="session")
 def digits():
-    from qatkit.data import load_digits
+    from qatkit.demo.data import load_digits
     return load_digits(seed=0)

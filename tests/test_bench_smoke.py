@@ -137,20 +137,21 @@ def test_cost_per_mac(quick_report):
 def test_qatkit_bench_command_without_bench_package(tmp_path, monkeypatch, capsys):
     import argparse
 
-    from qatkit import bench_cli, cli
+    from qatkit.cli import bench as bench_cli
+    from qatkit.cli import main as cli
 
     assert "bench" in cli.COMMANDS
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(bench_cli, "_candidates", lambda: [str(tmp_path)])
     monkeypatch.setitem(sys.modules, "bench.__main__", None)  # not importable
     args = argparse.Namespace(json=True, quick=True, threads=1, sections=None)
-    assert bench_cli.run_cli(args) == 2
+    assert bench_cli.run(args) == 2
     assert "not installed" in capsys.readouterr().err
 
 
 def test_qatkit_bench_command_usage_error():
     proc = subprocess.run(
-        [sys.executable, "-m", "qatkit.cli", "bench", "--sections", "nope"],
+        [sys.executable, "-m", "qatkit.cli.main", "bench", "--sections", "nope"],
         cwd=REPO,
         capture_output=True,
         text=True,

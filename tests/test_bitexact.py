@@ -26,13 +26,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qatkit as qk
-from qatkit import fixed_point as fp
+from qatkit.fixed_point import kernels as fp
 from tests import _bitexact as B
 from tests.reference import npref as R
 
 # QK003 warns that a GEMM feeding only a DeQuantStub could keep a high-precision output: these
 # tests ask for the quantized output on purpose.
-pytestmark = pytest.mark.filterwarnings("ignore::qatkit.errors.QatkitWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::qatkit.base.errors.QatkitWarning")
 
 
 ACT_MODULE = {None: None, "relu": nn.ReLU, "relu6": nn.ReLU6}

@@ -20,7 +20,7 @@ from tests import _bitexact as B
 from tests.reference import npref as R
 
 # QK104 warns about input scales far apart (drawn on purpose here).
-pytestmark = pytest.mark.filterwarnings("ignore::qatkit.errors.QatkitWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::qatkit.base.errors.QatkitWarning")
 
 
 def _one_op(op: nn.Module, shape: tuple, in_dtype: str, out_dtype: str, s_in: float,

@@ -1,4 +1,4 @@
-"""Cause judgement for degraded layers (qatkit.causes)."""
+"""Cause judgement for degraded layers (qatkit.analysis.causes)."""
 
 import json
 
@@ -7,11 +7,11 @@ import torch
 import torch.nn as nn
 
 import qatkit as qk
-from qatkit.calibrate import calibrate
-from qatkit.causes import judge
-from qatkit.compare import compare
-from qatkit.sensitivity import sensitivity
-from qatkit.stats import layer_stats
+from qatkit.analysis.causes import judge
+from qatkit.analysis.compare import compare
+from qatkit.analysis.sensitivity import sensitivity
+from qatkit.analysis.stats import layer_stats
+from qatkit.quantization.calibrate import calibrate
 
 from ._diagnosis import MARCH, example, labelled, stages
 

@@ -1,4 +1,4 @@
-"""Tests of qatkit.colour: RGB/BGR <-> centered YUV444 on real photos, against Pillow."""
+"""Tests of qatkit.base.colour: RGB/BGR <-> centered YUV444 on real photos, against Pillow."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from qatkit import colour
+from qatkit.base import colour
 
 # ----------------------------------------------------------------------------- fixtures
 

@@ -1,4 +1,4 @@
-"""Per-layer comparison between stages (qatkit.compare)."""
+"""Per-layer comparison between stages (qatkit.analysis.compare)."""
 
 import json
 import math
@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 
 import qatkit as qk
-from qatkit.calibrate import calibrate
-from qatkit.compare import Recorder, compare, record
-from qatkit.fake_quant import FakeQuantState, fake_quants
+from qatkit.analysis.compare import Recorder, compare, record
+from qatkit.quantization.calibrate import calibrate
+from qatkit.quantization.fake_quant import FakeQuantState, fake_quants
 
 from ._diagnosis import MARCH, example, labelled, stages
 
@@ -163,7 +163,7 @@ def test_user_mistakes_are_clear():
 
 def test_calibrated_vs_qat(healthy):
     """Two prepared stages: QAT changed the weights, scales stayed (calibrated, fixed)."""
-    from qatkit.demo import train
+    from qatkit.demo.recipe import train
 
     from ._diagnosis import digits
     float_model, calib, _ = healthy

@@ -1,4 +1,4 @@
-"""qatkit.data: sklearn digits split and the Fashion-MNIST IDX loader."""
+"""qatkit.demo.data: sklearn digits split and the Fashion-MNIST IDX loader."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from qatkit.data import (
+from qatkit.demo.data import (
     FASHION_MNIST_FILES,
     _read_idx,
     batches,

@@ -7,7 +7,7 @@ import sys
 
 def test_demo_json_meets_the_accuracy_target(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "qatkit.cli", "demo", "--json", "--save", str(tmp_path)],
+        [sys.executable, "-m", "qatkit.cli.main", "demo", "--json", "--save", str(tmp_path)],
         capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "2",
                                                          **__import__("os").environ})
     assert out.returncode == 0, out.stderr[-2000:]
@@ -24,7 +24,7 @@ def test_demo_json_meets_the_accuracy_target(tmp_path):
 
 
 def test_demo_fashion_missing_or_unknown_march_is_a_clear_error():
-    out = subprocess.run([sys.executable, "-m", "qatkit.cli", "demo", "--march", "nash-x"],
+    out = subprocess.run([sys.executable, "-m", "qatkit.cli.main", "demo", "--march", "nash-x"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert "[QK002] unknown march or processor 'nash-x'" in out.stderr
@@ -32,7 +32,7 @@ def test_demo_fashion_missing_or_unknown_march_is_a_clear_error():
 
 
 def test_marches_lists_every_march():
-    out = subprocess.run([sys.executable, "-m", "qatkit.cli", "marches", "--json"],
+    out = subprocess.run([sys.executable, "-m", "qatkit.cli.main", "marches", "--json"],
                          capture_output=True, text=True, timeout=60)
     rows = json.loads(out.stdout)
     assert {r["march"] for r in rows} >= {"bernoulli2", "bayes", "bayes-e", "nash-e", "nash-m",

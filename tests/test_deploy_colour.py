@@ -1,9 +1,9 @@
-"""Deploy-time colour conversion (qatkit.deploy_colour) on real photos.
+"""Deploy-time colour conversion (qatkit.fixed_point.yuv_input) on real photos.
 
 A tiny CNN learns which of four photos (scikit-learn's china and flower, scikit-image's
 astronaut and coffee) a 32x32 crop comes from, on RGB normalised as in training pipelines,
 ``(rgb / 255 - mean) / std``. It is calibrated and converted, then its input QuantStub is replaced
-by the camera stub + colour converter, and fed ``qatkit.colour.rgb_to_yuv444(photo)``.
+by the camera stub + colour converter, and fed ``qatkit.base.colour.rgb_to_yuv444(photo)``.
 
 Error budget of the converter against quantizing the normalised RGB directly (in output LSB):
 one 8-bit RGB LSB is ``k_c = 1 / (255 * std_c * s)`` output LSB (about 0.84 for ImageNet std at
@@ -30,10 +30,12 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import qatkit as qk
-from qatkit import colour, doctor
-from qatkit.calibrate import calibrate
-from qatkit.deploy_colour import QCenteredYUVToRGB, YUVCameraInput, insert_yuv_input
-from qatkit.qtensor import QTensor
+from qatkit import doctor
+from qatkit.base import colour
+from qatkit.base.qtensor import QTensor
+from qatkit.fixed_point.yuv_input import QCenteredYUVToRGB, YUVCameraInput
+from qatkit.quantization.calibrate import calibrate
+from qatkit.quantization.deploy_input import insert_yuv_input
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -335,7 +337,7 @@ def test_bit_exact_against_the_spec_random(mean, std, log2_s, dtype, order, seed
 
 
 def test_matrix_is_the_colour_module_inverse():
-    """The Q14 matrix decodes like qatkit.colour.yuv444_to_rgb (which rounds to 8 bits)."""
+    """The Q14 matrix decodes like qatkit.base.colour.yuv444_to_rgb (which rounds to 8 bits)."""
     yuv = yuv_of(centre_crops(64))
     conv = QCenteredYUVToRGB(1 / 128, "qint16", mean=None, std=(1 / 255,) * 3)
     # std = 1/255 undoes the / 255, and s = 1/128: the output is 128 * RGB, < 2**15

@@ -17,10 +17,11 @@ from torch.utils.data.distributed import DistributedSampler
 
 import qatkit as qk
 from qatkit import distributed as qd
-from qatkit.calibrate import calibrate
-from qatkit.data import load_digits
-from qatkit.demo import DemoNet, accuracy, centered, train
-from qatkit.fake_quant import fake_quants
+from qatkit.demo.data import load_digits
+from qatkit.demo.distributed import sharded_accuracy, train_ddp
+from qatkit.demo.recipe import DemoNet, accuracy, centered, train
+from qatkit.quantization.calibrate import calibrate
+from qatkit.quantization.fake_quant import fake_quants
 
 N_CAL = 512
 OBSERVERS = ("minmax", "percentile", "mse")
@@ -146,7 +147,7 @@ def _qat_worker(rank: int, world: int, weights: str, ckpt_dir: str, epochs: int)
         qk.set_fake_quantize(qat, qk.FakeQuantState.QAT)
         ddp = qd.ddp(qat)
         hook = lambda: out["digests"].append(_scales_digest(qat))  # noqa: E731
-        qd.train_ddp(ddp, split, epochs - 1, lr=1e-3, seed=1000, step_hook=hook)
+        train_ddp(ddp, split, epochs - 1, lr=1e-3, seed=1000, step_hook=hook)
 
         path = os.path.join(ckpt_dir, "qat.pt")
         qd.save(ddp, path)  # rank 0 writes, everyone waits
@@ -159,12 +160,12 @@ def _qat_worker(rank: int, world: int, weights: str, ckpt_dir: str, epochs: int)
         qk.set_fake_quantize(resumed, qk.FakeQuantState.QAT)
         ddp2 = qd.ddp(resumed)
         hook2 = lambda: out["digests"].append(_scales_digest(resumed))  # noqa: E731
-        qd.train_ddp(ddp2, split, 1, lr=5e-4, seed=1000 + epochs - 1, step_hook=hook2)
+        train_ddp(ddp2, split, 1, lr=5e-4, seed=1000 + epochs - 1, step_hook=hook2)
 
         resumed.eval()
         qk.set_fake_quantize(resumed, qk.FakeQuantState.VALIDATION)
-        out["qat_accuracy"] = qd.sharded_accuracy(resumed, split.x_test, split.y_test)
-        out["quantized_accuracy"] = qd.sharded_accuracy(qk.convert(resumed), split.x_test,
+        out["qat_accuracy"] = sharded_accuracy(resumed, split.x_test, split.y_test)
+        out["quantized_accuracy"] = sharded_accuracy(qk.convert(resumed), split.x_test,
                                                         split.y_test)
         out["final_digest"] = _scales_digest(resumed)
     return out

@@ -12,8 +12,8 @@ import torch.nn as nn
 
 import qatkit as qk
 from qatkit import doctor
-from qatkit.march import no_march
-from qatkit.rules import Finding
+from qatkit.base.march import no_march
+from qatkit.doctor.rules import Finding
 from tests.models import ARCHITECTURES, make_ao_eager, make_resnet
 
 torch.set_num_threads(1)
@@ -86,9 +86,9 @@ def test_doctor_does_not_change_the_model():
     p = qk.prepare(model, x, qconfig=qk.default_calibration_qconfig())
     _calibrate(p, x)
     fq = p.quant.activation_post_process
-    seen, dirty = int(fq.observer.count), fq._dirty
+    seen, dirty = int(fq.observer.count), fq.scale_pending
     doctor.check(p, x)
-    assert int(fq.observer.count) == seen and fq._dirty == dirty
+    assert int(fq.observer.count) == seen and fq.scale_pending == dirty
     assert fq.state is qk.FakeQuantState.CALIBRATION and not p.training
 
 
@@ -162,7 +162,7 @@ def test_forward_failure_and_missing_inputs_become_findings():
 
 
 def test_a_crashing_rule_does_not_hide_the_others(monkeypatch):
-    from qatkit.rules import rule
+    from qatkit.doctor.rules import rule
     r101 = rule("QK101")
 
     def boom(ctx):

@@ -1,7 +1,7 @@
 """``qatkit doctor FILE.py:FUNC``: exit codes 0/1/2, formats, one-line usage errors.
 
-Three runs go through a real subprocess (``python -m qatkit.doctor``: no traceback, exit
-status as the shell sees it); the rest call ``doctor.main`` in-process (same code path,
+Three runs go through a real subprocess (``python -m qatkit doctor``: no traceback, exit
+status as the shell sees it); the rest call ``qatkit.cli.doctor.main`` in-process (same code path,
 without paying for a Python start-up each time).
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qatkit import doctor
+from qatkit.cli import doctor as doctor_cli
 
 torch.set_num_threads(1)
 
@@ -93,7 +93,7 @@ def models(tmp_path: Path) -> Path:
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qatkit.cli", "doctor", *args],
+    return subprocess.run([sys.executable, "-m", "qatkit", "doctor", *args],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -134,7 +134,7 @@ def test_subprocess_exit_2_missing_file(tmp_path):
 ])
 def test_usage_errors_exit_2_with_one_line(models, capsys, args, message):
     try:
-        code = doctor.main([a.format(m=models) for a in args])
+        code = doctor_cli.main([a.format(m=models) for a in args])
     except SystemExit as e:  # argparse's own errors (bad choice, exclusive options)
         code = e.code
     err = capsys.readouterr().err
@@ -143,43 +143,43 @@ def test_usage_errors_exit_2_with_one_line(models, capsys, args, message):
 
 
 def test_input_shape_for_a_model_only_function(models, capsys):
-    assert doctor.main([f"{models}:model_only", "--input-shape", "1,3,16,16",
+    assert doctor_cli.main([f"{models}:model_only", "--input-shape", "1,3,16,16",
                         "--march", "nash-e"]) == 0
 
 
 def test_strict_turns_warnings_into_exit_1(models, capsys):
     argv = [f"{models}:unused", "--march", "nash-e"]
-    assert doctor.main(argv) == 0
+    assert doctor_cli.main(argv) == 0
     assert "QK101" in capsys.readouterr().out
-    assert doctor.main([*argv, "--strict"]) == 1
+    assert doctor_cli.main([*argv, "--strict"]) == 1
 
 
 def test_output_file_json_and_html(models, tmp_path, capsys):
     out = tmp_path / "report.json"
-    assert doctor.main([f"{models}:bad", "--march", "nash-e", "--format", "json",
+    assert doctor_cli.main([f"{models}:bad", "--march", "nash-e", "--format", "json",
                         "--output", str(out)]) == 1
     d = json.loads(out.read_text())
     assert {"findings", "march", "stage", "summary"} <= set(d)
     assert capsys.readouterr().out == ""
     page = tmp_path / "report.html"
-    assert doctor.main([f"{models}:bad", "--march", "nash-e", "--format", "html",
+    assert doctor_cli.main([f"{models}:bad", "--march", "nash-e", "--format", "html",
                         "--output", str(page)]) == 1
     assert page.read_text().startswith("<!DOCTYPE html>")
 
 
 def test_prepared_model_uses_its_recorded_march(models, capsys):
-    assert doctor.main([f"{models}:prepared", "--format", "json"]) == 0
+    assert doctor_cli.main([f"{models}:prepared", "--format", "json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["march"] == "bayes" and d["stage"] == "prepared"
 
 
 def test_workflow_error_inside_func_is_a_finding(models, capsys):
-    assert doctor.main([f"{models}:refused", "--format", "json"]) == 1
+    assert doctor_cli.main([f"{models}:refused", "--format", "json"]) == 1
     d = json.loads(capsys.readouterr().out)
     assert d["findings"][0]["code"] == "QK106"
 
 
 def test_qatkit_cli_dispatches_to_doctor(models, capsys):
-    cli = pytest.importorskip("qatkit.cli")
+    cli = pytest.importorskip("qatkit.cli.main")
     assert cli.main(["doctor", f"{models}:good", "--march", "nash-e", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["summary"]["errors"] == 0

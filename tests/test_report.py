@@ -1,4 +1,4 @@
-"""The HTML/JSON report and ``qatkit report`` (qatkit.report); the browser test is
+"""The HTML/JSON report and ``qatkit report`` (qatkit.analysis.report); the browser test is
 tests/test_report_browser.py."""
 
 import json
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import qatkit as qk
-from qatkit import cli
-from qatkit.report import build, damage, render_html, write_report
+from qatkit.analysis.report import build, damage, render_html, write_report
+from qatkit.cli import main as cli
 
 from ._diagnosis import MARCH, example, labelled, stages
 
@@ -149,8 +149,8 @@ def test_cli_file_func(tmp_path, capsys):
     src.write_text(textwrap.dedent("""
         import torch
         import qatkit as qk
-        from qatkit.calibrate import calibrate
-        from qatkit.demo import DemoNet
+        from qatkit.quantization.calibrate import calibrate
+        from qatkit.demo.recipe import DemoNet
 
         def build():
             torch.manual_seed(0)

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from qatkit.report import write_report
+from qatkit.analysis.report import write_report
 
 from ._browser import Browser, find_chromium
 from ._diagnosis import MARCH, example, labelled, stages

@@ -8,9 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import qatkit as qk
-from qatkit import guards
-from qatkit import trace as tr
-from qatkit.rules import Context, run
+from qatkit.doctor import guards
+from qatkit.doctor.rules import Context, run
+from qatkit.quantization import trace as tr
 from tests._rules import DigitsNet, digits, qk_warnings, train
 
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 
 import qatkit as qk
-from qatkit import trace as tr
-from qatkit.march import no_march
-from qatkit.rules import Context, run
+from qatkit.base.march import no_march, resolve
+from qatkit.doctor.rules import Context, run
+from qatkit.quantization import trace as tr
 from tests._rules import (
     DigitsNet,
     calibrate,
@@ -107,9 +107,9 @@ def test_doctor_on_prepared_model_against_other_march():
     with qk.set_march("nash-e"):
         qat = qk.prepare(trained_digits_net(), d.x_train[:8], qconfig=qk.default_qat_qconfig())
     g = tr.trace(qat, d.x_train[:4])
-    march = qk.march.resolve("nash-e")
+    march = resolve("nash-e")
     assert [f.code for f in run(Context(qat, "qat", march, g), {"QK002"})] == []
-    bern = qk.march.resolve("bernoulli")
+    bern = resolve("bernoulli")
     findings = list(run(Context(qat, "qat", bern, g), {"QK002"}))
     assert findings and all(f.code == "QK002" and f.severity == "error" for f in findings)
     assert "prepared for march 'nash-e'" in findings[0].message

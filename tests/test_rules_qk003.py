@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import qatkit as qk
-from qatkit import trace as tr
-from qatkit.rules import Context, run
+from qatkit.doctor.rules import Context, run
+from qatkit.quantization import trace as tr
 from tests._rules import calibrate, digits, qk_warnings, trained_digits_net
 
 # A hand-made qconfig, as users write them: int8 everywhere, output layer included.

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import qatkit as qk
-from qatkit.rules import qk004_multi_device_calibration as qk004
+from qatkit.doctor.rules import qk004_multi_device_calibration as qk004
 from tests._rules import (
     DigitsNet,
     calibrate,
@@ -137,6 +137,9 @@ def test_two_process_calibration_is_refused(tmp_path):
     assert results[0]["rank0_codes"] == [] and results[0]["rank0_acc"] > 0.5
 
 
-def test_synchronized_calibration_hook_is_optional():
-    assert qk004.synchronized() in (True, False)
-    assert qk004.world_size() == 1
+def test_the_rule_sees_a_synchronized_calibration_session():
+    calib = _prepared().eval()
+    assert not qk004.synchronized()
+    with qk.set_march("nash-e"), qk.distributed.synchronized_calibration(calib):
+        assert qk004.synchronized()
+    assert not qk004.synchronized()

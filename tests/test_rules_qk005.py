@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import qatkit as qk
-from qatkit.colour import rgb_to_yuv444
+from qatkit.base.colour import rgb_to_yuv444
 from tests._rules import calibrate, qk_warnings, train
 
 
@@ -129,7 +129,7 @@ def test_unknown_input_source_is_a_usage_error():
 
 
 def test_silencing_the_model_covers_the_calibration_batch_check():
-    from qatkit.errors import silenced_log
+    from qatkit.base.errors import silenced_log
     x = rgb01()
     model = _trained(qk.QuantStub(scale=1 / 128), x)
     qk.silence(model, "QK005", "RGB test rig; the board feeds YUV through insert_yuv_input")

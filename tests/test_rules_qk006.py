@@ -8,8 +8,10 @@ import torch
 import torch.nn as nn
 
 import qatkit as qk
-from qatkit.evaluate import FixedPointMonitor, accuracy, evaluate, fixed_point_evaluated
-from qatkit.rules import qk006_qat_evaluation as qk006
+from qatkit.doctor.rules import qk006_qat_evaluation as qk006
+from qatkit.doctor.rules.qk006_qat_evaluation import fixed_point_evaluated
+from qatkit.quantization.evaluate import FixedPointMonitor, accuracy, evaluate
+from qatkit.quantization.fake_quant import fake_quants
 from tests._rules import calibrate, digits, qk_warnings, trained_digits_net
 
 BATCH = 32  # 450 test images: 15 batches per evaluation
@@ -84,7 +86,7 @@ def test_fixed_point_monitor_and_evaluate_are_the_fix():
             rec = monitor.step(qat)
             assert qat.training  # the training state is restored
             assert all(fq.state is qk.FakeQuantState.QAT for _, fq in
-                       qk.fake_quant.fake_quants(qat))
+                       fake_quants(qat))
             # and the QAT model may still be checked on the side
             qat.eval()
             qk.set_fake_quantize(qat, qk.FakeQuantState.VALIDATION)

@@ -8,8 +8,9 @@ import torch
 import torch.nn as nn
 
 import qatkit as qk
-from qatkit import trace as tr
-from qatkit.rules import Context, run
+from qatkit.base.march import resolve
+from qatkit.doctor.rules import Context, run
+from qatkit.quantization import trace as tr
 from tests._rules import calibrate, digits, qk_warnings, train
 
 
@@ -79,13 +80,13 @@ def test_doctor_finds_it_on_a_calibrated_model_and_silencing_it_breaks_convert()
         calib = calibrate(qk.prepare(model, d.x_train[:8],
                                      qconfig=qk.default_calibration_qconfig()), d.x_train)
         quantized = qk.convert(calib)
-    findings = list(run(Context(calib, "validation", qk.march.resolve("nash-e"),
+    findings = list(run(Context(calib, "validation", resolve("nash-e"),
                                 tr.trace(calib, d.x_train[:4])), {"QK007"}))
     assert [(f.module, f.silenced) for f in findings] == [
         ("add1", "testing the doctor on a later stage")]
     # Silencing it was wrong: convert turns the instance into fixed point under one name only,
     # so the second call site is left in QAT form and the quantized model cannot run.
-    findings = list(run(Context(quantized, "converted", qk.march.resolve("nash-e")), {"QK008"}))
+    findings = list(run(Context(quantized, "converted", resolve("nash-e")), {"QK008"}))
     assert [(f.code, f.module) for f in findings] == [("QK008", "add2")]
     with pytest.raises(qk.QatkitError, match=r"^\[QK102\]"):
         quantized(d.x_test[:4])

@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 
 import qatkit as qk
-from qatkit import trace as tr
-from qatkit.evaluate import evaluate
-from qatkit.rules import Context, run
+from qatkit.doctor.rules import Context, run
+from qatkit.quantization import trace as tr
+from qatkit.quantization.evaluate import evaluate
 from tests._rules import calibrate, digits, qk_warnings, train
 
 
@@ -156,8 +156,8 @@ def test_placeholder_zero_mask_gives_degenerate_ranges():
 
 
 def test_deploy_colour_conversion_after_the_input_stub_is_allowed():
-    from qatkit.colour import rgb_to_yuv444
-    from qatkit.deploy_colour import insert_yuv_input
+    from qatkit.base.colour import rgb_to_yuv444
+    from qatkit.quantization.deploy_input import insert_yuv_input
     from tests.test_rules_qk005 import _trained as camera_net
     from tests.test_rules_qk005 import patches, rgb01
     x, (raw, y) = rgb01(), patches()

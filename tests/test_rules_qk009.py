@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import qatkit as qk
-from qatkit.rules.qk009_overfitting import check_overfitting
+from qatkit.doctor.rules.qk009_overfitting import check_overfitting
 from tests._rules import digits, qk_warnings
 
 

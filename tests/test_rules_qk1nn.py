@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import qatkit as qk
 from qatkit import doctor
-from qatkit.errors import QatkitError, QatkitWarning
-from qatkit.qconfig import QConfig, QuantSpec
+from qatkit.base.errors import QatkitError, QatkitWarning
+from qatkit.quantization.qconfig import QConfig, QuantSpec
 from tests.models import warm_bn
 
 torch.set_num_threads(1)

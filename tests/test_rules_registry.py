@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from qatkit.rules import RULE_MODULES, SEVERITIES, STAGES, Rule, all_rules
-from qatkit.rules.gen_docs import main as gen_docs
-from qatkit.rules.gen_docs import pages
+from qatkit.doctor.rules import RULE_MODULES, SEVERITIES, STAGES, Rule, all_rules
+from qatkit.doctor.rules.gen_docs import main as gen_docs
+from qatkit.doctor.rules.gen_docs import pages
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "rules"
 RULES = sorted(all_rules().values(), key=lambda r: r.code)
@@ -23,7 +23,7 @@ def test_codes_are_unique_and_match_their_module():
     codes = []
     for name in RULE_MODULES:
         try:
-            mod = importlib.import_module(f"qatkit.rules.{name}")
+            mod = importlib.import_module(f"qatkit.doctor.rules.{name}")
         except ModuleNotFoundError:
             continue  # listed ahead of its implementation
         assert isinstance(mod.RULE, Rule)
@@ -44,9 +44,9 @@ def test_rule_is_documented(rule: Rule):
 @pytest.mark.parametrize("rule", RULES, ids=[r.code for r in RULES])
 def test_docs_page_is_generated_from_the_rule(rule: Rule):
     page = DOCS / f"{rule.code}.md"
-    assert page.is_file(), "run: python -m qatkit.rules.gen_docs"
+    assert page.is_file(), "run: python -m qatkit.doctor.rules.gen_docs"
     assert page.read_text(encoding="utf-8") == rule.docs(), \
-        "out of date: run python -m qatkit.rules.gen_docs"
+        "out of date: run python -m qatkit.doctor.rules.gen_docs"
 
 
 def test_gen_docs_check_mode(tmp_path, capsys):

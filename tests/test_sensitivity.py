@@ -1,4 +1,4 @@
-"""Per-layer sensitivity and the int16 suggestion (qatkit.sensitivity)."""
+"""Per-layer sensitivity and the int16 suggestion (qatkit.analysis.sensitivity)."""
 
 import json
 
@@ -6,10 +6,8 @@ import pytest
 import torch
 
 import qatkit as qk
-from qatkit.compare import evaluation
-from qatkit.demo import calibration_batches
-from qatkit.fake_quant import fake_quants
-from qatkit.sensitivity import (
+from qatkit.analysis.compare import evaluation
+from qatkit.analysis.sensitivity import (
     apply_int16,
     float_copy,
     quantize_only,
@@ -17,6 +15,8 @@ from qatkit.sensitivity import (
     suggest_int16,
     try_int16,
 )
+from qatkit.demo.recipe import calibration_batches
+from qatkit.quantization.fake_quant import fake_quants
 
 from ._diagnosis import digits, example, labelled, stages
 
@@ -120,7 +120,7 @@ def test_user_mistakes_are_clear():
 
 
 def test_label_free_targets_fit_the_output_shape():
-    from qatkit.sensitivity import output_sqnr, targets
+    from qatkit.analysis.sensitivity import output_sqnr, targets
     dense = torch.randn(2, 4, 5, 5)  # per-pixel classes (segmentation)
     t, fn, name = targets(dense, None, None)
     assert t.shape == (2, 5, 5) and fn(dense, t) == 1.0 and name.startswith("top-1 agreement")

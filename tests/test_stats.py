@@ -1,4 +1,4 @@
-"""Per-layer statistics on real data (qatkit.stats)."""
+"""Per-layer statistics on real data (qatkit.analysis.stats)."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qatkit as qk
-from qatkit.stats import layer_stats
+from qatkit.analysis.stats import layer_stats
 
 from ._diagnosis import labelled, stages
 

@@ -5,10 +5,10 @@ import torch
 import torch.nn as nn
 
 import qatkit as qk
-from qatkit import checkpoint
-from qatkit.calibrate import calibrate
-from qatkit.demo import DemoNet, accuracy, calibration_batches, centered, train
-from qatkit.qat import QATConv2d, QATLinear
+from qatkit.demo.recipe import DemoNet, accuracy, calibration_batches, centered, train
+from qatkit.quantization import checkpoint
+from qatkit.quantization.calibrate import calibrate
+from qatkit.quantization.qat import QATConv2d, QATLinear
 
 
 @pytest.fixture(scope="module")

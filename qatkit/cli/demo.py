@@ -1,0 +1,34 @@
+"""``qatkit demo``: the whole workflow on bundled real data, with each stage's accuracy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", choices=("digits", "fashion"), default="digits")
+    p.add_argument("--march", default="nash-e", help="march or processor (see qatkit marches)")
+    p.add_argument("--epochs", type=int, default=None, help="float epochs (digits 15, fashion 1)")
+    p.add_argument("--qat-epochs", type=int, default=None, help="QAT epochs (digits 3, fashion 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", metavar="DIR", help="write float/calibrated/qat/quantized .pt")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="calibrate and train QAT in N local processes (gloo)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from qatkit.demo.recipe import print_table
+    from qatkit.demo.recipe import run as run_demo
+    if args.nproc > 1:
+        from qatkit.demo.distributed import run_demo as run_demo_distributed
+        result = run_demo_distributed(args)
+    else:
+        result = run_demo(args.dataset, args.march, args.epochs, args.qat_epochs, args.seed,
+                     args.save, quiet=args.json)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table(result)
+    return 0

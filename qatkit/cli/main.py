@@ -1,0 +1,53 @@
+"""The ``qatkit`` command: ``qatkit SUBCOMMAND ...`` (``qatkit --help`` lists them).
+
+Each subcommand is one module of ``qatkit.cli`` with ``add_arguments(parser)`` (no torch
+import) and ``run(args)``; only the chosen one's ``run`` imports the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from qatkit.base import VERSION
+
+# subcommand -> (module, help)
+COMMANDS = {
+    "demo": ("qatkit.cli.demo", "run the whole workflow on real data and print the accuracies"),
+    "marches": ("qatkit.cli.marches", "list marches, processors and capabilities"),
+    "doctor": ("qatkit.cli.doctor", "check a model for quantization misuses"),
+    "report": ("qatkit.cli.report", "write the per-layer accuracy report (HTML + JSON)"),
+    "bench": ("qatkit.cli.bench", "benchmarks against torch.ao (needs the repository's bench/)"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors: one line on stderr and exit code 2, never a traceback."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog="qatkit", description="Float to bit-exact integer models for "
+                     "BPU-style NPUs, with a doctor that catches quantization misuses.")
+    parser.add_argument("--version", action="version", version=f"qatkit {VERSION}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    from qatkit.base.errors import QatkitError
+    try:
+        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    except QatkitError as e:
+        print(f"qatkit {args.command}: {e}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as e:
+        print(f"qatkit {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Guards: the doctor's rules run inside the workflow, at the moment a mistake happens.
+
+The guards listen to the workflow's moments (``qatkit.base.hooks``): ``prepare``,
+``fake_quant_state``, ``calibration_forward``, ``convert``, ``evaluate`` build a
+:class:`~qatkit.doctor.rules.Context` for their stage and run its rules (:func:`check`):
+error-level findings raise :class:`QatkitError` (so the workflow call fails there),
+warning-level findings warn with :class:`QatkitWarning` (errors in strict mode), silenced
+findings are logged for the report. ``prepared`` and ``converted`` attach the per-batch checks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from qatkit.base import hooks, recorder
+from qatkit.base.errors import QatkitError, silenced_log, warn
+from qatkit.base.frames import user_stacklevel
+from qatkit.base.march import March
+from qatkit.doctor.rules import Context, Finding, run
+from qatkit.quantization import meta
+
+
+def context(model: nn.Module, stage: str, march: March | None = None, graph: Any = None,
+            example_inputs: Any = None, **kw: Any) -> Context:
+    return Context(model=model, stage=stage, march=march, graph=graph,
+                   example_inputs=example_inputs, **kw)
+
+
+def check(ctx: Context, codes: Any = None) -> list[Finding]:
+    """Run the rules of ``ctx.stage``; raise on the first error, warn on warnings."""
+    return report(list(run(ctx, codes)))
+
+
+def report(findings: list[Finding]) -> list[Finding]:
+    """Raise on the first unsilenced error, warn on unsilenced warnings, log silenced ones."""
+    errors = [f for f in findings if f.severity == "error" and f.silenced is None]
+    if errors:
+        first = errors[0]
+        more = f" ({len(errors) - 1} more error(s): run qk.doctor.check for all)" \
+            if len(errors) > 1 else ""
+        raise QatkitError(first.code, _where(first) + first.message + more, first.fix)
+    for f in findings:
+        if f.silenced is not None:
+            silenced_log.append((f.code, f.module, f.silenced))
+        elif f.severity == "warning":
+            warn(f.code, _where(f) + f.message, f.fix, stacklevel=user_stacklevel(2))
+    return findings
+
+
+def _where(f: Finding) -> str:
+    if not f.module:
+        return ""
+    return f"module '{f.module}'" + (f" ({f.source})" if f.source else "") + ": "
+
+
+def on_set_state(model: nn.Module, state: Any, wrapper: nn.Module | None = None) -> None:
+    """Checks when fake-quant state changes (march consistency, multi-device calibration).
+    ``wrapper`` is the model as passed to ``set_fake_quantize`` (e.g. a DataParallel)."""
+    from qatkit.base.march import get_march
+    m = meta.get(model)
+    ctx = context(model, "calibration" if state.name == "CALIBRATION" else state.name.lower(),
+                  get_march(), extra={"state": state, "recorded_march": m.march if m else None,
+                                      "wrapper": wrapper if wrapper is not None else model})
+    check(ctx)
+    # Runtime checks at the input QuantStubs cannot see the root: hand them its silencing.
+    table = getattr(model, "_qatkit_silenced", {})
+    for stub in model.modules():
+        if stub.__dict__.get("_qatkit_runtime"):
+            stub.__dict__["_qatkit_root_silenced"] = table
+
+
+# ---- runtime guards: per-batch checks at the input QuantStubs of a prepared model ----------
+
+def attach_runtime(model: nn.Module, graph: Any) -> None:
+    """Called by ``prepare``: hook the QuantStubs so calibration and validation batches are
+    checked (QK004 DataParallel wrapping, QK005 camera input data, QK006 fake-quant
+    evaluation). The hook costs an attribute lookup and an integer add per batch."""
+    from qatkit.doctor.rules.qk005_centered_yuv_input import input_stub_nodes
+    from qatkit.quantization.fake_quant import FakeQuantize
+    from qatkit.quantization.stubs import QuantStub
+    inputs = {n.target for n in input_stub_nodes(graph)}
+    order = [n.target for n in graph.nodes if isinstance(n.module, QuantStub)]
+    facts = meta.get(model)
+    camera = facts is not None and facts.input_source in ("camera", "pyramid")
+    primary = order[0] if order else None
+    for name, stub in model.named_modules():
+        if not isinstance(stub, QuantStub) or not isinstance(stub.activation_post_process,
+                                                            FakeQuantize):
+            continue
+        d = stub.__dict__
+        d["_qatkit_name"] = name
+        d["_qatkit_input_stub"] = name in inputs
+        d["_qatkit_camera"] = camera and name in inputs
+        d["_qatkit_primary"] = name == primary
+        if not d.get("_qatkit_runtime"):
+            d["_qatkit_runtime"] = True
+            stub.register_forward_pre_hook(_stub_hook)
+
+
+def _stub_hook(stub: nn.Module, args: tuple) -> None:
+    if recorder.active() is not None:  # traces observe the model; they are not batches
+        return
+    state = getattr(stub.activation_post_process, "state", None)
+    if state is None:
+        return
+    name = state.name
+    if name == "CALIBRATION":
+        _calibration_batch(stub, args)
+    elif name == "VALIDATION" and stub.__dict__.get("_qatkit_primary"):
+        from qatkit.doctor.rules import qk006_qat_evaluation as qk006
+        n = qk006.count_validation_batch(stub)
+        if n is not None:
+            ctx = context(stub, "validation", extra={"validation_batches": n})
+            _runtime_report(stub, list(qk006.RULE.check(ctx)))
+
+
+def _calibration_batch(stub: nn.Module, args: tuple) -> None:
+    from qatkit.doctor.rules import qk004_multi_device_calibration as qk004
+    name = stub.__dict__.get("_qatkit_name", "")
+    if qk004.inside_data_parallel():
+        _runtime_report(stub, [qk004.runtime_finding(name)])
+    if stub.__dict__.get("_qatkit_camera") and not stub.__dict__.get("_qatkit_checked_input"):
+        stub.__dict__["_qatkit_checked_input"] = True
+        from qatkit.doctor.rules import qk005_centered_yuv_input as qk005
+        ctx = context(stub, "calibration", input_source="camera",
+                      calibration_inputs=args[0] if args else None,
+                      extra={"at_stub": name, "stub_scale": qk005.stub_scale(
+                          context(stub, "calibration"), name, stub)})
+        _runtime_report(stub, list(qk005.RULE.check(ctx)))
+
+
+def _runtime_report(stub: nn.Module, findings: list[Finding]) -> None:
+    from qatkit.base.errors import silenced_reason
+    root = stub.__dict__.get("_qatkit_root_silenced", {})
+    for f in findings:
+        f.silenced = silenced_reason(stub, f.code) or root.get(f.code)
+    report(findings)
+
+
+# ---- converted models -----------------------------------------------------------------------
+
+def attach_converted(model: nn.Module) -> None:
+    """Called by ``convert``: record the module types (QK008 finds ops added afterwards) and
+    count fixed-point forwards (QK006 stays quiet once the fixed-point model is evaluated)."""
+    facts = meta.get(model)
+    if facts is not None:
+        facts.structure = {n: type(m) for n, m in model.named_modules()}
+    if not model.__dict__.get("_qatkit_fixed_point_hook"):
+        model.__dict__["_qatkit_fixed_point_hook"] = True
+        model.register_forward_pre_hook(_fixed_point_hook)
+
+
+def _fixed_point_hook(model: nn.Module, args: tuple) -> None:
+    if recorder.active() is None:
+        from qatkit.doctor.rules.qk006_qat_evaluation import note_fixed_point_forward
+        note_fixed_point_forward()
+
+
+# ---- the workflow's moments ---------------------------------------------------------------
+
+@hooks.on("prepare")
+def _on_prepare(model: nn.Module, march: March, graph: Any, example_inputs: Any,
+                qconfigs: dict, processor: str | None, input_source: str | None,
+                history: Any) -> None:
+    check(context(model, "prepare", march, graph, example_inputs, qconfigs=qconfigs,
+                  processor=processor, input_source=input_source, history=history))
+
+
+@hooks.on("prepared")
+def _on_prepared(model: nn.Module, graph: Any) -> None:
+    attach_runtime(model, graph)  # per-batch checks at the QuantStubs (QK004/5/6)
+
+
+@hooks.on("fake_quant_state")
+def _on_fake_quant_state(model: nn.Module, fake_quants: list, state: Any,
+                         wrapper: nn.Module) -> None:
+    on_set_state(model, state, wrapper=wrapper)  # QK004 refuses a DataParallel here
+
+
+@hooks.on("calibration_forward")
+def _on_calibration_forward(fake_quant: nn.Module) -> None:
+    from qatkit.doctor.rules import qk004_multi_device_calibration as qk004
+    err = qk004.forward_error(fake_quant)  # a DataParallel replica, or several processes
+    if err is not None:
+        raise err
+
+
+@hooks.on("convert")
+def _on_convert(model: nn.Module, march: March | None, recorded_march: str) -> None:
+    check(context(model, "convert", march, extra={"recorded_march": recorded_march}))
+
+
+@hooks.on("converted")
+def _on_converted(model: nn.Module) -> None:
+    attach_converted(model)  # QK008 (ops added later), QK006 (fixed-point evaluated)
+
+
+@hooks.on("evaluate")
+def _on_evaluate(model: nn.Module, march: March | None, recorded_march: str | None) -> None:
+    check(context(model, "evaluate", march, extra={"recorded_march": recorded_march}))

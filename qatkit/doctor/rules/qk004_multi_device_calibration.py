@@ -1,0 +1,131 @@
+"""QK004: calibration on several devices.
+
+Three ways in:
+
+* ``set_fake_quantize(model, CALIBRATION)`` runs :func:`_check` (stage "calibration") with the
+  model as passed (``ctx.extra["wrapper"]``): a ``nn.DataParallel`` is refused, as is a
+  torch.distributed world size > 1 unless qatkit's synchronized calibration is active.
+* Every calibration forward of a fake quant calls :func:`forward_error`: a DataParallel replica
+  (``_is_replica``; its buffer updates are thrown away), or a process group that appeared (or
+  grew) after the state was set.
+* The input QuantStub's calibration hook calls :func:`inside_data_parallel`: a model wrapped in
+  DataParallel *after* the state was set. Without GPUs DataParallel calls the module directly,
+  so only the call stack shows the wrapper.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch.nn as nn
+
+from qatkit.base.errors import QatkitError, fail
+from qatkit.base.modules import world_size
+from qatkit.doctor.rules import Context, Finding, Rule
+
+_DP_MSG = ("calibration is running inside torch.nn.DataParallel: observer updates on its "
+           "replicas are thrown away after every forward (on CPU it merely calls the model), "
+           "so on GPUs calibration silently learns nothing.")
+_DP_FIX = ("calibrate the unwrapped model on one device: qk.set_fake_quantize(model, "
+           "FakeQuantState.CALIBRATION) and model(x) without DataParallel")
+_DP_CODES = frozenset({nn.DataParallel.forward.__code__})
+
+
+def synchronized() -> bool:
+    """True when qatkit's synchronized calibration (``qatkit.distributed.calibration``) is
+    active."""
+    from qatkit.distributed.calibration import synchronized_calibration_active
+    return synchronized_calibration_active()
+
+
+def _world_message(n: int) -> str:
+    return (f"calibration is running in {n} torch.distributed processes without qatkit's "
+            "synchronized calibration: each process would calibrate on its own shard, and "
+            "DistributedDataParallel broadcasts rank 0's buffers every forward, so only one "
+            "shard counts and the ranks may end up with different scales.")
+
+
+_WORLD_FIX = ("run the calibration on every rank with qk.calibrate(model, shard, "
+              "synchronize=True) (docs/distributed.md), or calibrate in one process (before "
+              "init_process_group, or on one rank with the unwrapped model and silence QK004 "
+              "on the model with that reason)")
+
+
+def _check(ctx: Context) -> Iterator[Finding]:
+    state = ctx.extra.get("state")
+    if ctx.stage != "calibration" or (state is not None and state.name != "CALIBRATION"):
+        return
+    wrapper = ctx.extra.get("wrapper", ctx.model)
+    if isinstance(wrapper, nn.DataParallel) or getattr(ctx.model, "_is_replica", False):
+        yield RULE.finding("", _DP_MSG, fix=_DP_FIX)
+        return
+    n = world_size()
+    if n > 1 and not synchronized():
+        yield RULE.finding("", _world_message(n), fix=_WORLD_FIX)
+
+
+def forward_error(fq: Any) -> QatkitError | None:
+    """Called by every fake quant in a calibration forward; cheap when all is well."""
+    if getattr(fq, "_is_replica", False):
+        return fail(RULE.code, _DP_MSG, _DP_FIX)
+    n = world_size()
+    # set_fake_quantize already accepted (or the user silenced) the world it saw; only a
+    # process group created or resized since then is new.
+    if n > 1 and n != fq.calibration_world and not synchronized():
+        return fail(RULE.code, _world_message(n), _WORLD_FIX)
+    return None
+
+
+def inside_data_parallel() -> bool:
+    """True when a DataParallel forward is on the call stack (the model was wrapped after
+    ``set_fake_quantize``). Compares code objects only: no frame locals are built."""
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code in _DP_CODES:
+            return True
+        f = f.f_back
+    return False
+
+
+def runtime_finding(stub_name: str) -> Finding:
+    return RULE.finding("", _DP_MSG + f" (seen at the input QuantStub {stub_name!r})",
+                        fix=_DP_FIX)
+
+
+RULE = Rule(
+    code="QK004",
+    name="multi-device-calibration",
+    severity="error",
+    stages=("calibration",),
+    summary=(
+        "Refuses calibration on several devices: the CALIBRATION state set on (or run "
+        "through) a torch.nn.DataParallel, and calibration in a torch.distributed job with "
+        "world size > 1 (e.g. under DistributedDataParallel) unless qatkit's synchronized "
+        "calibration is active."),
+    why=(
+        "Calibration statistics live in observer buffers. DataParallel runs replicas whose "
+        "buffer updates are discarded after each forward, so the observers learn nothing. "
+        "DistributedDataParallel broadcasts rank 0's buffers every forward, so only rank 0's "
+        "shard counts (and histogram statistics are never merged). Either way the scales are "
+        "not those of the calibration data, and nothing fails loudly."),
+    bad='''
+calib = qk.prepare(model, x, qconfig=qk.default_calibration_qconfig())
+calib.eval()
+dp = nn.DataParallel(calib).cuda()
+qk.set_fake_quantize(dp, qk.FakeQuantState.CALIBRATION)  # [QK004] ... DataParallel ...
+for x, _ in loader:
+    dp(x)
+''',
+    good='''
+calib = qk.prepare(model, x, qconfig=qk.default_calibration_qconfig()).cuda()
+calib.eval()
+qk.set_fake_quantize(calib, qk.FakeQuantState.CALIBRATION)
+with torch.no_grad():
+    for x, _ in loader:                 # one process, one device
+        calib(x.cuda())
+''',
+    fix="calibrate in one process on one device (QAT may use DataParallel/DDP afterwards)",
+    check=_check,
+)

@@ -1,0 +1,171 @@
+"""QK005: camera input (``input_source="camera"``) that is not centered YUV444 at scale 1/128.
+
+* Error (prepare and later): an input QuantStub (one fed by data that has not passed a
+  QuantStub) has no fixed scale 1/128.
+* Warning (first calibration batch at each input QuantStub, once): the data do not look
+  centered (``qatkit.base.colour.looks_centered``), or they overflow the fixed scale's range.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from qatkit.doctor.rules import Context, Finding, Rule
+from qatkit.doctor.rules.common import input_source, qconfigs
+from qatkit.quantization import trace as tr
+
+CAMERA_SCALE = 1.0 / 128
+# Data reaching more than twice the fixed scale's range (|x| > 2 for 1/128) is not "a few
+# outliers": it is raw [-128, 127] YUV fed without the / 128.
+_OVERFLOW = 2.0
+
+
+def input_stub_nodes(g: tr.Graph) -> list[tr.Node]:
+    """QuantStub calls fed by data that has not passed a QuantStub (the model's inputs)."""
+    from qatkit.fixed_point.modules import QQuantStub
+    from qatkit.quantization.stubs import QuantStub
+    pre = tr.float_nodes_before_quant(g)
+    return [n for n in g.nodes if isinstance(n.module, (QuantStub, QQuantStub))
+            and any(i in pre for i in n.inputs)]
+
+
+def _stubs(ctx: Context) -> list[tuple[str, nn.Module, str]]:
+    if ctx.graph is not None:
+        return [(n.target, n.module, n.source) for n in input_stub_nodes(ctx.graph)
+                if n.call == 0]
+    return [(name, m, "") for name, m in ctx.model.named_modules()
+            if getattr(m, "_qatkit_input_stub", False)]
+
+
+def stub_scale(ctx: Context, name: str, stub: nn.Module) -> float | None:
+    """The fixed input scale of a QuantStub in any form, None when calibrated."""
+    from qatkit.fixed_point.modules import QQuantStub
+    from qatkit.quantization.fake_quant import FakeQuantize
+    if isinstance(stub, QQuantStub):
+        return float(stub.out_scale)
+    app = getattr(stub, "activation_post_process", None)
+    if isinstance(app, FakeQuantize):
+        return app.observer.fixed_scale if app.fixed else None
+    if getattr(stub, "scale", None) is not None:
+        return float(stub.scale)
+    q = qconfigs(ctx).get(name)
+    return q.activation.fixed_scale if q is not None and q.activation is not None else None
+
+
+def _scale_findings(ctx: Context) -> Iterator[Finding]:
+    for name, stub, src in _stubs(ctx):
+        s = stub_scale(ctx, name, stub)
+        if s is not None and abs(s - CAMERA_SCALE) <= 1e-9:
+            continue
+        have = "a scale calibrated from data" if s is None else f"fixed scale {s:g}"
+        yield RULE.finding(name, f"the model input is declared to come from the camera/pyramid "
+                           f"(centered YUV444, int8 = YUV - 128) but this input QuantStub has "
+                           f"{have} instead of the fixed scale 1/128, so the deployed model "
+                           "would read the camera's bytes with another scale than training.",
+                           source=src)
+
+
+def data_findings(name: str, x: Any, scale: float | None) -> Iterator[Finding]:
+    """Warnings for one calibration batch ``x`` as it reaches input QuantStub ``name``."""
+    from qatkit.base.colour import looks_centered
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return
+    try:
+        ok, reason = looks_centered(x)
+    except ValueError:  # not an N,C,H,W image batch, or non-finite values (QK103's job)
+        return
+    if not ok:
+        yield RULE.finding(name, f"calibration data at this input QuantStub do not look like "
+                           f"centered YUV444: {reason}.", severity="warning",
+                           fix="feed camera-format data from the start of training: "
+                               "qatkit.base.colour.rgb_to_yuv444(rgb_uint8, centered=True) / 128 "
+                               "(values in [-1, 1), read by QuantStub(scale=1/128))")
+        return
+    peak = float(x.detach().abs().max())
+    if scale is not None and peak > _OVERFLOW * 128 * scale:
+        yield RULE.finding(name, f"calibration data reach |x| = {peak:g} but the input "
+                           f"QuantStub's fixed scale {scale:g} holds only about "
+                           f"+-{128 * scale:g}: nearly every value would saturate.",
+                           severity="warning",
+                           fix="divide centered YUV444 ([-128, 127]) by 128 before the model "
+                               "(qatkit.base.colour.rgb_to_yuv444(rgb, centered=True) / 128)")
+
+
+def _inputs_by_node(ctx: Context) -> dict[int, Any]:
+    flat: list[Any] = []
+    tr._walk(ctx.calibration_inputs, flat.append)
+    inputs = [n for n in ctx.graph.nodes if n.kind == "input"]
+    return {n.index: t for n, t in zip(inputs, flat)}
+
+
+SOURCES = ("camera", "pyramid", "other")  # camera and pyramid both deliver centered YUV444
+
+
+def _check(ctx: Context) -> Iterator[Finding]:
+    source = input_source(ctx)
+    if source is not None and source not in SOURCES:  # a typo must not switch the rule off
+        from qatkit.base.errors import fail
+        raise fail("QK000", f"unknown input_source {source!r}.",
+                   "use input_source='camera' (or 'pyramid': centered YUV444) or 'other'")
+    if source not in ("camera", "pyramid"):
+        return
+    at_stub = ctx.extra.get("at_stub")
+    if at_stub is not None:  # runtime: one batch at one QuantStub
+        yield from data_findings(at_stub, ctx.calibration_inputs, ctx.extra.get("stub_scale"))
+        return
+    yield from _scale_findings(ctx)
+    if ctx.calibration_inputs is not None and ctx.graph is not None:  # the doctor
+        data = _inputs_by_node(ctx)
+        for n in input_stub_nodes(ctx.graph):
+            x = next((data[i] for i in n.inputs if i in data), None)
+            if x is not None:
+                yield from data_findings(n.target, x, stub_scale(ctx, n.target, n.module))
+
+
+RULE = Rule(
+    code="QK005",
+    name="centered-yuv-input",
+    severity="error",
+    stages=("float", "prepare", "calibration", "qat", "validation", "converted"),
+    summary=(
+        "For a model declared to take camera/pyramid input (prepare(..., "
+        "input_source='camera')): the input QuantStub must have the fixed scale 1/128 "
+        "(error), and calibration data reaching it must look like centered YUV444 / 128: both "
+        "signs in bulk, luma not left in [0, 255], no [0, 1] or [0, 255] RGB/BGR (warning, "
+        "checked on the first calibration batch)."),
+    why=(
+        "The BPU's camera path delivers centered YUV444 (BT.601 full swing, YUV - 128, int8) "
+        "and the input QuantStub reads those bytes with scale 1/128. A model trained on RGB, "
+        "or on uncentered YUV, or with a calibrated input scale, sees different numbers on the "
+        "board than in training: the deployed accuracy silently drops."),
+    bad='''
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.quant = qk.QuantStub()          # scale calibrated from data
+        ...
+
+rgb = images.float() / 255                   # RGB in [0, 1]
+calib = qk.prepare(Net(), rgb[:8], input_source="camera")   # [QK005] ... fixed scale 1/128
+''',
+    good='''
+from qatkit.base.colour import rgb_to_yuv444
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.quant = qk.QuantStub(scale=1 / 128)   # the camera's int8 = YUV - 128
+        ...
+
+yuv = rgb_to_yuv444(images_uint8_nchw, centered=True) / 128   # train on this from the start
+calib = qk.prepare(Net(), yuv[:8], input_source="camera")
+''',
+    fix="give the input QuantStub scale=1/128 (QuantStub(scale=1/128) or "
+        "qk.fixed_scale_qconfig()) and train and calibrate on centered YUV444 / 128 "
+        "(qatkit.base.colour.rgb_to_yuv444(..., centered=True) / 128)",
+    check=_check,
+)

@@ -1,0 +1,94 @@
+"""QK101: modules with parameters, stubs or FloatFunctionals that the forward never calls."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch.nn as nn
+
+from qatkit.doctor.rules import Context, Finding, Rule
+from qatkit.doctor.rules.common import is_marker
+from qatkit.quantization.fake_quant import FakeQuantize
+from qatkit.quantization.meta import META_NAME
+from qatkit.quantization.observers import Observer
+
+
+def _weighted(mod: nn.Module) -> bool:
+    from qatkit.fixed_point.modules import QModule
+    if next(mod.parameters(recurse=False), None) is not None:
+        return True
+    return isinstance(mod, QModule) and getattr(mod, "weight", None) is not None
+
+
+def _check(ctx: Context) -> Iterator[Finding]:
+    g = ctx.graph
+    if g is None:
+        return
+    called = g.called_names()
+    prefixes = tuple(c + "." for c in called if c)
+    above = {c.rsplit(".", k)[0] for c in called for k in range(1, c.count(".") + 1)}
+
+    def unused(name: str) -> bool:  # neither called, inside a called leaf, nor above one
+        return name not in called and name not in above and not name.startswith(prefixes)
+
+    skip: list[str] = []  # subtrees that are machinery, not model code
+    roots: dict[str, None] = {}
+    for name, mod in ctx.model.named_modules():
+        if not name or any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        if name == META_NAME or isinstance(mod, (FakeQuantize, Observer)):
+            skip.append(name)
+            continue
+        if not (_weighted(mod) or is_marker(mod)) or not unused(name):
+            continue
+        # Report the largest unused subtree once (an unused head, not each of its layers).
+        root = name
+        while "." in root and unused(root.rsplit(".", 1)[0]):
+            root = root.rsplit(".", 1)[0]
+        roots[root] = None
+    for name in roots:
+        mod = ctx.model.get_submodule(name)
+        n_params = sum(p.numel() for p in mod.parameters())
+        size = f" with {n_params:,} parameters" if n_params else ""
+        yield RULE.finding(
+            name,
+            f"{type(mod).__name__} '{name}'{size} is never called in the traced forward (eval "
+            "mode). Dead code still costs memory, and a stub or FloatFunctional that is never "
+            "called gets no statistics; if it is used only in training (an auxiliary head) or "
+            "through another method, silence this finding for it.")
+
+
+RULE = Rule(
+    code="QK101",
+    name="module never called",
+    severity="warning",
+    stages=("float", "calibration", "qat", "validation", "converted"),
+    summary="Lists modules that own parameters, and QuantStubs, DeQuantStubs and "
+            "FloatFunctionals, that are never called in a traced (eval-mode) forward. "
+            "qatkit_meta, fake quants and observers are not counted.",
+    why="An unused FloatFunctional or stub usually means the forward does something other "
+        "than what the author intended: e.g. `x + y` written instead of `self.add.add(x, y)`, "
+        "or a QuantStub that is bypassed. Its observer never sees data, so it has no scale. "
+        "Unused layers also waste memory and checkpoint size.",
+    bad="""
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.skip_add = qk.FloatFunctional()
+
+    def forward(self, x):
+        x = self.conv1(self.quant(x))
+        return self.dequant(self.conv2(x) + x)    # skip_add never used
+""",
+    good="""
+    def forward(self, x):
+        x = self.conv1(self.quant(x))
+        return self.dequant(self.skip_add.add(self.conv2(x), x))
+""",
+    fix="call the module in forward, delete it, or qk.silence(module, 'QK101', reason) when "
+        "it is used only in training",
+    check=_check,
+)

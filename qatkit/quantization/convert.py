@@ -1,0 +1,48 @@
+"""convert: the QAT (or calibrated) model -> the fixed-point model.
+
+Every fake-quantized module becomes its integer form from ``qatkit.fixed_point.modules``; the
+scales are exactly the ones the fake quants hold (weights: from the final weights, as in the last
+QAT step). The guards of stage "convert" run first: an op whose observer never saw data, saw only
+NaN/Inf, or a degenerate range cannot be converted (QK008/QK103); a march change is refused
+(QK002).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch.nn as nn
+
+from qatkit.base import hooks
+from qatkit.base.march import get_march, resolve
+from qatkit.base.modules import set_submodule
+from qatkit.quantization import meta
+from qatkit.quantization.fake_quant import fake_quants
+from qatkit.quantization.registry import to_fixed_point
+
+
+def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Return the fixed-point model (a copy unless ``inplace``)."""
+    m = meta.get(model)
+    if m is None or not fake_quants(model):
+        from qatkit.base.errors import fail
+        raise fail("QK000", "convert needs a prepared (calibrated or QAT) model.",
+                   "call qk.prepare(...), calibrate and/or train, then qk.convert(model)")
+    march = get_march() or resolve(m.march)
+    hooks.emit("convert", model=model, march=march, recorded_march=m.march)
+    if not inplace:
+        model = copy.deepcopy(model)
+    for _, fq in fake_quants(model):
+        fq.finish_calibration()
+    for name, mod in list(model.named_modules()):
+        new = to_fixed_point(mod)  # the registry row's fixed-point form
+        if new is not None:
+            for keep in ("_qatkit_silenced",):
+                if hasattr(mod, keep):
+                    setattr(new, keep, getattr(mod, keep))
+            if name:
+                set_submodule(model, name, new)
+    meta.attach(model, m.march, "converted")
+    model.eval()
+    hooks.emit("converted", model=model)  # the doctor: QK008 (ops added later), QK006
+    return model

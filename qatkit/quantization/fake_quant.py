@@ -1,0 +1,206 @@
+"""Fake quantization and its three states.
+
+======================  ==========  =============  =================  ===========
+state                   observers   fake quant     scales             model mode
+======================  ==========  =============  =================  ===========
+``CALIBRATION``         update      off            computed after     ``eval()``
+``QAT``                 update      on             follow observers   ``train()``
+``VALIDATION``          frozen      on             fixed              ``eval()``
+======================  ==========  =============  =================  ===========
+
+Weights are fake-quantized per output channel with the scale of the *current* weights, so the
+scale convert computes from the final weights is the one the last QAT step used. Activation
+scales that came from calibration stay fixed in QAT (the vendor's fixed-activation QAT); scales
+that were never calibrated follow their observer.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+import torch.nn as nn
+
+from qatkit.base import hooks, recorder
+from qatkit.base.errors import fail
+from qatkit.base.modules import unwrap, world_size
+from qatkit.base.quant_math import fake_quantize, scale_from_amax
+from qatkit.quantization.observers import FixedScaleObserver, Observer
+from qatkit.quantization.qconfig import QuantSpec
+
+
+class FakeQuantState(enum.Enum):
+    """What the fake quants of a model do: observe (CALIBRATION), observe and simulate (QAT),
+    simulate with frozen scales (VALIDATION). See the table in this module's docstring."""
+
+    CALIBRATION = "calibration"
+    QAT = "qat"
+    VALIDATION = "validation"
+
+
+_MODE = {FakeQuantState.CALIBRATION: False, FakeQuantState.QAT: True,
+         FakeQuantState.VALIDATION: False}
+
+
+class FakeQuantize(nn.Module):
+    """Observer + fake quant of one tensor (an activation, or a weight when ``is_weight``)."""
+
+    def __init__(self, spec: QuantSpec, pow2: bool = False, is_weight: bool = False) -> None:
+        super().__init__()
+        if is_weight and (spec.observer != "minmax" or spec.fixed_scale is not None):
+            raise fail("QK000", "weights are quantized per output channel from their own "
+                       f"min/max; observer {spec.observer!r} is not available for weights.",
+                       "use QuantSpec(per_channel=True) for weights")
+        self.dtype, self.pow2, self.is_weight = spec.dtype, pow2, is_weight
+        self.ch_axis = 0 if spec.per_channel else None
+        self.observer: Observer = spec.make_observer()
+        self.state = FakeQuantState.QAT
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
+        self.register_buffer("calibrated", torch.tensor(0, dtype=torch.uint8))
+        self.calibration_world = 1  # the torch.distributed world size the state was set in
+        self._pending = False  # observer saw calibration data its scale does not hold yet
+        if isinstance(self.observer, FixedScaleObserver):
+            self.scale.fill_(float(scale_from_amax(torch.tensor(
+                self.observer.fixed_scale * _half_range(self.dtype)), self.dtype, pow2)))
+            self.initialized.fill_(1)
+
+    @property
+    def scale_pending(self) -> bool:
+        """True while the observer holds calibration statistics that ``scale`` does not
+        reflect yet (:meth:`finish_calibration` makes the scale)."""
+        return self._pending
+
+    def finish_calibration(self) -> None:
+        """Make ``scale`` from what the observer saw, if that is still pending."""
+        if self._pending:
+            self.update_scale()
+
+    def mark_synchronized(self) -> None:
+        """The scale was set from statistics merged elsewhere (several processes): nothing
+        is pending any more."""
+        self._pending = False
+
+    @property
+    def fixed(self) -> bool:
+        return isinstance(self.observer, FixedScaleObserver)
+
+    def extra_repr(self) -> str:
+        obs = type(self.observer).__name__
+        return f"dtype={self.dtype}, state={self.state.value}, observer={obs}"
+
+    def update_scale(self) -> None:
+        """Make ``scale`` from the observer (no-op for fixed scales)."""
+        if self.fixed or not self.observer.seen:
+            self._pending = False
+            return
+        s = scale_from_amax(self.observer.amax(), self.dtype, self.pow2)
+        if self.scale.shape != s.shape:
+            self.scale = s.clone()
+        else:
+            self.scale.copy_(s)
+        self.initialized.fill_(1)
+        self._pending = False
+
+    def weight_scale(self, w: torch.Tensor) -> torch.Tensor:
+        amax = w.detach().abs().flatten(1).amax(1) if self.ch_axis == 0 else w.detach().abs().max()
+        return scale_from_amax(amax, self.dtype, self.pow2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        st = self.state
+        if recorder.active() is not None:  # a trace observes the model; it must not change it
+            return fake_quantize(x, self.scale, self.dtype, self.ch_axis) \
+                if bool(self.initialized) and st is not FakeQuantState.CALIBRATION else x
+        if self.is_weight:  # weights: scale from the current weights, every step
+            if st is FakeQuantState.CALIBRATION:
+                return x
+            s = self.weight_scale(x)
+            if self.scale.shape != s.shape:
+                self.scale = s.clone()
+            else:
+                self.scale.copy_(s)
+            self.initialized.fill_(1)
+            return fake_quantize(x, s, self.dtype, self.ch_axis)
+        if self.training != _MODE[st]:
+            raise _mode_error(st, self.training)
+        if st is FakeQuantState.CALIBRATION:
+            hooks.emit("calibration_forward", fake_quant=self)  # the doctor: QK004
+            self.observer(x)
+            self._pending = True
+            self.calibrated.fill_(1)
+            return x
+        if st is FakeQuantState.QAT and not self.fixed and not bool(self.calibrated):
+            self.observer(x)
+            self.update_scale()
+        elif self._pending:
+            self.update_scale()
+        if not bool(self.initialized):
+            raise fail("QK008", "a fake quant has no scale yet: it never saw data in "
+                       "calibration or QAT.", "calibrate (or train in QAT state) before validation")
+        return fake_quantize(x, self.scale, self.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        if self._pending:
+            self.update_scale()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        key = prefix + "scale"
+        if key in state_dict and state_dict[key].shape != self.scale.shape:
+            self.scale = torch.empty_like(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._pending = False
+
+
+def _half_range(dtype: str) -> float:
+    from qatkit.base.quant_math import qrange
+    qmin, qmax = qrange(dtype)
+    return (qmax - qmin) / 2
+
+
+def _mode_error(state: FakeQuantState, training: bool) -> Exception:
+    want = "train()" if _MODE[state] else "eval()"
+    have = "train()" if training else "eval()"
+    return fail("QK000", f"fake-quant state {state.name} needs the model in {want} mode but it is "
+                f"in {have} mode" + (" (BN/dropout would change what calibration sees)"
+                                     if state is FakeQuantState.CALIBRATION else "") + ".",
+                f"call model.{want.rstrip('()')}() before qk.set_fake_quantize(model, "
+                f"FakeQuantState.{state.name}) and keep it while running")
+
+
+def fake_quants(model: nn.Module) -> list[tuple[str, FakeQuantize]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantize)]
+
+
+def prepared_fake_quants(model: nn.Module) -> list[tuple[str, FakeQuantize]]:
+    """:func:`fake_quants`, refusing a model that was never prepared."""
+    fqs = fake_quants(model)
+    if not fqs:
+        raise fail("QK000", "the model has no fake quants: it was not prepared.",
+                   "call qk.prepare(model, example_inputs, qconfig=...) first")
+    return fqs
+
+
+def set_fake_quantize(model: nn.Module, state: FakeQuantState) -> nn.Module:
+    """Put every fake quant of ``model`` in ``state``; the model must already be in the
+    matching mode (``eval()`` for CALIBRATION/VALIDATION, ``train()`` for QAT)."""
+    if not isinstance(state, FakeQuantState):
+        raise fail("QK000", f"unknown fake-quant state {state!r}.",
+                   "use qk.FakeQuantState.CALIBRATION, QAT or VALIDATION")
+    inner = unwrap(model)
+    fqs = prepared_fake_quants(inner)
+    world = world_size()
+    # Listeners: distributed calibration merges the ranks' statistics first (answering True
+    # when it set the scales), then the doctor judges them (QK004 refuses a DataParallel).
+    synced = any(hooks.emit("fake_quant_state", model=inner, fake_quants=[fq for _, fq in fqs],
+                            state=state, wrapper=model))
+    if inner.training != _MODE[state]:
+        raise _mode_error(state, inner.training)
+    # world: accepted by the guards (or silenced), so calibration forwards may run in it
+    for _, fq in fqs:
+        if fq.state is FakeQuantState.CALIBRATION and state is not FakeQuantState.CALIBRATION \
+                and not synced:  # synchronized: rank 0's scales were shared already
+            fq.update_scale()
+        fq.state = state
+        fq.calibration_world = world
+    return model.module if isinstance(model, nn.DataParallel) else model

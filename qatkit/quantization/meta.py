@@ -1,0 +1,69 @@
+"""The facts of a prepared or converted model, recorded in the model and its checkpoints.
+
+``prepare``/``convert`` add a ``qatkit_meta`` submodule holding the march, the stage, the
+declared target processor and input source, and (after convert) the module structure of the
+fixed-point model. Its extra state (march, stage, processor, input source, qatkit version)
+travels in ``state_dict``; loading a checkpoint of another march raises QK002.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from qatkit.base import VERSION
+from qatkit.base.errors import fail
+from qatkit.base.modules import unwrap
+
+META_NAME = "qatkit_meta"
+
+
+class QatkitMeta(nn.Module):
+    """``march``, ``stage`` ("prepared" | "converted"), ``processor`` and ``input_source`` as
+    declared to ``prepare``; ``structure``: qualified name -> module type of the fixed-point
+    model as ``convert`` made it (ops added later are not in it)."""
+
+    def __init__(self, march: str, stage: str, processor: str | None = None,
+                 input_source: str | None = None) -> None:
+        super().__init__()
+        self.march, self.stage = march, stage
+        self.processor, self.input_source = processor, input_source
+        self.structure: dict[str, type] = {}
+        self.loaded_stage: str | None = None
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"march": self.march, "stage": self.stage, "processor": self.processor,
+                "input_source": self.input_source, "qatkit": VERSION}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        march = state.get("march") if isinstance(state, dict) else None
+        if march != self.march:
+            raise fail("QK002", f"the checkpoint was made for march {march!r} but this model is "
+                       f"prepared for {self.march!r}; scales and dtypes would not match the "
+                       "target processor.",
+                       f"load it into a model prepared under qk.set_march({march!r}), or "
+                       "re-calibrate for the new march")
+        self.loaded_stage = state.get("stage")
+        for key in ("processor", "input_source"):
+            if getattr(self, key) is None and state.get(key) is not None:
+                setattr(self, key, state[key])
+
+    def extra_repr(self) -> str:
+        return f"march={self.march!r}, stage={self.stage!r}"
+
+
+def attach(model: nn.Module, march: str, stage: str, processor: str | None = None,
+           input_source: str | None = None) -> QatkitMeta:
+    old = get(model)
+    if old is not None:  # convert keeps what prepare recorded
+        processor = processor or old.processor
+        input_source = input_source or old.input_source
+    m = QatkitMeta(march, stage, processor, input_source)
+    setattr(model, META_NAME, m)
+    return m
+
+
+def get(model: nn.Module) -> QatkitMeta | None:
+    meta = getattr(unwrap(model), META_NAME, None)
+    return meta if isinstance(meta, QatkitMeta) else None

@@ -1,0 +1,112 @@
+"""prepare: swap a float model's modules for their QAT forms, per qconfig and march.
+
+1. A march must be set (rule QK002). The input model is not modified: prepare works on a copy.
+2. torch.ao eager-mode stubs and fused modules are swapped for qatkit's; the model is fused
+   (``qatkit.quantization.fuse``) unless ``fuse=False``.
+3. One traced forward on ``example_inputs`` gives the data flow: the deploy region between
+   QuantStubs and DeQuantStubs, high-precision outputs, shared modules.
+4. The guards of stage "prepare" run (qconfig outside the region, march support, shared
+   FloatFunctionals, unsupported ops...), then modules are swapped:
+   conv/linear -> ``qat.QAT*`` (weight + output fake quant), value-changing ops -> ``QATOp``,
+   QuantStub / FloatFunctional -> output fake quant attached. ReLU, max pooling, reshapes keep
+   their input scale and stay as they are.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch.nn as nn
+
+from qatkit.base import hooks
+from qatkit.base.march import get_march
+from qatkit.base.modules import set_submodule
+from qatkit.quantization import meta
+from qatkit.quantization import trace as tr
+from qatkit.quantization.compat import from_torch_ao
+from qatkit.quantization.fake_quant import FakeQuantize
+from qatkit.quantization.fuse import fuse as fuse_model
+from qatkit.quantization.qconfig import QConfig, QConfigMapping, QuantSpec, as_mapping
+from qatkit.quantization.registry import GEMM_KINDS, op_kind, to_qat
+from qatkit.quantization.stubs import DeQuantStub, FloatFunctional, QuantStub
+
+
+def high_precision_modules(g: tr.Graph, qconfigs: dict[str, QConfig | None]) -> set[str]:
+    """GEMMs whose outputs are consumed only by DeQuantStubs (through reshapes)."""
+    out: set[str] = set()
+    for n in g.nodes:
+        if n.kind != "module" or op_kind(n.module) not in GEMM_KINDS:
+            continue
+        q = qconfigs.get(n.target)
+        if q is None or not q.high_precision_output or len(g.calls(n.target)) != 1:
+            continue
+        users = g.consumers(n, through_shape_ops=True)
+        if users and not n.is_output and all(isinstance(u.module, DeQuantStub) for u in users):
+            out.add(n.target)
+    return out
+
+
+def prepare(model: nn.Module, example_inputs: Any,
+            qconfig: QConfig | QConfigMapping | None = None, *, fuse: bool = True,
+            processor: str | None = None, input_source: str | None = None,
+            history: dict[str, list[float]] | None = None) -> nn.Module:
+    """Return the prepared copy of ``model`` (fake quants in QAT state).
+
+    ``qconfig`` applies globally (or pass a :class:`QConfigMapping`); modules with a
+    ``qconfig`` attribute, and their children, use it (``None`` keeps them float).
+    ``processor`` declares the target chip (checked against the march, QK002);
+    ``input_source="camera"`` declares centered YUV444 input (checked by QK005);
+    ``history`` (per-epoch ``train_loss``/``val_loss``/``train_acc``/``val_acc`` of the float
+    training) is checked for overfitting (QK009)."""
+    march = get_march(required=True)
+    model = from_torch_ao(copy.deepcopy(model))
+    if fuse:
+        model = fuse_model(model, example_inputs, inplace=True)
+    mapping = as_mapping(qconfig)
+    qconfigs = mapping.resolve(model)
+    g = tr.trace(model, example_inputs)
+    hooks.emit("prepare", model=model, march=march, graph=g, example_inputs=example_inputs,
+               qconfigs=qconfigs, processor=processor, input_source=input_source,
+               history=history)  # the doctor's prepare-stage rules: an error raises here
+    region = tr.quantized_nodes(g)
+    hp = high_precision_modules(g, qconfigs) if march.high_precision_output else set()
+    for node in g.nodes:
+        if node.kind not in ("module", "functional") or node.call or node.index not in region:
+            continue
+        q = qconfigs.get(node.target)
+        mod = node.module
+        if q is None or (q.activation is None and not isinstance(mod, QuantStub)):
+            continue
+        _swap(model, node.target, mod, q, march.pow2_scales, hp)
+    for name, mod in model.named_modules():  # modules seen only outside a traced call
+        if isinstance(mod, QuantStub) and not isinstance(mod.activation_post_process,
+                                                         FakeQuantize):
+            q = qconfigs.get(name)
+            if q is not None:
+                _swap(model, name, mod, q, march.pow2_scales, hp)
+    meta.attach(model, march.name, "prepared", processor, input_source)
+    hooks.emit("prepared", model=model, graph=g)  # the doctor hooks per-batch checks
+    return model
+
+
+def _swap(model: nn.Module, name: str, mod: nn.Module, q: QConfig, pow2: bool, hp: set[str]
+          ) -> None:
+    if isinstance(mod, QuantStub):
+        spec = q.activation or QuantSpec()
+        if mod.scale is not None:
+            spec = spec.with_(fixed_scale=mod.scale)
+        if mod.dtype != "qint8" and spec.dtype == "qint8":
+            spec = spec.with_(dtype=mod.dtype)
+        mod.activation_post_process = FakeQuantize(spec, pow2)
+        mod.qconfig = q
+        return
+    if isinstance(mod, FloatFunctional):
+        mod.activation_post_process = FakeQuantize(q.activation, pow2)
+        mod.qconfig = q
+        return
+    mode = "high_precision" if name in hp else (
+        "accumulator" if getattr(mod, "feeds_add", False) else "quantized")
+    qat = to_qat(mod, q, pow2, mode)  # the registry row's QAT form (None: stays as it is)
+    if qat is not None:
+        set_submodule(model, name, qat)

@@ -1,0 +1,143 @@
+"""QConfig: how a module's activations and weights are quantized, and where it applies.
+
+A :class:`QConfig` pairs an activation :class:`QuantSpec` with a weight :class:`QuantSpec`.
+``None`` keeps a module in float. A :class:`QConfigMapping` assigns qconfigs by module name,
+by module type, through ``module.qconfig`` attributes (inherited by children, the vendor's way:
+``model.qconfig = ...; model.loss.qconfig = None``), and globally, in that priority order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch.nn as nn
+
+from qatkit.base.errors import fail
+from qatkit.base.quant_math import QRANGE
+from qatkit.quantization.observers import OBSERVERS, Observer
+
+_UNSET = object()
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized: dtype, observer (name in ``observers.OBSERVERS`` or a
+    class), per-channel (weights, axis 0) or per-tensor, or a fixed scale."""
+
+    dtype: str = "qint8"
+    observer: str | type[Observer] = "minmax"
+    per_channel: bool = False
+    fixed_scale: float | None = None
+    observer_kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.dtype not in QRANGE and self.dtype != "float16":
+            raise fail("QK000", f"unknown dtype {self.dtype!r} in QuantSpec.",
+                       "use 'qint8' or 'qint16' (per the march)")
+        if isinstance(self.observer, str) and self.observer not in OBSERVERS:
+            raise fail("QK000", f"unknown observer {self.observer!r}.",
+                       f"use one of {', '.join(OBSERVERS)} or an Observer subclass")
+        if self.fixed_scale is not None and not self.fixed_scale > 0:
+            raise fail("QK000", f"fixed_scale must be positive, got {self.fixed_scale}.")
+
+    def make_observer(self) -> Observer:
+        if self.fixed_scale is not None:
+            return OBSERVERS["fixed"](None, self.dtype, scale=self.fixed_scale)
+        cls = OBSERVERS[self.observer] if isinstance(self.observer, str) else self.observer
+        return cls(0 if self.per_channel else None, self.dtype, **dict(self.observer_kwargs))
+
+    def with_(self, **kw: Any) -> QuantSpec:
+        return replace(self, **kw)
+
+
+@dataclass(frozen=True)
+class QConfig:
+    """Activation (output) and weight specs of a module. ``high_precision_output``: a
+    conv/linear whose only consumers are DeQuantStubs keeps an int32 (or float) output."""
+
+    activation: QuantSpec | None = field(default_factory=QuantSpec)
+    weight: QuantSpec | None = field(
+        default_factory=lambda: QuantSpec(per_channel=True))
+    high_precision_output: bool = True
+
+
+def default_calibration_qconfig(dtype: str = "qint8", observer: str = "mse") -> QConfig:
+    """Calibration: MSE-searched activation thresholds, per-channel min/max weights."""
+    return QConfig(QuantSpec(dtype, observer), QuantSpec(per_channel=True))
+
+
+def default_qat_qconfig(dtype: str = "qint8") -> QConfig:
+    """QAT: moving-average min/max activations (constant 0.01), per-channel min/max weights.
+    Activation scales loaded from a calibration checkpoint stay fixed during QAT."""
+    return QConfig(QuantSpec(dtype, "moving_average"), QuantSpec(per_channel=True))
+
+
+def fixed_scale_qconfig(scale: float = 1.0 / 128, dtype: str = "qint8") -> QConfig:
+    """For a QuantStub fed by the camera/pyramid (centered YUV444): scale 1/128."""
+    return QConfig(QuantSpec(dtype, fixed_scale=scale), None)
+
+
+class QConfigMapping:
+    """Where qconfigs apply. Priority: by name > by type > ``qconfig`` attribute > global."""
+
+    def __init__(self, global_qconfig: QConfig | None = None) -> None:
+        self.global_qconfig = global_qconfig
+        self.by_name: dict[str, QConfig | None] = {}
+        self.by_type: dict[type, QConfig | None] = {}
+
+    def set_global(self, qconfig: QConfig | None) -> QConfigMapping:
+        self.global_qconfig = qconfig
+        return self
+
+    def set_module_name(self, name: str, qconfig: QConfig | None) -> QConfigMapping:
+        self.by_name[name] = qconfig
+        return self
+
+    def set_object_type(self, typ: type, qconfig: QConfig | None) -> QConfigMapping:
+        self.by_type[typ] = qconfig
+        return self
+
+    def resolve(self, model: nn.Module) -> dict[str, QConfig | None]:
+        """The effective qconfig of every module, by qualified name."""
+        out: dict[str, QConfig | None] = {}
+        attr: dict[str, Any] = {}
+        for name, mod in model.named_modules():
+            parent = name.rpartition(".")[0] if name else None
+            inherited = attr.get(parent, _UNSET) if parent is not None else _UNSET
+            own = getattr(mod, "qconfig", _UNSET)
+            attr[name] = own if own is not _UNSET else inherited
+            q: Any = _UNSET
+            for prefix in _prefixes(name):
+                if prefix in self.by_name:
+                    q = self.by_name[prefix]
+                    break
+            if q is _UNSET:
+                q = next((v for t, v in self.by_type.items() if isinstance(mod, t)), _UNSET)
+            if q is _UNSET:
+                q = attr[name] if attr[name] is not _UNSET else self.global_qconfig
+            if q is not None and not isinstance(q, QConfig):
+                q = _foreign_qconfig(name, q)
+            out[name] = q
+        return out
+
+
+def _prefixes(name: str) -> list[str]:
+    parts = name.split(".") if name else []
+    return [".".join(parts[:i]) for i in range(len(parts), -1, -1)]
+
+
+def _foreign_qconfig(name: str, q: Any) -> QConfig:
+    # torch.ao models carry torch.ao QConfig objects; qatkit uses its own defaults for them.
+    if type(q).__name__ == "QConfig" and hasattr(q, "activation"):
+        return QConfig()
+    raise fail("QK000", f"module {name or '<root>'!r} has qconfig {q!r}, which is not a "
+               "qatkit QConfig.", "use qk.QConfig / qk.default_qat_qconfig()")
+
+
+def as_mapping(qconfig: QConfig | QConfigMapping | None) -> QConfigMapping:
+    if isinstance(qconfig, QConfigMapping):
+        return qconfig
+    if qconfig is None or isinstance(qconfig, QConfig):
+        return QConfigMapping(qconfig)
+    raise fail("QK000", f"qconfig must be a QConfig or QConfigMapping, got {type(qconfig)}.")

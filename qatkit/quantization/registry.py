@@ -1,0 +1,248 @@
+"""The operator registry: one row per operator kind, every fact about it in one place.
+
+A row says which float modules (or FloatFunctional methods) are this kind, how ``prepare``
+makes its QAT form, how ``convert`` makes its fixed-point form from that, whether it keeps its
+input scale (it moves integers without changing them), whether it is a lookup table, whether it
+is a GEMM (high-precision output candidates), and which marches lack it. ``prepare``,
+``convert``, the trace, the doctor's rules and the comparison all read this table; adding an
+operator is one row here plus its kernel (``qatkit.fixed_point.kernels``), its fixed-point
+module (``qatkit.fixed_point.modules``), the spec (docs/fixed-point.md) and its tests.
+
+Module types are matched along the class hierarchy: a subclass of a listed module (e.g. a
+model library's own ``nn.Linear`` subclass) is that kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from qatkit.base.errors import fail
+from qatkit.base.march import MARCHES, March
+from qatkit.fixed_point import modules as fx
+from qatkit.quantization.fake_quant import FakeQuantize
+from qatkit.quantization.fused import FusedConv2d, FusedLinear
+from qatkit.quantization.qat import QATConv2d, QATConvTranspose2d, QATLinear, QATOp, _QATWeighted
+from qatkit.quantization.stubs import DeQuantStub, FloatFunctional, QuantStub
+
+_OLD_BPU = frozenset({"bernoulli", "bernoulli2"})  # no lookup tables on these cores
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operator kind. ``qat``: ``"weighted"`` (per-channel weight + output fake quant, a
+    ``qatkit.quantization.qat`` class), ``"output"`` (an output fake quant, ``QATOp``), or
+    ``None`` (stays as it is: keeps its input scale, or is handled by the stubs/fusion);
+    ``fixed_point``: the QAT module -> its fixed-point module."""
+
+    kind: str
+    modules: tuple[type, ...] = ()
+    functional: tuple[str, ...] = ()  # FloatFunctional / QFunctional methods of this kind
+    qat: str | None = None
+    qat_class: type | None = None  # the QAT module for qat == "weighted"
+    fixed_point: Callable[[nn.Module], nn.Module] | None = None
+    keeps_scale: bool = False
+    lut: bool = False
+    gemm: bool = False
+    missing_on: frozenset[str] = frozenset()
+
+
+def _quant(m: nn.Module) -> nn.Module:
+    fq = m.activation_post_process
+    return fx.QQuantStub(fq.scale, fq.dtype)
+
+
+def _lut(m: QATOp) -> nn.Module:
+    fq = m.activation_post_process
+    return fx.QLookupTable(kind_of(m.op) or "", fq.scale, fq.dtype)
+
+
+def _clamp(m: QATOp) -> nn.Module:
+    fq = m.activation_post_process
+    return fx.QClamp(m.op.min_val, m.op.max_val, fq.scale, fq.dtype)
+
+
+def _avg_pool(m: QATOp) -> nn.Module:
+    op, fq = m.op, m.activation_post_process
+    if op.ceil_mode or not op.count_include_pad or op.divisor_override:
+        raise fail("QK106", "AvgPool2d in fixed point supports ceil_mode=False, "
+                   "count_include_pad=True and no divisor_override.")
+    return fx.QAvgPool2d(op.kernel_size, op.stride, op.padding, fq.scale, fq.dtype)
+
+
+def _adaptive_avg_pool(m: QATOp) -> nn.Module:
+    fq = m.activation_post_process
+    return fx.QAvgPool2d(None, None, 0, fq.scale, fq.dtype, adaptive_out=m.op.output_size)
+
+
+def _bilinear(m: QATOp) -> nn.Module:
+    op, fq = m.op, m.activation_post_process
+    return fx.QUpsampleBilinear(op.size, op.scale_factor, bool(op.align_corners), fq.scale,
+                                fq.dtype, op.recompute_scale_factor)
+
+
+def _functional(m: FloatFunctional) -> nn.Module:
+    fq = m.activation_post_process
+    return fx.QFunctional(fq.scale, fq.dtype, m.fused_activation)
+
+
+_FF = (FloatFunctional,)
+OPS: tuple[Op, ...] = (
+    # the region's entry and exit
+    Op("quant", (QuantStub,), fixed_point=_quant),
+    Op("dequant", (DeQuantStub,), keeps_scale=True, fixed_point=lambda m: fx.QDeQuantStub()),
+    # GEMMs: int32 accumulation, per-channel requantization (or high-precision output)
+    Op("conv2d", (nn.Conv2d, FusedConv2d), qat="weighted", qat_class=QATConv2d,
+       fixed_point=fx.QConv2d, gemm=True),
+    Op("linear", (nn.Linear, FusedLinear), qat="weighted", qat_class=QATLinear,
+       fixed_point=fx.QLinear, gemm=True),
+    Op("conv_transpose2d", (nn.ConvTranspose2d,), qat="weighted", qat_class=QATConvTranspose2d,
+       fixed_point=fx.QConvTranspose2d, gemm=True, missing_on=frozenset({"bernoulli"})),
+    Op("matmul", functional=("matmul",), fixed_point=_functional, gemm=True,
+       missing_on=frozenset({"bernoulli"})),
+    Op("batchnorm2d", (nn.BatchNorm2d,)),  # folded into the conv before, or alone, by fuse
+    # integers moved, not changed: the input's scale carries through
+    Op("relu", (nn.ReLU,), keeps_scale=True),
+    Op("max_pool2d", (nn.MaxPool2d,), keeps_scale=True),
+    Op("flatten", (nn.Flatten,), keeps_scale=True),
+    Op("reshape", keeps_scale=True),
+    Op("identity", (nn.Identity,), keeps_scale=True),
+    Op("dropout", (nn.Dropout,), keeps_scale=True),
+    Op("upsample_nearest", keeps_scale=True),  # nn.Upsample(mode="nearest"): see kind_of
+    # their own output scale
+    Op("relu6", (nn.ReLU6,), qat="output", fixed_point=_clamp),
+    Op("hardtanh", (nn.Hardtanh,), qat="output", fixed_point=_clamp, missing_on=_OLD_BPU),
+    Op("avg_pool2d", (nn.AvgPool2d,), qat="output", fixed_point=_avg_pool),
+    Op("adaptive_avg_pool2d", (nn.AdaptiveAvgPool2d,), qat="output",
+       fixed_point=_adaptive_avg_pool),
+    Op("upsample_bilinear", qat="output", fixed_point=_bilinear),
+    *(Op(k, (t,), qat="output", fixed_point=_lut, lut=True, missing_on=_OLD_BPU)
+      for k, t in (("sigmoid", nn.Sigmoid), ("tanh", nn.Tanh), ("silu", nn.SiLU),
+                   ("hardswish", nn.Hardswish), ("hardsigmoid", nn.Hardsigmoid))),
+    # tensor arithmetic through FloatFunctional (one instance per call site)
+    *(Op(k, functional=f, fixed_point=_functional) for k, f in (
+        ("add", ("add", "add_relu")), ("add_scalar", ("add_scalar",)), ("sub", ("sub",)),
+        ("mul", ("mul",)), ("mul_scalar", ("mul_scalar",)), ("cat", ("cat", "concat")),
+        ("stack", ("stack",)), ("sum", ("sum",)), ("mean", ("mean",)),
+        ("maximum", ("maximum",)), ("minimum", ("minimum",)))),
+)
+BY_KIND: dict[str, Op] = {op.kind: op for op in OPS}
+_BY_TYPE: dict[type, Op] = {t: op for op in OPS for t in op.modules}
+_BY_METHOD: dict[str, Op] = {f: op for op in OPS for f in op.functional}
+
+ALL_KINDS = frozenset(BY_KIND)
+GEMM_KINDS = frozenset(op.kind for op in OPS if op.gemm)
+LUT_KINDS = frozenset(op.kind for op in OPS if op.lut)
+# Functions allowed on quantized values in ``forward`` (everything else must be a module or a
+# FloatFunctional method, rule QK102).
+FUNCTIONS_ON_QUANTIZED = frozenset({
+    "view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous",
+    "__getitem__", "relu", "relu_", "max_pool2d", "_max_pool2d", "dropout", "interpolate",
+    "size", "dim",
+})
+
+
+def _by_type(t: type) -> Op | None:
+    for base in t.__mro__:  # a subclass of a listed module is that kind
+        op = _BY_TYPE.get(base)
+        if op is not None:
+            return op
+    return None
+
+
+def lookup(module: nn.Module | None, functional_op: str | None = None) -> Op | None:
+    """The row of a module (float, QAT or its wrapped op) or of a FloatFunctional method."""
+    if functional_op is not None:
+        return _BY_METHOD.get(functional_op)
+    if module is None or isinstance(module, (FloatFunctional, FakeQuantize)):
+        return None
+    if isinstance(module, QATOp):
+        return lookup(module.op)
+    if isinstance(module, nn.Upsample):
+        return BY_KIND.get({"nearest": "upsample_nearest",
+                            "bilinear": "upsample_bilinear"}.get(module.mode, ""))
+    return _by_type(type(module))
+
+
+def kind_of(module: nn.Module | None, functional_op: str | None = None) -> str | None:
+    """The op kind of a module or FloatFunctional call, or None when qatkit has no row."""
+    op = lookup(module, functional_op)
+    return op.kind if op is not None else None
+
+
+# the name older modules use
+op_kind = kind_of
+
+
+def _float_row(module: nn.Module | None) -> Op | None:
+    """The row of a float module (not yet swapped for its QAT form)."""
+    if isinstance(module, (QATOp, _QATWeighted)):
+        return None
+    return lookup(module)
+
+
+def keeps_scale(module: nn.Module) -> bool:
+    """Modules that move integers without changing them (the input's scale carries)."""
+    op = _float_row(module)
+    return op is not None and op.keeps_scale
+
+
+def has_own_output(module: nn.Module) -> bool:
+    """Float value-changing ops that ``prepare`` gives their own output fake quant."""
+    op = _float_row(module)
+    return op is not None and op.qat == "output"
+
+
+def is_weighted(module: nn.Module) -> bool:
+    """Float conv/linear modules that ``prepare`` swaps for a QAT module."""
+    op = _float_row(module)
+    return op is not None and op.qat == "weighted"
+
+
+def module_type_names() -> set[str]:
+    """Names of the module types qatkit quantizes (for messages)."""
+    return {t.__name__ for op in OPS for t in op.modules}
+
+
+def to_qat(module: nn.Module, qconfig: object, pow2: bool, output_mode: str) -> nn.Module | None:
+    """The QAT form of a float module (None: it stays as it is)."""
+    op = _float_row(module)
+    if op is None or op.qat is None:
+        return None
+    if op.qat == "weighted":
+        assert op.qat_class is not None
+        return op.qat_class.from_float(module, qconfig, pow2, output_mode)
+    return QATOp(module, qconfig, pow2)
+
+
+def to_fixed_point(module: nn.Module) -> nn.Module | None:
+    """The fixed-point form of a prepared module (None: it stays as it is)."""
+    if isinstance(module, QuantStub):
+        if not isinstance(module.activation_post_process, FakeQuantize):
+            return None
+        return _quant(module)
+    if isinstance(module, FloatFunctional):
+        if not isinstance(module.activation_post_process, FakeQuantize):
+            return None
+        return _functional(module)
+    if isinstance(module, DeQuantStub):
+        return fx.QDeQuantStub()
+    if not isinstance(module, (QATOp, _QATWeighted)):
+        return None
+    op = lookup(module)
+    if op is None or op.fixed_point is None:
+        return None
+    return op.fixed_point(module)
+
+
+def unsupported_ops(march: March | str) -> frozenset[str]:
+    """The op kinds ``march`` lacks."""
+    name = march.name if isinstance(march, March) else MARCHES[march].name
+    return frozenset(op.kind for op in OPS if name in op.missing_on)
+
+
+__all__ = ["ALL_KINDS", "BY_KIND", "FUNCTIONS_ON_QUANTIZED", "GEMM_KINDS", "LUT_KINDS", "OPS",
+           "Op", "has_own_output", "is_weighted", "keeps_scale", "kind_of", "lookup",
+           "module_type_names", "op_kind", "to_fixed_point", "to_qat", "unsupported_ops"]

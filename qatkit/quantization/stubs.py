@@ -1,0 +1,121 @@
+"""QuantStub, DeQuantStub and FloatFunctional: the markers of the deploy region.
+
+A float model puts a :class:`QuantStub` where data enters the quantized region, a
+:class:`DeQuantStub` where it leaves, and does its tensor arithmetic (residual adds, cats...)
+through a :class:`FloatFunctional` instance per call site, so that every such op owns one
+output observer and, after convert, one output scale. torch.ao's eager-mode classes are accepted
+and swapped for these by ``prepare``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from qatkit.base import recorder
+from qatkit.base.errors import fail
+
+
+class QuantStub(nn.Module):
+    """Entry of the quantized region. ``scale`` fixes the input scale (camera input: 1/128)."""
+
+    _qatkit_leaf = True
+
+    def __init__(self, scale: float | None = None, dtype: str = "qint8") -> None:
+        super().__init__()
+        self.scale, self.dtype = scale, dtype
+        self.activation_post_process: nn.Module = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation_post_process(x)
+
+
+class DeQuantStub(nn.Module):
+    """Exit of the quantized region: float (or high-precision) values leave here."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _tensors(*args: object) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            out.extend(_tensors(*a))
+        elif isinstance(a, torch.Tensor):
+            out.append(a)
+    return out
+
+
+class FloatFunctional(nn.Module):
+    """Tensor arithmetic with an output observer. Use one instance per call site: an
+    instance called twice shares one observer and one output scale (rule QK007).
+
+    ``fused_activation`` is set by ``fuse`` when a ReLU follows the add (conv+add+relu)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.activation_post_process: nn.Module = nn.Identity()
+        self.fused_activation: str | None = None
+
+    def forward(self, *args: object) -> None:
+        raise fail("QK000", "FloatFunctional is not called directly.",
+                   "call one of its methods: add, add_scalar, sub, mul, mul_scalar, cat, "
+                   "stack, matmul, sum, mean, maximum, minimum")
+
+    def _call(self, op: str, fn, inputs: tuple, *args, **kwargs) -> torch.Tensor:
+
+        with recorder.inside_leaf():
+            y = fn(*args, **kwargs)
+            if self.fused_activation == "relu":
+                y = torch.relu(y)
+            y = self.activation_post_process(y)
+        tracer = recorder.active()
+        if tracer is not None:
+            tracer.record_functional(self, op, _tensors(*inputs), y)
+        return y
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._call("add", torch.add, (x, y), x, y)
+
+    def add_relu(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._call("add_relu", lambda a, b: torch.relu(a + b), (x, y), x, y)
+
+    def add_scalar(self, x: torch.Tensor, c: float) -> torch.Tensor:
+        return self._call("add_scalar", torch.add, (x,), x, c)
+
+    def sub(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._call("sub", torch.sub, (x, y), x, y)
+
+    def mul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._call("mul", torch.mul, (x, y), x, y)
+
+    def mul_scalar(self, x: torch.Tensor, c: float) -> torch.Tensor:
+        return self._call("mul_scalar", torch.mul, (x,), x, c)
+
+    def cat(self, xs: list[torch.Tensor] | tuple[torch.Tensor, ...], dim: int = 0
+            ) -> torch.Tensor:
+        return self._call("cat", torch.cat, (xs,), list(xs), dim=dim)
+
+    concat = cat
+
+    def stack(self, xs: list[torch.Tensor] | tuple[torch.Tensor, ...], dim: int = 0
+              ) -> torch.Tensor:
+        return self._call("stack", torch.stack, (xs,), list(xs), dim=dim)
+
+    def matmul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._call("matmul", torch.matmul, (x, y), x, y)
+
+    def sum(self, x: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = False
+            ) -> torch.Tensor:
+        return self._call("sum", torch.sum, (x,), x, dim, keepdim=keepdim)
+
+    def mean(self, x: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = False
+             ) -> torch.Tensor:
+        return self._call("mean", torch.mean, (x,), x, dim, keepdim=keepdim)
+
+    def maximum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._call("maximum", torch.maximum, (x, y), x, y)
+
+    def minimum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._call("minimum", torch.minimum, (x, y), x, y)

@@ -1,0 +1,264 @@
+"""A data-flow trace of one real forward pass.
+
+qatkit decides by data flow, not by names: fusion, high-precision outputs, the deploy region
+(QuantStub ... DeQuantStub), shared modules and float tensors reaching quantized ops are all
+read off a :class:`Graph` recorded while the model runs on example inputs. Leaf modules are
+recorded through forward hooks, FloatFunctional methods report themselves, and every other
+torch function or tensor method called at the top level is recorded through a
+``TorchFunctionMode``. Because the model really runs, Python control flow is no obstacle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+
+from qatkit.base import recorder
+from qatkit.base.frames import user_frame, where
+from qatkit.base.recorder import active, inside_leaf  # noqa: F401  (re-exported)
+
+# Shape-only functions: they move values without changing them.
+SHAPE_OPS = frozenset({
+    "view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous",
+    "__getitem__", "t", "unflatten", "view_as", "reshape_as", "expand", "expand_as",
+})
+_SKIP_FUNCS = frozenset({"size", "dim", "numel", "__get__", "__len__", "__repr__", "__format__",
+                         "__bool__", "item", "tolist", "__iter__", "is_floating_point",
+                         "__index__", "__int__", "__float__", "element_size", "stride",
+                         "is_contiguous", "data_ptr", "type", "get_device", "__hash__"})
+
+
+@dataclass
+class Node:
+    index: int
+    kind: str  # "input" | "module" | "functional" | "function"
+    target: str  # module qualified name, or function name
+    op: str  # module class name, FloatFunctional method or function name
+    module: nn.Module | None = None
+    call: int = 0  # 0 for the first call of a module in this forward, 1 for the second...
+    inputs: list[int] = field(default_factory=list)  # producer nodes; -1 = not a traced tensor
+    users: list[int] = field(default_factory=list)
+    source: str = ""  # "file.py:line" of the call site in user code
+    shape: tuple[int, ...] | None = None
+    is_output: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.target + (f"#{self.call}" if self.call else "")
+
+
+@dataclass
+class Graph:
+    nodes: list[Node]
+    names: dict[int, str]  # id(module) -> qualified name
+
+    def calls(self, name: str) -> list[Node]:
+        return [n for n in self.nodes if n.kind in ("module", "functional") and n.target == name]
+
+    def called_names(self) -> set[str]:
+        return {n.target for n in self.nodes if n.kind in ("module", "functional")}
+
+    def producers(self, node: Node) -> list[Node]:
+        return [self.nodes[i] for i in node.inputs if i >= 0]
+
+    def consumers(self, node: Node, through_shape_ops: bool = False) -> list[Node]:
+        out: list[Node] = []
+        for u in node.users:
+            user = self.nodes[u]
+            if through_shape_ops and user.kind == "function" and user.op in SHAPE_OPS:
+                out.extend(self.consumers(user, True))
+            else:
+                out.append(user)
+        return out
+
+
+class _Tracer:
+    def __init__(self, model: nn.Module) -> None:
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.nodes: list[Node] = []
+        self.producer: dict[int, int] = {}
+        self.alive: list[Any] = []  # keep traced tensors alive so their ids stay unique
+        self.depth = 0
+        self.call_counts: dict[int, int] = {}
+
+    def _inputs(self, args: Any) -> list[int]:
+        found: list[int] = []
+        _walk(args, lambda t: found.append(self.producer.get(id(t), -1)))
+        return found
+
+    def add(self, kind: str, target: str, op: str, module: nn.Module | None, args: Any,
+            out: Any) -> Node:
+        call = 0
+        if module is not None:
+            call = self.call_counts.get(id(module), 0)
+            self.call_counts[id(module)] = call + 1
+        node = Node(len(self.nodes), kind, target, op, module, call, self._inputs(args),
+                    source=where(user_frame(1)))
+        for i in node.inputs:
+            if i >= 0:
+                self.nodes[i].users.append(node.index)
+        self.nodes.append(node)
+
+        def mark(t: Any) -> None:
+            self.producer[id(t)] = node.index
+            self.alive.append(t)
+            if node.shape is None and hasattr(t, "shape"):
+                node.shape = tuple(t.shape)
+
+        _walk(out, mark)
+        return node
+
+    def record_functional(self, ff: nn.Module, op: str, inputs: list, out: Any) -> None:
+        if self.depth == 0:
+            name = self.names.get(id(ff), "?")
+            self.add("functional", name, op, ff, inputs, out)
+
+
+def _walk(obj: Any, fn: Any) -> None:
+    from qatkit.base.qtensor import QTensor
+    if isinstance(obj, (torch.Tensor, QTensor)):
+        fn(obj)
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            _walk(o, fn)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            _walk(o, fn)
+
+
+def _fresh(obj: Any, seen: set[int]) -> Any:
+    from qatkit.base.qtensor import QTensor
+    if isinstance(obj, torch.Tensor) and id(obj) in seen:
+        return obj.view_as(obj)
+    if isinstance(obj, QTensor) and id(obj) in seen:
+        return QTensor(obj.q, obj.scale, obj.dtype, obj.axis)
+    if isinstance(obj, (list, tuple)) and any(id(o) in seen for o in obj):
+        return type(obj)(_fresh(o, seen) for o in obj)
+    return obj
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, tracer: _Tracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        t = self.tracer
+        name = getattr(func, "__name__", str(func))
+        if t.depth == 0 and name not in _SKIP_FUNCS:
+            hit: list[bool] = []
+            _walk(out, lambda _: hit.append(True))
+            if hit:
+                t.add("function", name, name, None, (args, kwargs), out)
+        return out
+
+
+def is_leaf(module: nn.Module) -> bool:
+    from qatkit.quantization.fake_quant import FakeQuantize
+    if isinstance(module, FakeQuantize):
+        return False
+    if getattr(module, "_qatkit_leaf", False):
+        return True
+    return next(module.children(), None) is None
+
+
+def trace(model: nn.Module, example_inputs: Any) -> Graph:
+    """Run ``model`` once on ``example_inputs`` (a tensor, tuple or dict) and record its data
+    flow. The model's mode and parameters are left as they were; no gradient is recorded."""
+    tracer = _Tracer(model)
+    hooks = []
+    skip = {id(m) for n, m in model.named_modules()
+            if n.endswith(("activation_post_process", "weight_fake_quant"))}
+
+    def pre(mod: nn.Module, args: tuple) -> None:
+        if tracer.depth == 0:
+            mod._qatkit_args = args
+        tracer.depth += 1
+
+    def post(mod: nn.Module, args: tuple, out: Any) -> Any:
+        tracer.depth -= 1
+        if tracer.depth == 0:
+            name = tracer.names.get(id(mod), "?")
+            args = mod.__dict__.pop("_qatkit_args")
+            seen: set[int] = set()
+            _walk(args, lambda t: seen.add(id(t)))
+            # Identity-like modules (DeQuantStub, Identity, Dropout in eval) return their input
+            # object; give their output its own identity so the data flow stays correct.
+            tracer.depth += 1  # the aliasing view is not a traced op
+            out = _fresh(out, seen)
+            tracer.depth -= 1
+            tracer.add("module", name, type(mod).__name__, mod, args, out)
+            return out
+        return None
+
+    for m in model.modules():
+        if id(m) in skip or not is_leaf(m):
+            continue
+        hooks.append(m.register_forward_pre_hook(pre))
+        hooks.append(m.register_forward_hook(post))
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    kwargs: dict = {}
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), example_inputs
+    for a in (args, kwargs):
+        _walk(a, lambda x: tracer.add("input", "input", "input", None, (), x))
+    modes = {m: m.training for m in model.modules()}
+    model.eval()  # a trace must not move BN statistics or observers
+    recorder.push(tracer)
+    try:
+        with torch.no_grad(), _Mode(tracer):
+            out = model(*args, **kwargs)
+    finally:
+        recorder.pop(tracer)
+        for h in hooks:
+            h.remove()
+        for m, was in modes.items():
+            m.training = was
+    _walk(out, lambda x: _mark_output(tracer, x))
+    return Graph(tracer.nodes, tracer.names)
+
+
+def _mark_output(tracer: _Tracer, x: Any) -> None:
+    i = tracer.producer.get(id(x), -1)
+    if i >= 0:
+        tracer.nodes[i].is_output = True
+
+
+def quantized_nodes(g: Graph) -> set[int]:
+    """Nodes whose output is a quantized value: reached from a QuantStub without passing a
+    DeQuantStub (the deploy region)."""
+    from qatkit.fixed_point.modules import QDeQuantStub, QQuantStub
+    from qatkit.quantization.stubs import DeQuantStub, QuantStub
+    out: set[int] = set()
+    for n in g.nodes:
+        if n.kind == "input":
+            continue
+        if isinstance(n.module, (QuantStub, QQuantStub)):
+            out.add(n.index)
+        elif isinstance(n.module, (DeQuantStub, QDeQuantStub)):
+            continue
+        elif any(i in out for i in n.inputs):
+            out.add(n.index)
+    return out
+
+
+def float_nodes_before_quant(g: Graph) -> set[int]:
+    """Nodes computed from data before any QuantStub sees it (pre-processing)."""
+    from qatkit.fixed_point.modules import QQuantStub
+    from qatkit.quantization.stubs import QuantStub
+    pre: set[int] = set()
+    for n in g.nodes:
+        if n.kind == "input":
+            pre.add(n.index)
+        elif isinstance(n.module, (QuantStub, QQuantStub)):
+            continue
+        elif n.inputs and all(i in pre for i in n.inputs if i >= 0) and any(
+                i >= 0 for i in n.inputs):
+            pre.add(n.index)
+    return pre
