@@ -146,11 +146,17 @@ def test_shared_calls_are_numbered():
 def test_recorder_restores_the_model():
     _, _, fixed = stages()
     seen = []
+    def hooks() -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in fixed.modules())
+
+    before = hooks()
     with Recorder(fixed, seen.append):
-        assert "add" in fixed.skip.__dict__
+        assert hooks() > before
         fixed(example())
-    assert "add" not in fixed.skip.__dict__
+    assert hooks() == before
     assert [c.label for c in seen] == LAYERS
+    fixed(example())  # after the block nothing is recorded any more
+    assert len(seen) == len(LAYERS)
 
 
 def test_user_mistakes_are_clear():

@@ -1,8 +1,8 @@
 """Per-layer comparison of two stages of one model: where does the error come from?
 
 ``compare(model_a, model_b, inputs)`` runs both models on the same batch, records every layer's
-inputs and output with forward hooks (FloatFunctional methods through a per-instance wrapper,
-since they do not go through ``forward``) and matches layers by qualified module name; the
+inputs and output with the one recorder of model execution (``qatkit.base.recorder``;
+FloatFunctional methods report themselves) and matches layers by qualified module name; the
 k-th call of a module called several times is ``name#k`` (as ``qatkit.quantization.trace`` numbers
 calls). For each layer it reports
 
@@ -29,15 +29,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from qatkit.base import recorder
 from qatkit.base.errors import fail
 from qatkit.base.qtensor import QTensor
 from qatkit.base.quant_math import TORCH_DTYPE, quantize
-from qatkit.quantization import trace as tr
 from qatkit.quantization.fake_quant import FakeQuantize, FakeQuantState, fake_quants
 
-# FloatFunctional / QFunctional methods that compute something (see qatkit.quantization.stubs).
-FUNCTIONAL_METHODS = ("add", "add_relu", "add_scalar", "sub", "mul", "mul_scalar", "cat",
-                      "concat", "stack", "matmul", "sum", "mean", "maximum", "minimum")
 # Modules that only hand values on: no layer of their own in the comparison.
 _SKIP_TYPES: tuple[type, ...] = (nn.Identity, nn.Dropout)
 
@@ -64,12 +61,6 @@ class Call:
     prequant: list[torch.Tensor] = field(default_factory=list)  # inputs of its output fq
     in_scales: list[tuple[torch.Tensor, str, int | None] | None] = field(
         default_factory=list)  # quantization scale of each tensor input, when known
-
-
-def _is_functional(mod: nn.Module) -> bool:
-    from qatkit.fixed_point.modules import QFunctional
-    from qatkit.quantization.stubs import FloatFunctional
-    return isinstance(mod, (FloatFunctional, QFunctional))
 
 
 def _output_fq(mod: nn.Module) -> FakeQuantize | None:
@@ -113,54 +104,51 @@ def _detach(t: Any) -> Any:
     return t.detach().clone()
 
 
-class Recorder:
-    """Context manager that reports every top-level layer call of ``model`` to ``on_call``.
+class Recorder(recorder.Recorder):
+    """Reports every top-level layer call of ``model`` to ``on_call``, as a context manager.
 
-    Layers are the modules ``qatkit.quantization.trace`` treats as leaves (QAT and fixed-point
-    modules, stubs, plain leaf modules) and FloatFunctional/QFunctional method calls;
-    ``nn.Identity`` and ``nn.Dropout`` are skipped. ``Call.out_scale`` is the output's quantization
-    scale when known (a QTensor's, the layer's output fake quant's, or the input's for pass-through
-    ops);
-    ``Call.prequant`` holds what the layer's output fake quant received (values before
-    rounding and clipping)."""
+    Layers are what the one recorder of model execution (:class:`qatkit.base.recorder.Recorder`)
+    records: leaf modules (QAT and fixed-point modules, stubs, plain leaf modules) and
+    FloatFunctional/QFunctional method calls; ``nn.Identity`` and ``nn.Dropout`` are skipped.
+    ``Call.out_scale`` is the output's quantization scale when known (a QTensor's, the layer's
+    output fake quant's, or the input's for pass-through ops); ``Call.prequant`` holds what the
+    layer's output fake quant received (values before rounding and clipping)."""
+
+    skip_types = _SKIP_TYPES
 
     def __init__(self, model: nn.Module, on_call: Callable[[Call], None],
                  snapshot: bool = False) -> None:
-        self.model, self.on_call = model, on_call
+        super().__init__(model)
+        self.on_call = on_call
         self.snapshot = snapshot  # copy inputs before the layer runs (in-place ops)
-        self.names = {id(m): n for n, m in model.named_modules()}
-        self._handles: list[Any] = []
-        self._patched: list[tuple[nn.Module, str]] = []
-        self._depth = 0
-        self._counts: dict[str, int] = {}
-        self._current: list[Call | None] = []
+        self._inputs: dict[int, tuple[tuple, dict]] = {}  # id(Call) -> inputs at begin
+        self._prequant: dict[int, list[torch.Tensor]] = {}  # id(owner) -> its fq's inputs
+        self._fq_owner: dict[int, nn.Module] = {}
         self._scales: dict[int, tuple[torch.Tensor, str, int | None]] = {}
         self._alive: list[Any] = []  # keeps outputs alive so that their ids stay unique
+        self._extra: list[Any] = []
 
-    # -- hooks ---------------------------------------------------------------------------
-    def _enter(self) -> bool:
-        self._depth += 1
-        return self._depth == 1
-
-    def _begin(self, mod: nn.Module, method: str | None, args: tuple, kwargs: dict) -> Call:
-        name = self.names.get(id(mod), "?")
-        k = self._counts.get(name, 0)
-        self._counts[name] = k + 1
-        c = Call(name + (f"#{k}" if k else ""), name, k, mod, method, args, kwargs, None)
-        c.in_scales = [(t.scale, t.dtype, t.axis) if isinstance(t, QTensor) else
-                       self._scales.get(id(t)) for t in leaves((args, kwargs))]
+    def begin(self, call: recorder.Call) -> None:
         if self.snapshot:
-            c.args, c.kwargs = walk(args, _detach), walk(kwargs, _detach)
-        return c
+            self._inputs[id(call)] = (walk(call.args, _detach), walk(call.kwargs, _detach))
+        self._prequant.pop(id(call.module), None)
 
-    def _end(self, c: Call, out: Any) -> None:
-        c.output = out
+    def end(self, call: recorder.Call) -> Any:
+        args, kwargs = self._inputs.pop(id(call), (call.args, call.kwargs))
+        if self.snapshot and call.method is not None:  # a functional: reported after it ran
+            args, kwargs = walk(args, _detach), walk(kwargs, _detach)
+        c = Call(call.label, call.name, call.index, call.module, call.method, args, kwargs,
+                 call.output)
+        c.in_scales = [(t.scale, t.dtype, t.axis) if isinstance(t, QTensor) else
+                       self._scales.get(id(t)) for t in leaves((call.args, call.kwargs))]
+        c.prequant = self._prequant.pop(id(call.module), [])
         c.out_scale = self._scale_of(c)
-        for t in leaves(out):
+        for t in leaves(c.output):
             self._alive.append(t)
             if c.out_scale is not None:
                 self._scales[id(t)] = c.out_scale
         self.on_call(c)
+        return None
 
     def _scale_of(self, c: Call) -> tuple[torch.Tensor, str, int | None] | None:
         outs = leaves(c.output)
@@ -175,71 +163,30 @@ class Recorder:
             return next((s for s in c.in_scales if s is not None), None)
         return None
 
-    def _pre(self, mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._enter():
-            self._current.append(self._begin(mod, None, args, kwargs))
-        else:
-            self._current.append(None)
-
-    def _post(self, mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-        self._depth -= 1
-        c = self._current.pop()
-        if c is not None:
-            self._end(c, out)
-
     def _fq_pre(self, fq: nn.Module, args: tuple) -> None:
-        c = next((c for c in reversed(self._current) if c is not None), None)
-        if c is not None and args and isinstance(args[0], torch.Tensor):
-            c.prequant.append(args[0])
+        owner = self._fq_owner.get(id(fq))
+        if owner is not None and args and isinstance(args[0], torch.Tensor):
+            self._prequant.setdefault(id(owner), []).append(args[0])
 
-    def _wrap(self, mod: nn.Module, method: str) -> None:
-        original = getattr(mod, method)
-
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            top = self._enter()
-            c = self._begin(mod, method, args, kwargs) if top else None
-            self._current.append(c)
-            try:
-                out = original(*args, **kwargs)
-            finally:
-                self._depth -= 1
-                self._current.pop()
-            if c is not None:
-                self._end(c, out)
-            return out
-
-        mod.__dict__[method] = wrapper  # shadows the class method for this instance only
-        self._patched.append((mod, method))
-
-    def _new_forward(self, mod: nn.Module, args: tuple) -> None:
-        if self._depth == 0:  # call numbers count within one forward of the model
-            self._counts, self._scales, self._alive = {}, {}, []
+    def _model_pre(self, mod: nn.Module, args: tuple) -> None:
+        if self.depth == 0:
+            self._scales, self._alive = {}, []
+        super()._model_pre(mod, args)
 
     def __enter__(self) -> Recorder:
-        self._handles.append(self.model.register_forward_pre_hook(self._new_forward))
-        skip = {id(m) for n, m in self.model.named_modules()
-                if n.endswith(("activation_post_process", "weight_fake_quant"))}
         for mod in self.model.modules():
-            if isinstance(mod, FakeQuantize) and not mod.is_weight:
-                self._handles.append(mod.register_forward_pre_hook(self._fq_pre))
-            if _is_functional(mod):
-                for m in FUNCTIONAL_METHODS:
-                    if hasattr(type(mod), m):
-                        self._wrap(mod, m)
-                continue
-            if id(mod) in skip or not tr.is_leaf(mod) or isinstance(mod, _SKIP_TYPES):
-                continue
-            self._handles.append(mod.register_forward_pre_hook(self._pre, with_kwargs=True))
-            self._handles.append(mod.register_forward_hook(self._post, with_kwargs=True))
+            fq = _output_fq(mod)
+            if fq is not None:
+                self._fq_owner[id(fq)] = mod
+                self._extra.append(fq.register_forward_pre_hook(self._fq_pre))
+        super().__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
+        super().__exit__(*exc)
+        for h in self._extra:
             h.remove()
-        for mod, method in self._patched:
-            mod.__dict__.pop(method, None)
-        self._handles, self._patched, self._alive = [], [], []
-        self._scales = {}
+        self._extra, self._alive, self._scales, self._prequant = [], [], {}, {}
 
 
 # ------------------------------------------------------------------------------ model state

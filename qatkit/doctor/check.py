@@ -27,6 +27,7 @@ import torch.nn as nn
 from qatkit.base.errors import QatkitError
 from qatkit.base.frames import user_line_of
 from qatkit.base.march import March, get_march, resolve
+from qatkit.base.modules import unwrap
 from qatkit.doctor.rules import Context, Finding, all_rules, run
 from qatkit.quantization import meta as _meta
 from qatkit.quantization.fake_quant import FakeQuantize, FakeQuantState, fake_quants
@@ -161,8 +162,7 @@ class Report:
 # ------------------------------------------------------------------------------ the check
 def detect_stage(model: nn.Module) -> tuple[str, FakeQuantState | None]:
     """The model's stage and, for prepared models, the state of its fake quants."""
-    inner = model.module if isinstance(
-        model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+    inner = unwrap(model)
     m = _meta.get(inner)
     fqs = [fq for _, fq in fake_quants(inner) if not fq.is_weight]
     if (m is not None and m.stage == "converted") or (not fqs and _has_fixed_point(inner)):
@@ -280,8 +280,7 @@ def check(model: nn.Module, example_inputs: Any = None, *, march: str | March | 
     notes: list[str] = []
     findings: list[Finding] = []
     wrapper = model
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        model = model.module  # rules look at the model; QK004 at the wrapper (extra)
+    model = unwrap(model)  # rules look at the model; QK004 at the wrapper (extra)
     stage, state = detect_stage(model)
     recorded = _meta.get(model)
     recorded_march = recorded.march if recorded is not None else None

@@ -307,9 +307,9 @@ class QFunctional(QModule):
         out = self._out(q)
         if self.fused_activation == "relu" or op == "add_relu":
             out.q.clamp_(min=0)
-        tracer = recorder.active()
-        if tracer is not None:
-            tracer.record_functional(self, op, list(inputs), out)
+        rec = recorder.active()
+        if rec is not None:
+            rec.functional(self, op, tuple(inputs), out)
         return out
 
     def _add(self, a: QTensor, b: QTensor | None, c: float | None, sign: int, op: str

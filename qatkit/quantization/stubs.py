@@ -70,9 +70,9 @@ class FloatFunctional(nn.Module):
             if self.fused_activation == "relu":
                 y = torch.relu(y)
             y = self.activation_post_process(y)
-        tracer = recorder.active()
-        if tracer is not None:
-            tracer.record_functional(self, op, _tensors(*inputs), y)
+        rec = recorder.active()
+        if rec is not None:
+            rec.functional(self, op, tuple(_tensors(*inputs)), y)
         return y
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

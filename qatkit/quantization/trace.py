@@ -2,8 +2,9 @@
 
 qatkit decides by data flow, not by names: fusion, high-precision outputs, the deploy region
 (QuantStub ... DeQuantStub), shared modules and float tensors reaching quantized ops are all
-read off a :class:`Graph` recorded while the model runs on example inputs. Leaf modules are
-recorded through forward hooks, FloatFunctional methods report themselves, and every other
+read off a :class:`Graph` recorded while the model runs on example inputs, by the one recorder
+of model execution (:class:`qatkit.base.recorder.Recorder`): leaf modules are recorded through
+forward hooks, FloatFunctional methods report themselves, and every other
 torch function or tensor method called at the top level is recorded through a
 ``TorchFunctionMode``. Because the model really runs, Python control flow is no obstacle.
 """
@@ -19,7 +20,6 @@ from torch.overrides import TorchFunctionMode
 
 from qatkit.base import recorder
 from qatkit.base.frames import user_frame, where
-from qatkit.base.recorder import active, inside_leaf  # noqa: F401  (re-exported)
 
 # Shape-only functions: they move values without changing them.
 SHAPE_OPS = frozenset({
@@ -76,14 +76,14 @@ class Graph:
         return out
 
 
-class _Tracer:
+class _Tracer(recorder.Recorder):
+    """The recorder that builds a :class:`Graph`: one node per call, edges by tensor identity."""
+
     def __init__(self, model: nn.Module) -> None:
-        self.names = {id(m): n for n, m in model.named_modules()}
+        super().__init__(model)
         self.nodes: list[Node] = []
         self.producer: dict[int, int] = {}
         self.alive: list[Any] = []  # keep traced tensors alive so their ids stay unique
-        self.depth = 0
-        self.call_counts: dict[int, int] = {}
 
     def _inputs(self, args: Any) -> list[int]:
         found: list[int] = []
@@ -91,11 +91,7 @@ class _Tracer:
         return found
 
     def add(self, kind: str, target: str, op: str, module: nn.Module | None, args: Any,
-            out: Any) -> Node:
-        call = 0
-        if module is not None:
-            call = self.call_counts.get(id(module), 0)
-            self.call_counts[id(module)] = call + 1
+            out: Any, call: int = 0) -> Node:
         node = Node(len(self.nodes), kind, target, op, module, call, self._inputs(args),
                     source=where(user_frame(1)))
         for i in node.inputs:
@@ -112,10 +108,19 @@ class _Tracer:
         _walk(out, mark)
         return node
 
-    def record_functional(self, ff: nn.Module, op: str, inputs: list, out: Any) -> None:
-        if self.depth == 0:
-            name = self.names.get(id(ff), "?")
-            self.add("functional", name, op, ff, inputs, out)
+    def end(self, call: recorder.Call) -> Any:
+        if call.method is not None:  # a FloatFunctional/QFunctional method
+            self.add("functional", call.name, call.method, call.module, call.args,
+                     call.output, call.index)
+            return None
+        seen: set[int] = set()
+        _walk(call.args, lambda t: seen.add(id(t)))
+        # Identity-like modules (DeQuantStub, Identity, Dropout in eval) return their input
+        # object; give their output its own identity so the data flow stays correct.
+        out = _fresh(call.output, seen)
+        self.add("module", call.name, type(call.module).__name__, call.module, call.args, out,
+                 call.index)
+        return out
 
 
 def _walk(obj: Any, fn: Any) -> None:
@@ -161,47 +166,13 @@ class _Mode(TorchFunctionMode):
 
 def is_leaf(module: nn.Module) -> bool:
     from qatkit.quantization.fake_quant import FakeQuantize
-    if isinstance(module, FakeQuantize):
-        return False
-    if getattr(module, "_qatkit_leaf", False):
-        return True
-    return next(module.children(), None) is None
+    return not isinstance(module, FakeQuantize) and recorder.is_leaf(module)
 
 
 def trace(model: nn.Module, example_inputs: Any) -> Graph:
     """Run ``model`` once on ``example_inputs`` (a tensor, tuple or dict) and record its data
     flow. The model's mode and parameters are left as they were; no gradient is recorded."""
     tracer = _Tracer(model)
-    hooks = []
-    skip = {id(m) for n, m in model.named_modules()
-            if n.endswith(("activation_post_process", "weight_fake_quant"))}
-
-    def pre(mod: nn.Module, args: tuple) -> None:
-        if tracer.depth == 0:
-            mod._qatkit_args = args
-        tracer.depth += 1
-
-    def post(mod: nn.Module, args: tuple, out: Any) -> Any:
-        tracer.depth -= 1
-        if tracer.depth == 0:
-            name = tracer.names.get(id(mod), "?")
-            args = mod.__dict__.pop("_qatkit_args")
-            seen: set[int] = set()
-            _walk(args, lambda t: seen.add(id(t)))
-            # Identity-like modules (DeQuantStub, Identity, Dropout in eval) return their input
-            # object; give their output its own identity so the data flow stays correct.
-            tracer.depth += 1  # the aliasing view is not a traced op
-            out = _fresh(out, seen)
-            tracer.depth -= 1
-            tracer.add("module", name, type(mod).__name__, mod, args, out)
-            return out
-        return None
-
-    for m in model.modules():
-        if id(m) in skip or not is_leaf(m):
-            continue
-        hooks.append(m.register_forward_pre_hook(pre))
-        hooks.append(m.register_forward_hook(post))
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs: dict = {}
     if isinstance(example_inputs, dict):
@@ -210,14 +181,10 @@ def trace(model: nn.Module, example_inputs: Any) -> Graph:
         _walk(a, lambda x: tracer.add("input", "input", "input", None, (), x))
     modes = {m: m.training for m in model.modules()}
     model.eval()  # a trace must not move BN statistics or observers
-    recorder.push(tracer)
     try:
-        with torch.no_grad(), _Mode(tracer):
+        with torch.no_grad(), tracer, _Mode(tracer):
             out = model(*args, **kwargs)
     finally:
-        recorder.pop(tracer)
-        for h in hooks:
-            h.remove()
         for m, was in modes.items():
             m.training = was
     _walk(out, lambda x: _mark_output(tracer, x))
