@@ -242,11 +242,11 @@ def as_args(inputs: Any) -> tuple[tuple, dict]:
 def align_float(float_model: nn.Module, other: nn.Module, example_inputs: Any) -> nn.Module:
     """A fused copy of ``float_model`` when ``other`` was prepared with fusion (BN and ReLU
     folded into the convs): then layer names mean the same thing on both sides."""
-    if stage(float_model) != "float" or getattr(float_model, "_qatkit_fused", False):
+    from qatkit.quantization.fuse import fuse, is_fused
+    if stage(float_model) != "float" or is_fused(float_model):
         return float_model
-    if stage(other) == "float" or not getattr(other, "_qatkit_fused", False):
+    if stage(other) == "float" or not is_fused(other):
         return float_model
-    from qatkit.quantization.fuse import fuse
     return fuse(float_model, example_inputs)
 
 

@@ -68,10 +68,14 @@ def silence(module: nn.Module, code: str, reason: str) -> nn.Module:
     return module
 
 
+def silenced_codes(module: nn.Module | None) -> dict[str, str]:
+    """Rule code -> reason for every rule silenced on ``module``."""
+    return dict(getattr(module, "_qatkit_silenced", {})) if module is not None else {}
+
+
 def silenced_reason(module: nn.Module | None, code: str) -> str | None:
-    if module is None:
-        return None
-    return getattr(module, "_qatkit_silenced", {}).get(code)
+    """Why ``module`` silenced rule ``code`` (None when it did not)."""
+    return silenced_codes(module).get(code)
 
 
 def warn(code: str, message: str, fix: str = "", module: nn.Module | None = None,

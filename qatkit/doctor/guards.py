@@ -15,7 +15,7 @@ from typing import Any
 import torch.nn as nn
 
 from qatkit.base import hooks, recorder
-from qatkit.base.errors import QatkitError, silenced_log, warn
+from qatkit.base.errors import QatkitError, silenced_codes, silenced_log, warn
 from qatkit.base.frames import user_stacklevel
 from qatkit.base.march import March
 from qatkit.doctor.rules import Context, Finding, run
@@ -65,7 +65,7 @@ def on_set_state(model: nn.Module, state: Any, wrapper: nn.Module | None = None)
                                       "wrapper": wrapper if wrapper is not None else model})
     check(ctx)
     # Runtime checks at the input QuantStubs cannot see the root: hand them its silencing.
-    table = getattr(model, "_qatkit_silenced", {})
+    table = silenced_codes(model)
     for stub in model.modules():
         if stub.__dict__.get("_qatkit_runtime"):
             stub.__dict__["_qatkit_root_silenced"] = table

@@ -135,7 +135,6 @@ class QCenteredYUVToRGB(QModule):
     (quantized at scale 1/128 exactly as a QuantStub would); CHW or NCHW.
     """
 
-    _qatkit_deploy_colour = True  # QK008: allowed right after the input QuantStub
 
     def __init__(self, out_scale: torch.Tensor | float, out_dtype: str = "qint8", *,
                  mean: Sequence[float] | torch.Tensor | None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from qatkit.base.errors import fail
+from qatkit.base.modules import set_submodule
 from qatkit.quantization.fused import as_fused_conv, as_fused_linear, fold_bn
 from qatkit.quantization.stubs import DeQuantStub, FloatFunctional, QuantStub
 
@@ -62,10 +63,7 @@ def from_torch_ao(model: nn.Module) -> nn.Module:
     for name, child in list(model.named_children()):
         new = _swap(child)
         if new is not None:
-            for attr in ("qconfig", "_qatkit_silenced"):
-                if hasattr(child, attr):
-                    setattr(new, attr, getattr(child, attr))
-            setattr(model, name, new)
+            set_submodule(model, name, new)  # qconfig and silencing travel with it
         else:
             from_torch_ao(child)
     return model

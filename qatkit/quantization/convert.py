@@ -36,12 +36,8 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
         fq.finish_calibration()
     for name, mod in list(model.named_modules()):
         new = to_fixed_point(mod)  # the registry row's fixed-point form
-        if new is not None:
-            for keep in ("_qatkit_silenced",):
-                if hasattr(mod, keep):
-                    setattr(new, keep, getattr(mod, keep))
-            if name:
-                set_submodule(model, name, new)
+        if new is not None and name:
+            set_submodule(model, name, new)  # qconfig and silencing travel with it
     meta.attach(model, m.march, "converted")
     model.eval()
     hooks.emit("converted", model=model)  # the doctor: QK008 (ops added later), QK006

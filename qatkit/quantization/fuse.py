@@ -52,7 +52,7 @@ def fuse(model: nn.Module, example_inputs: Any, inplace: bool = False, *,
     if not inplace:
         model = copy.deepcopy(model)
     model = from_torch_ao(model)
-    if getattr(model, "_qatkit_fused", False):
+    if is_fused(model):
         return model
     g = graph if graph is not None else tr.trace(model, example_inputs)
     single = {n.target for n in g.nodes if n.kind == "module" and n.call == 0} - {
@@ -83,8 +83,13 @@ def fuse(model: nn.Module, example_inputs: Any, inplace: bool = False, *,
                 done.add(nxt.target)
             set_submodule(model, node.target, fused)
         done.add(node.target)
-    model._qatkit_fused = True
+    model.__dict__["_qatkit_fused"] = True
     return model
+
+
+def is_fused(model: nn.Module) -> bool:
+    """True for a model made by :func:`fuse` (or prepared, which fuses)."""
+    return bool(model.__dict__.get("_qatkit_fused", False))
 
 
 def _fuse_tail(model: nn.Module, g: tr.Graph, fused: FusedConv2d, last: tr.Node,

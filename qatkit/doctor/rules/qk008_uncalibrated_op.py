@@ -6,7 +6,8 @@
   FloatFunctional added after convert: its ``activation_post_process`` is an Identity, so it
   has no scale). Found by data flow when a traced graph is given, else by comparing with the
   module types ``convert`` recorded. The deploy-only colour conversion right after the input
-  QuantStub (a module with ``_qatkit_deploy_colour = True``) is the allowed exception.
+  QuantStub (:class:`~qatkit.fixed_point.yuv_input.QCenteredYUVToRGB`) is the allowed
+  exception.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn as nn
 
 from qatkit.doctor.rules import Context, Finding, Rule
 from qatkit.doctor.rules.common import is_fixed_point, owner_name, region
+from qatkit.fixed_point.yuv_input import QCenteredYUVToRGB
 from qatkit.quantization import meta
 
 _FIX_STATS = ("run calibration (or QAT) batches that exercise every op kept in the deployed "
@@ -56,7 +58,7 @@ def _statistics(ctx: Context) -> Iterator[Finding]:
 
 
 def _colour_ok(ctx: Context, module: nn.Module, producers: list) -> bool:
-    if not getattr(module, "_qatkit_deploy_colour", False):
+    if not isinstance(module, QCenteredYUVToRGB):
         return False
     if ctx.graph is None:
         return True
@@ -73,7 +75,7 @@ def _not_fixed_point(ctx: Context) -> Iterator[Finding]:
             if n.kind not in ("module", "functional") or n.index not in inside or \
                     n.target in reported:
                 continue
-            colour = getattr(n.module, "_qatkit_deploy_colour", False)
+            colour = isinstance(n.module, QCenteredYUVToRGB)
             if (is_fixed_point(n.module) and not colour) or \
                     _colour_ok(ctx, n.module, g.producers(n)):
                 continue
