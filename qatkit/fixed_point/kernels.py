@@ -54,6 +54,35 @@ def requant_mn(v: torch.Tensor, m: torch.Tensor, n: torch.Tensor, axis: int | No
     return ((v + rnd) >> right) << (-n).clamp_min(0)
 
 
+def requant_py(v: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    """:func:`requant_mn` for one per-tensor multiplier given as Python ints (the same
+    integers; no tensor is turned into a number, so ``torch.export`` can trace it)."""
+    v = v.to(torch.int64) * m
+    if n >= 1:
+        n = min(n, 63)  # |v*m| < 2^62, so any n >= 63 gives 0 exactly as 63 does
+        return (v + (1 << (n - 1))) >> n
+    return v << -n
+
+
+def float_plan(M: torch.Tensor | float) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The constants of :func:`requant_float`: ``(m * 2^-n or None, m, n)``."""
+    m, n = multiplier(M)
+    if int(n.max()) > 52:  # a tiny multiplier: the int64 rule as written
+        return None, m, n
+    return m.to(torch.float64) * torch.exp2(-n.to(torch.float64)), m, n
+
+
+def requant_float_plan(v: torch.Tensor, plan: tuple[torch.Tensor | None, torch.Tensor,
+                                                       torch.Tensor], axis: int | None = None
+                       ) -> torch.Tensor:
+    """:func:`requant_float` with its constants from :func:`float_plan`."""
+    mult, m, n = plan
+    if mult is None:
+        return requant_mn(v, m, n, axis).to(torch.float64)
+    t = v.to(torch.float64, copy=True)
+    return t.mul_(along(mult, axis, v.dim())).add_(0.5).floor_()
+
+
 def requant_plan(m: torch.Tensor, n: torch.Tensor, q_b: torch.Tensor, acc_bound: int
                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Float64 form of ``requant(acc + q_b, m, n)``: ``floor(acc * mult + addend)`` with
@@ -102,12 +131,7 @@ def requant_float(v: torch.Tensor, M: torch.Tensor | float, axis: int | None = N
     ``floor(v * (m * 2^-n) + 1/2)`` is exact in float64 when ``n <= 52``: ``|v * m| < 2^46``,
     and every intermediate is a multiple of ``2^-n`` with at most 53 significant bits. (float64
     because CPUs without AVX-512 have no vectorised int64 multiply.)"""
-    m, n = multiplier(M)
-    if int(n.max()) > 52:  # a tiny multiplier: the int64 rule as written
-        return requant_mn(v, m, n, axis).to(torch.float64)
-    mult = along(m.to(torch.float64) * torch.exp2(-n.to(torch.float64)), axis, v.dim())
-    t = v.to(torch.float64, copy=True)
-    return t.mul_(mult).add_(0.5).floor_()
+    return requant_float_plan(v, float_plan(M), axis)
 
 
 def saturate(v: torch.Tensor, dtype: str) -> torch.Tensor:

@@ -4,10 +4,18 @@ Each module holds what ``docs/fixed-point.md`` needs (int8 weights, per-channel 
 the float bias to be quantized at the input scale, the output scale and dtype) and computes with
 ``qatkit.fixed_point.kernels``. Quantities that depend on the input scale (int32 bias, multipliers,
 lookup tables) are computed on the first call with a given input scale and cached.
+
+``torch.export.export`` traces ``forward`` with fake tensors, where no tensor may be turned into
+a Python number. So every number derived from scales and weights (multipliers, shifts, clamp
+bounds, tables) is computed in :func:`constants`, on the real tensors the module holds (its
+buffers as last assigned outside tracing), and cached per input scale; ``forward`` itself only
+does tensor arithmetic with them. The integers are the same either way.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -32,8 +40,31 @@ def _need_q(x: Any, who: nn.Module, per_tensor: bool = True) -> QTensor:
     return x
 
 
-def _key(x: QTensor) -> tuple[float, str]:
-    return (float(x.scale), x.dtype)
+@contextlib.contextmanager
+def constants() -> Iterator[None]:
+    """Real tensors, nothing traced: where scale-derived constants are computed. Outside
+    ``torch.export`` a no-op; inside it, the tracing modes are set aside for the block."""
+    if not torch.compiler.is_exporting():
+        yield
+        return
+    from torch.utils._python_dispatch import _disable_current_modes
+    with _disable_current_modes(), torch._C.DisableTorchFunction():
+        yield
+
+
+def _scale_key(s: torch.Tensor) -> float | tuple[float, ...]:
+    with constants():
+        return float(s) if s.dim() == 0 else tuple(s.tolist())
+
+
+def _key(x: QTensor) -> tuple[Any, str]:
+    return (_scale_key(x.scale), x.dtype)
+
+
+def _mn(M: torch.Tensor) -> tuple[int, int]:
+    """A per-tensor multiplier as Python ints (see :func:`fp.requant_py`)."""
+    m, n = fp.multiplier(M)
+    return int(m), int(n)
 
 
 class QModule(nn.Module):
@@ -42,16 +73,45 @@ class QModule(nn.Module):
     def __init__(self, out_scale: torch.Tensor | None, out_dtype: str) -> None:
         super().__init__()
         self.out_dtype = out_dtype
+        self._real: dict[str, torch.Tensor | None] = {}
         self.register_buffer("out_scale", None if out_scale is None
                              else out_scale.detach().clone().to(torch.float32))
         self._cache: dict[Any, Any] = {}
+
+    # The real buffers, also while torch.export swaps them for fake tensors (see module doc).
+    def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True
+                        ) -> None:
+        super().register_buffer(name, tensor, persistent)
+        self._real[name] = tensor
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in self.__dict__.get("_buffers", {}) and not torch.compiler.is_exporting():
+            self._real[name] = value
+
+    def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
+        out = super()._apply(fn, recurse)
+        self._real.update(self._buffers)
+        return out
+
+    def real(self, name: str) -> Any:
+        """Buffer ``name`` as a real tensor (the buffer itself outside torch.export)."""
+        return getattr(self, name) if not torch.compiler.is_exporting() else self._real[name]
+
+    def cached(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()`` (run under :func:`constants`) cached per ``key``."""
+        c = self._cache.get(key)
+        if c is None:
+            with constants():
+                c = self._cache[key] = build()
+        return c
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         self._cache = {}
         super()._load_from_state_dict(*args, **kwargs)
 
     def _out(self, q: torch.Tensor) -> QTensor:
-        return QTensor(fp.saturate(q, self.out_dtype), self.out_scale, self.out_dtype)
+        return QTensor(fp.saturate(q, self.out_dtype), self.real("out_scale"), self.out_dtype)
 
 
 class QQuantStub(QModule):
@@ -61,8 +121,9 @@ class QQuantStub(QModule):
         if isinstance(x, QTensor):
             raise fail("QK000", "QuantStub received an already quantized tensor.",
                        "remove the second QuantStub on this path")
-        q = quantize(x, self.out_scale, self.out_dtype)
-        return QTensor(q.to(TORCH_DTYPE[self.out_dtype]), self.out_scale, self.out_dtype)
+        s = self.real("out_scale")
+        q = quantize(x, s, self.out_dtype)
+        return QTensor(q.to(TORCH_DTYPE[self.out_dtype]), s, self.out_dtype)
 
 
 class QDeQuantStub(nn.Module):
@@ -100,34 +161,35 @@ class _QWeighted(QModule):
         self.register_buffer("bias", None if bias is None else bias.detach().clone().float())
 
     def _prep(self, x: QTensor) -> dict[str, Any]:
-        key = _key(x)
-        c = self._cache.get(key)
-        if c is None:
-            s_in = x.scale.detach().to(torch.float32)
-            n_out = self.weight.shape[0]
-            b = self.bias if self.bias is not None else torch.zeros(n_out)
-            c = {"q_b": fp.quantize_bias(b, s_in, self.weight_scale),
-                 "method": self._method(x.dtype)}
-            if self.output_mode == "quantized":
-                c["mn"] = fp.multiplier(fp.real_multiplier(s_in, self.weight_scale,
-                                                           divide_by=self.out_scale))
-                c["clamp"] = _clamp_bounds(self.activation, float(self.out_scale),
-                                           self.out_dtype) or qrange(self.out_dtype)
-                # the same integers through float64 where provably exact (spec section 12)
-                c["f64"] = fp.requant_plan(*c["mn"], c["q_b"],
-                                           fp.acc_bound(self.weight, x.dtype))
-            else:
-                c["acc_scale"] = fp.accumulator_scale(s_in, self.weight_scale)
-            self._cache[key] = c
+        return self.cached(_key(x), lambda: self._constants(x))
+
+    def _constants(self, x: QTensor) -> dict[str, Any]:
+        s_in = x.scale.detach().to(torch.float32)
+        weight, s_w, s_o = self.real("weight"), self.real("weight_scale"), self.real("out_scale")
+        bias = self.real("bias")
+        b = bias if bias is not None else torch.zeros(weight.shape[0])
+        c = {"q_b": fp.quantize_bias(b, s_in, s_w),
+             "method": fp.conv_method(weight, x.dtype, getattr(self, "groups", 1))
+             if not isinstance(self, QConvTranspose2d) else "float64"}
+        if self.output_mode == "quantized":
+            c["mn"] = fp.multiplier(fp.real_multiplier(s_in, s_w, divide_by=s_o))
+            c["clamp"] = _clamp_bounds(self.activation, float(s_o),
+                                       self.out_dtype) or qrange(self.out_dtype)
+            # the same integers through float64 where provably exact (spec section 12)
+            c["f64"] = fp.requant_plan(*c["mn"], c["q_b"], fp.acc_bound(weight, x.dtype))
+        else:
+            c["acc_scale"] = fp.accumulator_scale(s_in, s_w)
+        c["w"] = self._prepared_weight(weight, c["method"])
         return c
 
-    def _method(self, in_dtype: str) -> str:
-        return fp.conv_method(self.weight, in_dtype, getattr(self, "groups", 1))
+    def _prepared_weight(self, weight: torch.Tensor, method: str) -> torch.Tensor:
+        """The weights in the layout the kernel of ``method`` reads."""
+        raise NotImplementedError
 
     def _finish(self, acc: torch.Tensor, c: dict[str, Any], axis: int) -> QTensor:
         if self.output_mode == "quantized" and c["f64"] is not None:
             q = fp.requant_f64(acc, c["f64"], *c["clamp"], self.out_dtype, axis)
-            return QTensor(q, self.out_scale, self.out_dtype)
+            return QTensor(q, self.real("out_scale"), self.out_dtype)
         acc = acc.to(torch.int64) + fp.along(c["q_b"], axis, acc.dim())
         if self.output_mode != "quantized":
             q = acc.clamp(*qrange("qint32")).to(torch.int32)
@@ -148,11 +210,12 @@ class QConv2d(_QWeighted):
     def forward(self, x: QTensor) -> QTensor:
         x = _need_q(x, self)
         c = self._prep(x)
-        if "w" not in c:
-            c["w"] = fp.prepared_weight(self.weight, c["method"])
-        acc = fp.conv2d(x.q, self.weight, self.stride, self.padding, self.dilation, self.groups,
-                        c["method"], c["w"])
+        acc = fp.conv2d(x.q, self.real("weight"), self.stride, self.padding, self.dilation,
+                        self.groups, c["method"], c["w"])
         return self._finish(acc, c, 1)
+
+    def _prepared_weight(self, weight: torch.Tensor, method: str) -> torch.Tensor:
+        return fp.prepared_weight(weight, method)
 
 
 class QLinear(_QWeighted):
@@ -162,11 +225,12 @@ class QLinear(_QWeighted):
     def forward(self, x: QTensor) -> QTensor:
         x = _need_q(x, self)
         c = self._prep(x)
-        if "w_t" not in c:
-            w = self.weight.t().contiguous()
-            c["w_t"] = w if c["method"] == "int_mm" else w.to(torch.int64)
-        acc = fp.linear(x.q, c["w_t"], c["method"])
+        acc = fp.linear(x.q, c["w"], c["method"])
         return self._finish(acc, c, acc.dim() - 1)
+
+    def _prepared_weight(self, weight: torch.Tensor, method: str) -> torch.Tensor:
+        w = weight.t().contiguous()
+        return w if method == "int_mm" else w.to(torch.int64)
 
 
 class QConvTranspose2d(_QWeighted):
@@ -176,19 +240,17 @@ class QConvTranspose2d(_QWeighted):
         self.output_padding, self.groups = qat.output_padding, qat.groups
         self.weight_shape = tuple(qat.weight.shape)
 
-    def _method(self, in_dtype: str) -> str:
-        return "float64"
-
     def forward(self, x: QTensor) -> QTensor:
         x = _need_q(x, self)
         c = self._prep(x)
-        if "w_t" not in c:  # back to the [Cin, Cout/g, kh, kw] layout of conv_transpose2d
-            g, w = self.groups, self.weight
-            c["w_t"] = w.reshape(g, w.shape[0] // g, *w.shape[1:]).transpose(1, 2).reshape(
-                self.weight_shape)
-        acc = fp.conv_transpose2d(x.q, c["w_t"], self.stride, self.padding, self.output_padding,
+        acc = fp.conv_transpose2d(x.q, c["w"], self.stride, self.padding, self.output_padding,
                                   self.groups, self.dilation)
         return self._finish(acc, c, 1)
+
+    def _prepared_weight(self, weight: torch.Tensor, method: str) -> torch.Tensor:
+        g = self.groups  # back to the [Cin, Cout/g, kh, kw] layout of conv_transpose2d
+        return weight.reshape(g, weight.shape[0] // g, *weight.shape[1:]).transpose(1, 2).reshape(
+            self.weight_shape)
 
 
 class QLookupTable(QModule):
@@ -200,13 +262,10 @@ class QLookupTable(QModule):
 
     def forward(self, x: QTensor) -> QTensor:
         x = _need_q(x, self)
-        key = _key(x)
-        table = self._cache.get(key)
-        if table is None:
-            table = self._cache[key] = fp.lut_table(self.kind, x.scale, x.dtype,
-                                                    self.out_scale, self.out_dtype)
+        table = self.cached(_key(x), lambda: fp.lut_table(
+            self.kind, x.scale, x.dtype, self.real("out_scale"), self.out_dtype))
         idx = x.q.to(torch.int64) - qrange(x.dtype)[0]
-        return QTensor(table[idx], self.out_scale, self.out_dtype)
+        return QTensor(table[idx], self.real("out_scale"), self.out_dtype)
 
 
 class QClamp(QModule):
@@ -218,9 +277,13 @@ class QClamp(QModule):
 
     def forward(self, x: QTensor) -> QTensor:
         x = _need_q(x, self)
+        lo, hi, m, n = self.cached(_key(x), lambda: self._constants(x))
+        return self._out(fp.requant_py(x.q.to(torch.int64).clamp(lo, hi), m, n))
+
+    def _constants(self, x: QTensor) -> tuple[int, int, int, int]:
         s_in = float(x.scale)
-        q = x.q.to(torch.int64).clamp(round(self.lo / s_in), round(self.hi / s_in))
-        return self._out(fp.requant(q, fp.real_multiplier(x.scale, divide_by=self.out_scale)))
+        return (round(self.lo / s_in), round(self.hi / s_in),
+                *_mn(fp.real_multiplier(x.scale, divide_by=self.real("out_scale"))))
 
 
 class QAvgPool2d(QModule):
@@ -241,9 +304,10 @@ class QAvgPool2d(QModule):
         kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
         acc = torch.nn.functional.avg_pool2d(x.q.to(torch.float64), kernel, stride, padding,
                                              divisor_override=1).to(torch.int64)
-        M = torch.tensor(float(x.scale), dtype=torch.float64) / float(kh * kw) / float(
-            self.out_scale)
-        return self._out(fp.requant(acc, M))
+        m, n = self.cached((*_key(x), kh * kw), lambda: _mn(torch.tensor(
+            float(x.scale), dtype=torch.float64) / float(kh * kw) / float(
+            self.real("out_scale"))))
+        return self._out(fp.requant_py(acc, m, n))
 
 
 def _adaptive_kernel(hw: Any, out: Any) -> tuple[int, int]:
@@ -283,8 +347,9 @@ class QUpsampleBilinear(QModule):
         q = x.q.to(torch.int64)
         rows = q[..., y0, :] * (256 - wy)[:, None] + q[..., y1, :] * wy[:, None]
         acc = rows[..., x0] * (256 - wx) + rows[..., x1] * wx
-        M = torch.tensor(float(x.scale), dtype=torch.float64) / 65536 / float(self.out_scale)
-        return self._out(fp.requant(acc, M))
+        m, n = self.cached(_key(x), lambda: _mn(torch.tensor(
+            float(x.scale), dtype=torch.float64) / 65536 / float(self.real("out_scale"))))
+        return self._out(fp.requant_py(acc, m, n))
 
 
 class QFunctional(QModule):
@@ -298,10 +363,10 @@ class QFunctional(QModule):
     def forward(self, *args: Any) -> None:
         raise fail("QK000", "FloatFunctional is not called directly.", "call one of its methods")
 
-    def _rq(self, x: QTensor, *mult: Any, divide: Any = None) -> torch.Tensor:
-        M = fp.real_multiplier(x.scale, *mult, divide_by=self.out_scale if divide is None
-                               else divide)
-        return fp.requant(x.q, M, x.axis)
+    def _rq_mn(self, x: QTensor) -> tuple[int, int]:
+        """``s_x / s_o`` as Python ints, cached per input scale."""
+        return self.cached(("rq", *_key(x)), lambda: _mn(fp.real_multiplier(
+            x.scale, divide_by=self.real("out_scale"))))
 
     def _fin(self, q: torch.Tensor, op: str, inputs: tuple) -> QTensor:
         out = self._out(q)
@@ -315,19 +380,30 @@ class QFunctional(QModule):
     def _add(self, a: QTensor, b: QTensor | None, c: float | None, sign: int, op: str
              ) -> QTensor:
         a = _need_q(a, self, per_tensor=False)
-        s_i = torch.tensor(float(self.out_scale), dtype=torch.float64) / 256
-        # operands are int8/int16/int32, so their requants are exact in float64; their sum is
-        # below 2^48 and the final requant by 2^-8 is floor(total / 256 + 1/2), exact too
-        ai = fp.requant_float(a.q, a.scale.to(torch.float64) / s_i, a.axis)
         if b is not None:
             b = _need_q(b, self, per_tensor=False)
-            bi = fp.requant_float(b.q, b.scale.to(torch.float64) / s_i, b.axis)
+        pa, pb = self.cached(("add", *_key(a), None if b is None else _key(b), c),
+                             lambda: self._add_constants(a, b, c))
+        # operands are int8/int16/int32, so their requants are exact in float64; their sum is
+        # below 2^48 and the final requant by 2^-8 is floor(total / 256 + 1/2), exact too
+        ai = fp.requant_float_plan(a.q, pa, a.axis)
+        if b is not None:
+            bi = fp.requant_float_plan(b.q, pb, b.axis)
             ai = ai.add_(bi, alpha=sign) if ai.shape == torch.broadcast_shapes(
                 ai.shape, bi.shape) else ai.add(bi, alpha=sign)
         else:
-            ai.add_(round(float(c) / float(s_i)))
+            ai.add_(pb)
         total = ai.mul_(2.0**-8).add_(0.5).floor_()
         return self._fin(total, op, (a,) if b is None else (a, b))
+
+    def _add_constants(self, a: QTensor, b: QTensor | None, c: float | None) -> tuple[Any, Any]:
+        """The requant plans of both operands to ``s_i = s_o / 256`` (or the scalar's value
+        at ``s_i``)."""
+        s_i = torch.tensor(float(self.real("out_scale")), dtype=torch.float64) / 256
+        pa = fp.float_plan(a.scale.to(torch.float64) / s_i)
+        if b is None:
+            return pa, round(float(c) / float(s_i))
+        return pa, fp.float_plan(b.scale.to(torch.float64) / s_i)
 
     def add(self, a: QTensor, b: QTensor) -> QTensor:
         return self._add(a, b, None, 1, "add")
@@ -341,16 +417,21 @@ class QFunctional(QModule):
     def add_scalar(self, a: QTensor, c: float) -> QTensor:
         return self._add(a, None, c, 1, "add_scalar")
 
+    def _prod_mn(self, a: QTensor, b: QTensor) -> tuple[int, int]:
+        return self.cached(("prod", *_key(a), *_key(b)), lambda: _mn(fp.real_multiplier(
+            a.scale, b.scale, divide_by=self.real("out_scale"))))
+
     def mul(self, a: QTensor, b: QTensor) -> QTensor:
         a, b = _need_q(a, self), _need_q(b, self)
         prod = a.q.to(torch.int64) * b.q.to(torch.int64)
-        M = fp.real_multiplier(a.scale, b.scale, divide_by=self.out_scale)
-        return self._fin(fp.requant(prod, M), "mul", (a, b))
+        return self._fin(fp.requant_py(prod, *self._prod_mn(a, b)), "mul", (a, b))
 
     def mul_scalar(self, a: QTensor, c: float) -> QTensor:
         a = _need_q(a, self)
-        M = a.scale.to(torch.float32).to(torch.float64) * float(c) / float(self.out_scale)
-        return self._fin(fp.requant(a.q, M), "mul_scalar", (a,))
+        m, n = self.cached(("mul_scalar", *_key(a), c), lambda: _mn(
+            a.scale.to(torch.float32).to(torch.float64) * float(c)
+            / float(self.real("out_scale"))))
+        return self._fin(fp.requant_py(a.q, m, n), "mul_scalar", (a,))
 
     def matmul(self, a: QTensor, b: QTensor) -> QTensor:
         a, b = _need_q(a, self), _need_q(b, self)
@@ -360,24 +441,27 @@ class QFunctional(QModule):
             acc = torch._int_mm(fp.canonical(a.q), fp.canonical(b.q))
         else:  # products < 2^31, sums < 2^53: exact in float64
             acc = torch.matmul(a.q.to(torch.float64), b.q.to(torch.float64)).to(torch.int64)
-        M = fp.real_multiplier(a.scale, b.scale, divide_by=self.out_scale)
-        return self._fin(fp.requant(acc, M), "matmul", (a, b))
+        return self._fin(fp.requant_py(acc, *self._prod_mn(a, b)), "matmul", (a, b))
 
     def sum(self, a: QTensor, dim: Any, keepdim: bool = False) -> QTensor:
         a = _need_q(a, self)
         acc = a.q.to(torch.int64).sum(dim, keepdim=keepdim)
-        M = fp.real_multiplier(a.scale, divide_by=self.out_scale)
-        return self._fin(fp.requant(acc, M), "sum", (a,))
+        return self._fin(fp.requant_py(acc, *self._rq_mn(a)), "sum", (a,))
 
     def mean(self, a: QTensor, dim: Any, keepdim: bool = False) -> QTensor:
         a = _need_q(a, self)
         acc = a.q.to(torch.int64).sum(dim, keepdim=keepdim)
         n = a.q.numel() // max(acc.numel(), 1)
-        M = a.scale.to(torch.float64) / float(n) / float(self.out_scale)
-        return self._fin(fp.requant(acc, M), "mean", (a,))
+        m, sh = self.cached(("mean", *_key(a), n), lambda: _mn(
+            a.scale.to(torch.float64) / float(n) / float(self.real("out_scale"))))
+        return self._fin(fp.requant_py(acc, m, sh), "mean", (a,))
 
     def _same_scale(self, xs: Any) -> list[torch.Tensor]:
-        return [fp.saturate(self._rq(_need_q(x, self)), self.out_dtype) for x in xs]
+        out = []
+        for x in xs:
+            x = _need_q(x, self)
+            out.append(fp.saturate(fp.requant_py(x.q, *self._rq_mn(x)), self.out_dtype))
+        return out
 
     def maximum(self, a: QTensor, b: QTensor) -> QTensor:
         qa, qb = self._same_scale((a, b))

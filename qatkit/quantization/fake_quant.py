@@ -108,6 +108,8 @@ class FakeQuantize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self.state
+        if torch.compiler.is_exporting():
+            return self._exported_forward(x)
         if recorder.active() is not None:  # a trace observes the model; it must not change it
             return fake_quantize(x, self.scale, self.dtype, self.ch_axis) \
                 if bool(self.initialized) and st is not FakeQuantState.CALIBRATION else x
@@ -137,6 +139,18 @@ class FakeQuantize(nn.Module):
         if not bool(self.initialized):
             raise fail("QK008", "a fake quant has no scale yet: it never saw data in "
                        "calibration or QAT.", "calibrate (or train in QAT state) before validation")
+        return fake_quantize(x, self.scale, self.dtype)
+
+    def _exported_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The VALIDATION forward, as ``torch.export`` records it: no statistic is updated and
+        no buffer read as a Python value (``initialized`` is the guards' job at convert)."""
+        if self.state is not FakeQuantState.VALIDATION:
+            raise fail("QK000", f"torch.export of a fake quant in state {self.state.name}: "
+                       "only the VALIDATION forward is a fixed function of its input.",
+                       "call model.eval() and qk.set_fake_quantize(model, "
+                       "qk.FakeQuantState.VALIDATION) before torch.export.export")
+        if self.is_weight:
+            return fake_quantize(x, self.weight_scale(x), self.dtype, self.ch_axis)
         return fake_quantize(x, self.scale, self.dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]

@@ -1,0 +1,83 @@
+"""Small models for the export tests: every fixed-point module kind, prepared and converted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import qatkit as qk
+from qatkit.quantization.calibrate import calibrate
+
+
+class AllOps(nn.Module):
+    """Conv (+BN+ReLU, depthwise + fused ReLU6), transposed conv, sigmoid/tanh/hardswish
+    tables, standalone Hardtanh, avg/max/adaptive pools, bilinear and nearest resize, every
+    FloatFunctional method, flatten/reshape, linear, and a high-precision conv head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.quant2 = qk.QuantStub(), qk.QuantStub()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.dw = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
+        self.relu6 = nn.ReLU6()
+        self.sig, self.tanh, self.hsw = nn.Sigmoid(), nn.Tanh(), nn.Hardswish()
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.ct = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.ff = nn.ModuleDict({k: qk.FloatFunctional() for k in (
+            "add", "sub", "mul", "cat", "add_scalar", "mul_scalar", "max", "min", "mean",
+            "stack", "sum", "matmul", "add_relu")})
+        self.pool, self.avg = nn.MaxPool2d(2), nn.AvgPool2d(2)
+        self.htanh = nn.Hardtanh(-0.5, 0.5)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 5)
+        self.head = nn.Conv2d(16, 4, 1)
+        self.dequant, self.dequant2, self.dequant3 = (qk.DeQuantStub(), qk.DeQuantStub(),
+                                                      qk.DeQuantStub())
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> Any:
+        ff = self.ff
+        x = self.relu(self.bn(self.conv(self.quant(x))))          # [N, 8, 8, 8]
+        y = self.quant2(y)                                        # [N, 8, 4, 4]
+        d = self.relu6(self.dw(x))                                # [N, 8, 4, 4]
+        a = ff["add"].add(self.sig(d), self.tanh(y))
+        s = ff["sub"].sub(a, self.hsw(d))
+        m = ff["mul"].mul(s, ff["add_scalar"].add_scalar(y, 0.25))
+        m = ff["max"].maximum(ff["mul_scalar"].mul_scalar(m, -1.5), ff["min"].minimum(d, y))
+        u = self.up(m)                                            # [N, 8, 8, 8]
+        t = self.ct(d)                                            # [N, 8, 8, 8]
+        c = ff["cat"].cat([u, ff["add_relu"].add_relu(t, x)], 1)  # [N, 16, 8, 8]
+        c = self.htanh(self.avg(F.interpolate(self.pool(c), scale_factor=2)))  # [N, 16, 4, 4]
+        hp = self.head(c)                                         # high-precision output
+        g = self.gap(c).flatten(1)                                # [N, 16]
+        z = self.fc(g.reshape(g.shape[0], 16))
+        st = ff["stack"].stack([z, z], 1)                         # [N, 2, 5]
+        mm = ff["matmul"].matmul(st, st.transpose(1, 2))          # [N, 2, 2]
+        me = ff["mean"].mean(mm, 2)
+        su = ff["sum"].sum(st, 1)
+        return self.dequant(me), self.dequant2(su), self.dequant3(hp)
+
+
+def allops_inputs(n: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g), torch.randn(n, 8, 4, 4, generator=g)
+
+
+def prepared_and_converted(model: nn.Module, inputs: Any, march: str, qconfig: Any = None,
+                           batches: int = 3, seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """Calibrate ``model`` on random batches shaped like ``inputs`` and convert it; returns
+    (the prepared model in VALIDATION state, the fixed-point model)."""
+    torch.manual_seed(seed)
+    ins = inputs if isinstance(inputs, tuple) else (inputs,)
+    g = torch.Generator().manual_seed(seed + 1)
+    with qk.set_march(march):
+        calib = qk.prepare(model, inputs, qconfig=qconfig or qk.default_calibration_qconfig())
+        data = [tuple(torch.randn(t.shape, generator=g) for t in ins) for _ in range(batches)]
+        calibrate(calib, data if len(ins) > 1 else [d[0] for d in data], progress=False)
+        calib.eval()
+        qk.set_fake_quantize(calib, qk.FakeQuantState.VALIDATION)
+        return calib, qk.convert(calib)
