@@ -14,7 +14,7 @@ Workflow::
 
 The names below are loaded on first use (``import qatkit`` itself imports no torch), from the
 subpackages that own them: ``qatkit.base``, ``qatkit.quantization``, ``qatkit.fixed_point``,
-``qatkit.distributed``, ``qatkit.doctor``, ``qatkit.analysis``.
+``qatkit.distributed``, ``qatkit.doctor``, ``qatkit.analysis``, ``qatkit.export``.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ _EXPORTS: dict[str, str] = {
     "QCenteredYUVToRGB": "qatkit.fixed_point.yuv_input",
     "insert_yuv_input": "qatkit.quantization.deploy_input",
     "check_overfitting": "qatkit.doctor.rules.qk009_overfitting",
+    "export_onnx": "qatkit.export",
 }
 # public submodules: qk.checkpoint.save(...), qk.doctor.check(...), ...
 _MODULES: dict[str, str] = {
@@ -83,6 +84,7 @@ __all__ = [
     "distributed",
     "doctor",
     "evaluate",
+    "export_onnx",
     "fixed_scale_qconfig",
     "fuse",
     "get_march",
@@ -116,6 +118,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from qatkit.base.march import MARCHES, March, get_march, set_march
     from qatkit.base.qtensor import QTensor
     from qatkit.doctor.rules.qk009_overfitting import check_overfitting
+    from qatkit.export import export_onnx
     from qatkit.fixed_point.yuv_input import QCenteredYUVToRGB
     from qatkit.quantization import checkpoint
     from qatkit.quantization.calibrate import calibrate

@@ -17,8 +17,9 @@ class AllOps(nn.Module):
     tables, standalone Hardtanh, avg/max/adaptive pools, bilinear and nearest resize, every
     FloatFunctional method, flatten/reshape, linear, and a high-precision conv head."""
 
-    def __init__(self) -> None:
+    def __init__(self, conv_transpose: bool = True) -> None:
         super().__init__()
+        self.conv_transpose = conv_transpose
         self.quant, self.quant2 = qk.QuantStub(), qk.QuantStub()
         self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(8)
@@ -28,6 +29,7 @@ class AllOps(nn.Module):
         self.sig, self.tanh, self.hsw = nn.Sigmoid(), nn.Tanh(), nn.Hardswish()
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
         self.ct = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.up2 = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
         self.ff = nn.ModuleDict({k: qk.FloatFunctional() for k in (
             "add", "sub", "mul", "cat", "add_scalar", "mul_scalar", "max", "min", "mean",
             "stack", "sum", "matmul", "add_relu")})
@@ -49,7 +51,7 @@ class AllOps(nn.Module):
         m = ff["mul"].mul(s, ff["add_scalar"].add_scalar(y, 0.25))
         m = ff["max"].maximum(ff["mul_scalar"].mul_scalar(m, -1.5), ff["min"].minimum(d, y))
         u = self.up(m)                                            # [N, 8, 8, 8]
-        t = self.ct(d)                                            # [N, 8, 8, 8]
+        t = self.ct(d) if self.conv_transpose else self.up2(d)   # [N, 8, 8, 8]
         c = ff["cat"].cat([u, ff["add_relu"].add_relu(t, x)], 1)  # [N, 16, 8, 8]
         c = self.htanh(self.avg(F.interpolate(self.pool(c), scale_factor=2)))  # [N, 16, 4, 4]
         hp = self.head(c)                                         # high-precision output

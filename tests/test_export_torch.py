@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import qatkit as qk
-from qatkit.demo.recipe import DemoNet
 from qatkit.base.errors import QatkitError
+from qatkit.demo.recipe import DemoNet
 from tests._export_models import AllOps, allops_inputs, prepared_and_converted
 
 

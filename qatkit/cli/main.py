@@ -18,6 +18,8 @@ COMMANDS = {
     "marches": ("qatkit.cli.marches", "list marches, processors and capabilities"),
     "doctor": ("qatkit.cli.doctor", "check a model for quantization misuses"),
     "report": ("qatkit.cli.report", "write the per-layer accuracy report (HTML + JSON)"),
+    "export": ("qatkit.cli.export", "write the fixed-point model as ONNX (integer or qdq)"),
+    "verify": ("qatkit.cli.verify", "compare an exported ONNX file with qatkit's fixed point"),
     "bench": ("qatkit.cli.bench", "benchmarks against torch.ao (needs the repository's bench/)"),
 }
 

@@ -262,10 +262,15 @@ class QLookupTable(QModule):
 
     def forward(self, x: QTensor) -> QTensor:
         x = _need_q(x, self)
-        table = self.cached(_key(x), lambda: fp.lut_table(
-            self.kind, x.scale, x.dtype, self.real("out_scale"), self.out_dtype))
+        table = self.table(x)
         idx = x.q.to(torch.int64) - qrange(x.dtype)[0]
         return QTensor(table[idx], self.real("out_scale"), self.out_dtype)
+
+
+    def table(self, x: QTensor) -> torch.Tensor:
+        """The table for ``x``'s scale and dtype, indexed by ``q - qmin``."""
+        return self.cached(_key(x), lambda: fp.lut_table(
+            self.kind, x.scale, x.dtype, self.real("out_scale"), self.out_dtype))
 
 
 class QClamp(QModule):
@@ -277,8 +282,12 @@ class QClamp(QModule):
 
     def forward(self, x: QTensor) -> QTensor:
         x = _need_q(x, self)
-        lo, hi, m, n = self.cached(_key(x), lambda: self._constants(x))
+        lo, hi, m, n = self.params(x)
         return self._out(fp.requant_py(x.q.to(torch.int64).clamp(lo, hi), m, n))
+
+    def params(self, x: QTensor) -> tuple[int, int, int, int]:
+        """Clamp bounds at the input scale and the requant multiplier ``(lo, hi, m, n)``."""
+        return self.cached(_key(x), lambda: self._constants(x))
 
     def _constants(self, x: QTensor) -> tuple[int, int, int, int]:
         s_in = float(x.scale)
@@ -297,17 +306,22 @@ class QAvgPool2d(QModule):
 
     def forward(self, x: QTensor) -> QTensor:
         x = _need_q(x, self)
+        kernel, stride, padding, m, n = self.params(x)
+        acc = torch.nn.functional.avg_pool2d(x.q.to(torch.float64), kernel, stride, padding,
+                                             divisor_override=1).to(torch.int64)
+        return self._out(fp.requant_py(acc, m, n))
+
+    def params(self, x: QTensor) -> tuple[Any, Any, Any, int, int]:
+        """``(kernel, stride, padding, m, n)`` for the input ``x``."""
         kernel, stride, padding = self.kernel, self.stride, self.padding
         if self.adaptive_out is not None:
             kernel = _adaptive_kernel(x.q.shape[-2:], self.adaptive_out)
             stride, padding = kernel, 0
         kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
-        acc = torch.nn.functional.avg_pool2d(x.q.to(torch.float64), kernel, stride, padding,
-                                             divisor_override=1).to(torch.int64)
         m, n = self.cached((*_key(x), kh * kw), lambda: _mn(torch.tensor(
             float(x.scale), dtype=torch.float64) / float(kh * kw) / float(
             self.real("out_scale"))))
-        return self._out(fp.requant_py(acc, m, n))
+        return kernel, stride, padding, m, n
 
 
 def _adaptive_kernel(hw: Any, out: Any) -> tuple[int, int]:
@@ -332,6 +346,14 @@ class QUpsampleBilinear(QModule):
 
     def forward(self, x: QTensor) -> QTensor:
         x = _need_q(x, self)
+        (y0, y1, wy), (x0, x1, wx), (m, n) = self.params(x)
+        q = x.q.to(torch.int64)
+        rows = q[..., y0, :] * (256 - wy)[:, None] + q[..., y1, :] * wy[:, None]
+        acc = rows[..., x0] * (256 - wx) + rows[..., x1] * wx
+        return self._out(fp.requant_py(acc, m, n))
+
+    def params(self, x: QTensor) -> tuple[Any, Any, tuple[int, int]]:
+        """The taps ``(i0, i1, w1)`` of each axis and the requant multiplier ``(m, n)``."""
         h, w = x.q.shape[-2:]
         sh = sw = None  # PyTorch's source-index rule uses a given scale factor (section 9)
         if self.size is not None:
@@ -344,12 +366,9 @@ class QUpsampleBilinear(QModule):
                 sh = sw = None
         y0, y1, wy = fp.bilinear_taps(h, oh, self.align_corners, sh)
         x0, x1, wx = fp.bilinear_taps(w, ow, self.align_corners, sw)
-        q = x.q.to(torch.int64)
-        rows = q[..., y0, :] * (256 - wy)[:, None] + q[..., y1, :] * wy[:, None]
-        acc = rows[..., x0] * (256 - wx) + rows[..., x1] * wx
-        m, n = self.cached(_key(x), lambda: _mn(torch.tensor(
+        mn = self.cached(_key(x), lambda: _mn(torch.tensor(
             float(x.scale), dtype=torch.float64) / 65536 / float(self.real("out_scale"))))
-        return self._out(fp.requant_py(acc, m, n))
+        return (y0, y1, wy), (x0, x1, wx), mn
 
 
 class QFunctional(QModule):
@@ -363,27 +382,30 @@ class QFunctional(QModule):
     def forward(self, *args: Any) -> None:
         raise fail("QK000", "FloatFunctional is not called directly.", "call one of its methods")
 
-    def _rq_mn(self, x: QTensor) -> tuple[int, int]:
+    def rq_mn(self, x: QTensor) -> tuple[int, int]:
         """``s_x / s_o`` as Python ints, cached per input scale."""
         return self.cached(("rq", *_key(x)), lambda: _mn(fp.real_multiplier(
             x.scale, divide_by=self.real("out_scale"))))
 
-    def _fin(self, q: torch.Tensor, op: str, inputs: tuple) -> QTensor:
+    def _fin(self, q: torch.Tensor, op: str, inputs: tuple, **arguments: Any) -> QTensor:
         out = self._out(q)
-        if self.fused_activation == "relu" or op == "add_relu":
+        if self.relu_after(op):
             out.q.clamp_(min=0)
         rec = recorder.active()
-        if rec is not None:
-            rec.functional(self, op, tuple(inputs), out)
+        if rec is not None:  # arguments (dim, scalar...): kept by the trace for exporters
+            rec.functional(self, op, tuple(inputs), out, arguments)
         return out
+
+    def relu_after(self, op: str) -> bool:
+        """Whether a ReLU follows the saturation (fused add+relu, or ``add_relu``)."""
+        return self.fused_activation == "relu" or op == "add_relu"
 
     def _add(self, a: QTensor, b: QTensor | None, c: float | None, sign: int, op: str
              ) -> QTensor:
         a = _need_q(a, self, per_tensor=False)
         if b is not None:
             b = _need_q(b, self, per_tensor=False)
-        pa, pb = self.cached(("add", *_key(a), None if b is None else _key(b), c),
-                             lambda: self._add_constants(a, b, c))
+        pa, pb = self.add_plans(a, b, c)
         # operands are int8/int16/int32, so their requants are exact in float64; their sum is
         # below 2^48 and the final requant by 2^-8 is floor(total / 256 + 1/2), exact too
         ai = fp.requant_float_plan(a.q, pa, a.axis)
@@ -394,7 +416,12 @@ class QFunctional(QModule):
         else:
             ai.add_(pb)
         total = ai.mul_(2.0**-8).add_(0.5).floor_()
-        return self._fin(total, op, (a,) if b is None else (a, b))
+        return self._fin(total, op, (a,) if b is None else (a, b), c=c)
+
+    def add_plans(self, a: QTensor, b: QTensor | None, c: float | None) -> tuple[Any, Any]:
+        """:func:`fp.float_plan` of each operand to ``s_i`` (a scalar: its integer at ``s_i``)."""
+        return self.cached(("add", *_key(a), None if b is None else _key(b), c),
+                           lambda: self._add_constants(a, b, c))
 
     def _add_constants(self, a: QTensor, b: QTensor | None, c: float | None) -> tuple[Any, Any]:
         """The requant plans of both operands to ``s_i = s_o / 256`` (or the scalar's value
@@ -417,21 +444,23 @@ class QFunctional(QModule):
     def add_scalar(self, a: QTensor, c: float) -> QTensor:
         return self._add(a, None, c, 1, "add_scalar")
 
-    def _prod_mn(self, a: QTensor, b: QTensor) -> tuple[int, int]:
+    def prod_mn(self, a: QTensor, b: QTensor) -> tuple[int, int]:
         return self.cached(("prod", *_key(a), *_key(b)), lambda: _mn(fp.real_multiplier(
             a.scale, b.scale, divide_by=self.real("out_scale"))))
 
     def mul(self, a: QTensor, b: QTensor) -> QTensor:
         a, b = _need_q(a, self), _need_q(b, self)
         prod = a.q.to(torch.int64) * b.q.to(torch.int64)
-        return self._fin(fp.requant_py(prod, *self._prod_mn(a, b)), "mul", (a, b))
+        return self._fin(fp.requant_py(prod, *self.prod_mn(a, b)), "mul", (a, b))
 
     def mul_scalar(self, a: QTensor, c: float) -> QTensor:
         a = _need_q(a, self)
-        m, n = self.cached(("mul_scalar", *_key(a), c), lambda: _mn(
+        return self._fin(fp.requant_py(a.q, *self.mul_scalar_mn(a, c)), "mul_scalar", (a,), c=c)
+
+    def mul_scalar_mn(self, a: QTensor, c: float) -> tuple[int, int]:
+        return self.cached(("mul_scalar", *_key(a), c), lambda: _mn(
             a.scale.to(torch.float32).to(torch.float64) * float(c)
             / float(self.real("out_scale"))))
-        return self._fin(fp.requant_py(a.q, m, n), "mul_scalar", (a,))
 
     def matmul(self, a: QTensor, b: QTensor) -> QTensor:
         a, b = _need_q(a, self), _need_q(b, self)
@@ -441,26 +470,31 @@ class QFunctional(QModule):
             acc = torch._int_mm(fp.canonical(a.q), fp.canonical(b.q))
         else:  # products < 2^31, sums < 2^53: exact in float64
             acc = torch.matmul(a.q.to(torch.float64), b.q.to(torch.float64)).to(torch.int64)
-        return self._fin(fp.requant_py(acc, *self._prod_mn(a, b)), "matmul", (a, b))
+        return self._fin(fp.requant_py(acc, *self.prod_mn(a, b)), "matmul", (a, b))
 
     def sum(self, a: QTensor, dim: Any, keepdim: bool = False) -> QTensor:
         a = _need_q(a, self)
         acc = a.q.to(torch.int64).sum(dim, keepdim=keepdim)
-        return self._fin(fp.requant_py(acc, *self._rq_mn(a)), "sum", (a,))
+        return self._fin(fp.requant_py(acc, *self.rq_mn(a)), "sum", (a,), dim=dim,
+                         keepdim=keepdim)
 
     def mean(self, a: QTensor, dim: Any, keepdim: bool = False) -> QTensor:
         a = _need_q(a, self)
         acc = a.q.to(torch.int64).sum(dim, keepdim=keepdim)
         n = a.q.numel() // max(acc.numel(), 1)
-        m, sh = self.cached(("mean", *_key(a), n), lambda: _mn(
+        return self._fin(fp.requant_py(acc, *self.mean_mn(a, n)), "mean", (a,), dim=dim,
+                         keepdim=keepdim)
+
+    def mean_mn(self, a: QTensor, n: int) -> tuple[int, int]:
+        """``s / n / s_o`` for a mean over ``n`` elements."""
+        return self.cached(("mean", *_key(a), n), lambda: _mn(
             a.scale.to(torch.float64) / float(n) / float(self.real("out_scale"))))
-        return self._fin(fp.requant_py(acc, m, sh), "mean", (a,))
 
     def _same_scale(self, xs: Any) -> list[torch.Tensor]:
         out = []
         for x in xs:
             x = _need_q(x, self)
-            out.append(fp.saturate(fp.requant_py(x.q, *self._rq_mn(x)), self.out_dtype))
+            out.append(fp.saturate(fp.requant_py(x.q, *self.rq_mn(x)), self.out_dtype))
         return out
 
     def maximum(self, a: QTensor, b: QTensor) -> QTensor:
@@ -472,9 +506,9 @@ class QFunctional(QModule):
         return self._fin(torch.minimum(qa, qb), "minimum", (a, b))
 
     def cat(self, xs: Any, dim: int = 0) -> QTensor:
-        return self._fin(torch.cat(self._same_scale(xs), dim), "cat", tuple(xs))
+        return self._fin(torch.cat(self._same_scale(xs), dim), "cat", tuple(xs), dim=dim)
 
     concat = cat
 
     def stack(self, xs: Any, dim: int = 0) -> QTensor:
-        return self._fin(torch.stack(self._same_scale(xs), dim), "stack", tuple(xs))
+        return self._fin(torch.stack(self._same_scale(xs), dim), "stack", tuple(xs), dim=dim)

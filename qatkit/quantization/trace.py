@@ -45,6 +45,8 @@ class Node:
     source: str = ""  # "file.py:line" of the call site in user code
     shape: tuple[int, ...] | None = None
     is_output: bool = False
+    output: Any = None  # what the call returned (kept for exporters)
+    arguments: Any = None  # (args, kwargs) of a "function" node; kwargs of a "functional"
 
     @property
     def label(self) -> str:
@@ -93,7 +95,8 @@ class _Tracer(recorder.Recorder):
     def add(self, kind: str, target: str, op: str, module: nn.Module | None, args: Any,
             out: Any, call: int = 0) -> Node:
         node = Node(len(self.nodes), kind, target, op, module, call, self._inputs(args),
-                    source=where(user_frame(1)))
+                    source=where(user_frame(1)), output=out,
+                    arguments=args if kind == "function" else None)
         for i in node.inputs:
             if i >= 0:
                 self.nodes[i].users.append(node.index)
@@ -110,8 +113,9 @@ class _Tracer(recorder.Recorder):
 
     def end(self, call: recorder.Call) -> Any:
         if call.method is not None:  # a FloatFunctional/QFunctional method
-            self.add("functional", call.name, call.method, call.module, call.args,
-                     call.output, call.index)
+            node = self.add("functional", call.name, call.method, call.module, call.args,
+                            call.output, call.index)
+            node.arguments = call.kwargs  # the method's non-tensor arguments, for exporters
             return None
         seen: set[int] = set()
         _walk(call.args, lambda t: seen.add(id(t)))

@@ -1,0 +1,487 @@
+"""The ``integer`` ONNX flavour: the fixed-point model of ``docs/fixed-point.md`` as ONNX ops.
+
+The graph is built from the data-flow trace of the converted model (``qatkit.trace``) and the
+constants each fixed-point module caches for its input scale, so it computes the same integers:
+
+* quantized activations are int32 tensors holding values of their qint8/qint16 range;
+* conv/linear accumulate with ConvInteger/MatMulInteger (int8 x int8 -> int32); an int16 input
+  is split exactly into ``256 * hi + lo`` (``hi`` int8, ``lo`` uint8) and accumulated twice;
+* requantization ``floor((v * m + 2^(n-1)) / 2^n)`` runs in int64 with the exact floor division
+  ``(t - Mod(t, 2^n)) / 2^n`` (``Mod`` with ``fmod=0`` takes the divisor's sign, so the
+  remainder is in ``[0, 2^n)`` and the integer ``Div`` is exact);
+* saturation and fused clamps are ``Clip``; lookup tables are ``Gather``; bilinear taps are
+  ``Gather`` plus int64 ``Mul``/``Add``; average pooling is a ConvInteger with a ones kernel;
+* max pooling runs in float32, which holds every int16 exactly (pooling never changes a value);
+* QuantStub is ``Clip(Round(x / s))`` in float32 (ONNX ``Round`` is half to even, as torch's);
+  DeQuantStub is ``float32(float64(q) * float64(s))``.
+
+A module kind without an exact form here is refused (QK106) with its name, never approximated.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qatkit.base.errors import fail
+from qatkit.base.qtensor import QTensor
+from qatkit.base.quant_math import qrange
+from qatkit.fixed_point.modules import (
+    QAvgPool2d,
+    QClamp,
+    QConv2d,
+    QDeQuantStub,
+    QFunctional,
+    QLinear,
+    QLookupTable,
+    QQuantStub,
+    QUpsampleBilinear,
+)
+from qatkit.quantization import trace as tr
+
+OPSET = 17
+RESHAPES = frozenset({"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous",
+                      "view_as", "reshape_as", "unflatten"})
+
+
+def _refuse(node: tr.Node, why: str) -> Exception:
+    return fail("QK106", f"integer ONNX export: {node.label!r} ({node.op}) {why}",
+                "express it with an op the exporter supports (see docs/export.md), or move it "
+                "outside the QuantStub ... DeQuantStub region")
+
+
+class Builder:
+    """A growing ONNX graph: nodes, initializers, fresh names."""
+
+    def __init__(self) -> None:
+        from onnx import helper
+        self.helper = helper
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self.count = 0
+
+    def name(self, hint: str) -> str:
+        self.count += 1
+        return f"{hint}_{self.count}"
+
+    def const(self, value: Any, dtype: Any, hint: str = "c") -> str:
+        from onnx import numpy_helper
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], hint: str = "", **attrs: Any) -> str:
+        out = self.name(hint or op_type.lower())
+        self.nodes.append(self.helper.make_node(op_type, inputs, [out], **attrs))
+        return out
+
+    def cast(self, x: str, to: int) -> str:
+        return self.op("Cast", [x], "cast", to=to)
+
+
+def _along(v: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
+    if axis is None or v.ndim == 0 or v.size == 1:
+        return v.reshape(())
+    shape = [1] * ndim
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
+class IntegerExporter:
+    """Walks a trace of the converted model and emits the integer graph."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any) -> None:
+        from onnx import TensorProto
+        self.T = TensorProto
+        self.model = model
+        self.example = example_inputs if isinstance(example_inputs, tuple) else (
+            example_inputs,)
+        self.b = Builder()
+        self.values: dict[int, str] = {}  # node index -> ONNX tensor name
+        self.layers: dict[str, str] = {}  # node label -> int32 tensor name (quantized nodes)
+        self.layer_shapes: dict[str, list[Any]] = {}
+
+    # ---- integer building blocks ----------------------------------------------------------
+    def i64(self, x: str) -> str:
+        return self.b.cast(x, self.T.INT64)
+
+    def requant(self, v: str, m: Any, n: Any, axis: int | None, ndim: int) -> str:
+        """``floor((v * m + 2^(n-1)) / 2^n)`` (n >= 1) or ``v * m * 2^-n`` in int64, per tensor
+        or per channel along ``axis`` (section 4)."""
+        m = np.asarray(torch.as_tensor(m).tolist(), dtype=np.int64)
+        n = np.asarray(torch.as_tensor(n).tolist(), dtype=np.int64)
+        m, n = np.broadcast_arrays(m, n)
+        big = n >= 63  # |v * m| < 2^62: the result is 0, as requant_mn's shift by 63 gives
+        m, n = np.where(big, 0, m), np.where(big, 1, n)
+        right, left = np.maximum(n, 0), np.maximum(-n, 0)
+        b, T = self.b, np.int64
+        t = b.op("Mul", [v, b.const(_along(m * (2**left), axis, ndim), T, "m")])
+        if (right > 0).any():
+            rnd = np.where(right > 0, 2 ** np.maximum(right - 1, 0), 0)
+            t = b.op("Add", [t, b.const(_along(rnd, axis, ndim), T, "rnd")])
+            div = b.const(_along(2**right, axis, ndim), T, "pow2")
+            t = b.op("Div", [b.op("Sub", [t, b.op("Mod", [t, div], fmod=0)]), div], "shift")
+        return t
+
+    def clip32(self, v: str, lo: int, hi: int) -> str:
+        c = self.b.op("Clip", [v, self.b.const(lo, np.int64, "lo"),
+                               self.b.const(hi, np.int64, "hi")])
+        return self.b.cast(c, self.T.INT32)
+
+    def split16(self, x: str) -> tuple[str, str]:
+        """int16 values (int32 tensor) as ``256 * hi + lo``: hi int8, lo uint8, exactly."""
+        b = self.b
+        k = b.const(256, np.int32, "k256")
+        lo = b.op("Mod", [x, k], fmod=0)
+        hi = b.op("Div", [b.op("Sub", [x, lo]), k])
+        return b.cast(hi, self.T.INT8), b.cast(lo, self.T.UINT8)
+
+    def accumulate(self, x: str, dtype: str, fn: Any) -> str:
+        """``fn(int8_or_uint8 input) -> int32``, exact for int8 and (split) int16 inputs; int64."""
+        if dtype == "qint8":
+            return self.i64(fn(self.b.cast(x, self.T.INT8)))
+        hi, lo = self.split16(x)
+        b = self.b
+        top = b.op("Mul", [self.i64(fn(hi)), b.const(256, np.int64, "k256")])
+        return b.op("Add", [top, self.i64(fn(lo))])
+
+    # ---- modules -----------------------------------------------------------------------
+    def conv(self, mod: QConv2d, x: QTensor, name: str, node: tr.Node) -> tuple[str, Any]:
+        c = mod._prep(x)
+        w = self.b.const(mod.weight.numpy(), np.int8, "w")
+        attrs = {"strides": list(mod.stride), "dilations": list(mod.dilation),
+                 "group": mod.groups, "pads": [mod.padding[0], mod.padding[1]] * 2}
+        acc = self.accumulate(name, x.dtype,
+                              lambda t: self.b.op("ConvInteger", [t, w], "conv", **attrs))
+        return self._weighted_out(mod, c, acc, 1, 4)
+
+    def linear(self, mod: QLinear, x: QTensor, name: str) -> tuple[str, Any]:
+        c = mod._prep(x)
+        wt = self.b.const(mod.weight.t().contiguous().numpy(), np.int8, "wt")
+        acc = self.accumulate(name, x.dtype,
+                              lambda t: self.b.op("MatMulInteger", [t, wt], "matmul"))
+        nd = x.q.dim()
+        return self._weighted_out(mod, c, acc, nd - 1, nd)
+
+    def _weighted_out(self, mod: Any, c: dict, acc: str, axis: int, nd: int) -> tuple[str, Any]:
+        b = self.b
+        acc = b.op("Add", [acc, b.const(_along(c["q_b"].numpy(), axis, nd), np.int64, "bias")])
+        if mod.output_mode == "quantized":
+            m, n = c["mn"]
+            return self.clip32(self.requant(acc, m, n, axis, nd), *c["clamp"]), None
+        return self.clip32(acc, *qrange("qint32")), axis
+
+    def quant(self, mod: QQuantStub, name: str) -> str:
+        b, s = self.b, float(mod.out_scale)
+        lo, hi = qrange(mod.out_dtype)
+        r = b.op("Round", [b.op("Div", [name, b.const(s, np.float32, "s")])])
+        r = b.op("Clip", [r, b.const(lo, np.float32, "lo"), b.const(hi, np.float32, "hi")])
+        return b.cast(r, self.T.INT32)
+
+    def dequant(self, x: QTensor, name: str) -> str:
+        b = self.b
+        s = _along(x.scale.to(torch.float64).numpy(), x.axis, x.q.dim())
+        d = b.op("Mul", [b.cast(name, self.T.DOUBLE), b.const(s, np.float64, "s")])
+        return b.cast(d, self.T.FLOAT)
+
+    def window_sum(self, x: QTensor, name: str, kernel: Any, stride: Any, padding: Any) -> str:
+        kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+        sh, sw = (stride, stride) if isinstance(stride, int) else (stride or (kh, kw))
+        ph, pw = (padding, padding) if isinstance(padding, int) else padding
+        ch = x.q.shape[1]
+        ones = self.b.const(np.ones((ch, 1, kh, kw)), np.int8, "ones")
+        attrs = {"strides": [sh, sw], "group": ch, "pads": [ph, pw, ph, pw]}
+        return self.accumulate(name, x.dtype,
+                               lambda t: self.b.op("ConvInteger", [t, ones], "sum", **attrs))
+
+    def bilinear(self, mod: QUpsampleBilinear, x: QTensor, name: str) -> str:
+        b, T = self.b, np.int64
+        (y0, y1, wy), (x0, x1, wx), (m, n) = mod.params(x)
+        nd = x.q.dim()
+        q = self.i64(name)
+
+        def tap(t: str, idx: torch.Tensor, axis: int) -> str:
+            return b.op("Gather", [t, b.const(idx.numpy(), T, "idx")], axis=axis)
+
+        wy_c = (wy.numpy()[:, None]).astype(np.int64)
+        rows = b.op("Add", [b.op("Mul", [tap(q, y0, nd - 2), b.const(256 - wy_c, T, "w0")]),
+                            b.op("Mul", [tap(q, y1, nd - 2), b.const(wy_c, T, "w1")])])
+        wx_c = wx.numpy().astype(np.int64)
+        acc = b.op("Add", [b.op("Mul", [tap(rows, x0, nd - 1), b.const(256 - wx_c, T, "w0")]),
+                           b.op("Mul", [tap(rows, x1, nd - 1), b.const(wx_c, T, "w1")])])
+        lo, hi = qrange(mod.out_dtype)
+        return self.clip32(self.requant(acc, m, n, None, nd), lo, hi)
+
+    def nearest(self, x: QTensor, name: str, **kwargs: Any) -> str:
+        """Nearest resize as Gathers whose indices are torch's own (interpolate on an index
+        grid), so the source rule is PyTorch's by construction."""
+        h, w = x.q.shape[-2:]
+        nd = x.q.dim()
+        grid = torch.arange(h * w, dtype=torch.float32).reshape(1, 1, h, w)
+        src = F.interpolate(grid, mode="nearest", **kwargs)[0, 0].to(torch.int64)
+        rows, cols = (src[:, 0] // w).numpy(), (src[0, :] % w).numpy()
+        b = self.b
+        t = b.op("Gather", [name, b.const(rows, np.int64, "idx")], axis=nd - 2)
+        return b.op("Gather", [t, b.const(cols, np.int64, "idx")], axis=nd - 1)
+
+    def maxpool(self, name: str, kernel: Any, stride: Any, padding: Any, dilation: Any,
+                ceil_mode: bool) -> str:
+        def pair(v: Any) -> list[int]:
+            return [v, v] if isinstance(v, int) else list(v)
+
+        kernel = pair(kernel)
+        stride = pair(stride) if stride not in (None, []) else kernel
+        ph, pw = pair(padding)
+        f = self.b.op("MaxPool", [self.b.cast(name, self.T.FLOAT)], "maxpool",
+                      kernel_shape=kernel, strides=stride, pads=[ph, pw, ph, pw],
+                      dilations=pair(dilation), ceil_mode=int(bool(ceil_mode)))
+        return self.b.cast(f, self.T.INT32)
+
+    def relu(self, name: str) -> str:
+        return self.b.op("Max", [name, self.b.const(0, np.int32, "zero")], "relu")
+
+    def reshape(self, name: str, shape: tuple[int, ...]) -> str:
+        return self.b.op("Reshape", [name, self.b.const(list(shape), np.int64, "shape")])
+
+    def functional(self, mod: QFunctional, node: tr.Node, xs: list[QTensor], names: list[str]
+                   ) -> str:
+        b, op, args = self.b, node.op, node.arguments or {}
+        lo, hi = qrange(mod.out_dtype)
+        out_nd = len(node.shape or ())
+        if op in ("add", "add_relu", "sub", "add_scalar"):
+            a = xs[0]
+            other = xs[1] if len(xs) > 1 else None
+            pa, pb = mod.add_plans(a, other, args.get("c"))
+            total = self.requant(self.i64(names[0]), pa[1], pa[2], a.axis, a.q.dim())
+            if other is not None:
+                bi = self.requant(self.i64(names[1]), pb[1], pb[2], other.axis, other.q.dim())
+                total = b.op("Sub" if op == "sub" else "Add", [total, bi])
+            else:
+                total = b.op("Add", [total, b.const(pb, np.int64, "c")])
+            q = self.requant(total, 1 << 14, 22, None, out_nd)  # exactly 2^-8 (section 6)
+        elif op in ("mul", "matmul"):
+            x0, x1 = (self.i64(nm) for nm in names)
+            prod = b.op("Mul" if op == "mul" else "MatMul", [x0, x1])
+            q = self.requant(prod, *mod.prod_mn(xs[0], xs[1]), None, out_nd)
+        elif op == "mul_scalar":
+            q = self.requant(self.i64(names[0]), *mod.mul_scalar_mn(xs[0], args["c"]), None,
+                             out_nd)
+        elif op in ("sum", "mean"):
+            dims = args["dim"] if isinstance(args["dim"], (tuple, list)) else [args["dim"]]
+            acc = b.op("ReduceSum", [self.i64(names[0]), b.const(list(dims), np.int64, "axes")],
+                       keepdims=int(bool(args.get("keepdim", False))))
+            mn = mod.rq_mn(xs[0]) if op == "sum" else mod.mean_mn(
+                xs[0], xs[0].q.numel() // max(node.output.q.numel(), 1))
+            q = self.requant(acc, *mn, None, out_nd)
+        elif op in ("maximum", "minimum", "cat", "concat", "stack"):
+            same = [self.clip32(self.requant(self.i64(nm), *mod.rq_mn(x), None, x.q.dim()),
+                                lo, hi) for x, nm in zip(xs, names)]
+            if op in ("maximum", "minimum"):
+                return self._relu_if(mod, op, b.op("Max" if op == "maximum" else "Min", same))
+            dim = args.get("dim", 0)
+            if op == "stack":
+                dim = dim % out_nd
+                same = [b.op("Unsqueeze", [s, b.const([dim], np.int64, "axes")]) for s in same]
+            else:
+                dim = dim % out_nd
+            return self._relu_if(mod, op, b.op("Concat", same, axis=dim))
+        else:
+            raise _refuse(node, "has no integer ONNX form yet.")
+        return self._relu_if(mod, op, self.clip32(q, lo, hi))
+
+    def _relu_if(self, mod: QFunctional, op: str, name: str) -> str:
+        return self.relu(name) if mod.relu_after(op) else name
+
+    # ---- the walk ------------------------------------------------------------------------
+    def build(self) -> Any:
+        from onnx import helper
+        outputs: list[Any] = []
+        hook = self.model.register_forward_hook(lambda m, a, out: outputs.append(out))
+        try:
+            with torch.no_grad():
+                g = tr.trace(self.model, self.example)
+        finally:
+            hook.remove()
+        flat: list[Any] = []
+        tr._walk(outputs[-1], flat.append)
+        by_obj = {id(n.output): n for n in g.nodes if n.output is not None}
+        needed = _needed(g, [by_obj[id(o)] for o in flat if id(o) in by_obj])
+        graph_inputs = []
+        for node in g.nodes:
+            if node.kind != "input" and node.index not in needed:
+                continue  # e.g. constants computed on a first call: not part of the data flow
+            if node.kind == "input":
+                t = node.output
+                if isinstance(t, QTensor) or not t.is_floating_point():
+                    raise _refuse(node, "is not a float tensor; the exported model takes the "
+                                  "float inputs of its QuantStubs.")
+                name = f"input_{len(graph_inputs)}"
+                dims = ["N", *t.shape[1:]] if t.dim() else []
+                graph_inputs.append(helper.make_tensor_value_info(name, self.T.FLOAT, dims))
+                self.values[node.index] = name
+            else:
+                self.values[node.index] = self.emit(node, g)
+        graph_outputs = []
+        for i, o in enumerate(flat):
+            n = by_obj.get(id(o))
+            if n is None or isinstance(o, QTensor):
+                raise fail("QK106", f"integer ONNX export: model output {i} is not a float "
+                           "tensor returned by a DeQuantStub.",
+                           "end every output with a DeQuantStub")
+            name = f"output_{i}"
+            self.b.nodes.append(helper.make_node("Identity", [self.values[n.index]], [name]))
+            graph_outputs.append(helper.make_tensor_value_info(name, self.T.FLOAT,
+                                                               ["N", *o.shape[1:]]))
+        for name in self.layers.values():
+            graph_outputs.append(helper.make_tensor_value_info(name, self.T.INT32,
+                                                               self.layer_shapes[name]))
+        graph = helper.make_graph(self.b.nodes, "qatkit_integer", graph_inputs, graph_outputs,
+                                  self.b.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                  producer_name="qatkit")
+        model.ir_version = 8
+        helper.set_model_props(model, {"qatkit.flavour": "integer",
+                                       "qatkit.layers": ",".join(
+                                           f"{k}={v}" for k, v in self.layers.items())})
+        return model
+
+    def emit(self, node: tr.Node, g: tr.Graph) -> str:
+        ins = [i for i in node.inputs if i >= 0]
+        names = [self.values[i] for i in ins]
+        xs = [g.nodes[i].output for i in ins]
+        mod, out = node.module, node.output
+        if node.kind == "functional":
+            if not isinstance(mod, QFunctional):
+                raise _refuse(node, "is a FloatFunctional of a model that was not converted.")
+            res = self.functional(mod, node, xs, names)
+        elif node.kind == "module":
+            res = self.module(node, mod, xs, names)
+        else:
+            res = self.function(node, xs, names)
+        if isinstance(out, QTensor) and node.kind != "input":
+            self.layers[node.label] = res
+            self.layer_shapes[res] = ["N", *out.q.shape[1:]] if out.q.dim() else []
+        return res
+
+    def module(self, node: tr.Node, mod: nn.Module, xs: list[Any], names: list[str]) -> str:
+        if isinstance(mod, QQuantStub):
+            return self.quant(mod, names[0])
+        x, name = (xs[0], names[0]) if xs else (None, "")
+        if isinstance(mod, QDeQuantStub):
+            return self.dequant(x, name) if isinstance(x, QTensor) else self._same(name)
+        if not isinstance(x, QTensor):
+            raise _refuse(node, "runs on float values; only the quantized region between "
+                          "QuantStub and DeQuantStub is exported.")
+        if x.axis is not None and not isinstance(mod, (nn.ReLU, nn.Identity, nn.Dropout)):
+            raise _refuse(node, "receives a per-channel (high-precision) tensor.")
+        if isinstance(mod, QConv2d):
+            return self.conv(mod, x, name, node)[0]
+        if isinstance(mod, QLinear):
+            return self.linear(mod, x, name)[0]
+        if isinstance(mod, QLookupTable):
+            table = self.b.const(mod.table(x).to(torch.int32).numpy(), np.int32, "table")
+            idx = self.b.op("Sub", [self.i64(name), self.b.const(qrange(x.dtype)[0], np.int64)])
+            return self.b.op("Gather", [table, idx], "lut", axis=0)
+        if isinstance(mod, QClamp):
+            lo, hi, m, n = mod.params(x)
+            c = self.b.op("Clip", [self.i64(name), self.b.const(lo, np.int64),
+                                   self.b.const(hi, np.int64)])
+            return self.clip32(self.requant(c, m, n, None, x.q.dim()), *qrange(mod.out_dtype))
+        if isinstance(mod, QAvgPool2d):
+            kernel, stride, padding, m, n = mod.params(x)
+            acc = self.window_sum(x, name, kernel, stride, padding)
+            return self.clip32(self.requant(acc, m, n, None, x.q.dim()), *qrange(mod.out_dtype))
+        if isinstance(mod, QUpsampleBilinear):
+            return self.bilinear(mod, x, name)
+        if isinstance(mod, nn.ReLU):
+            return self.relu(name)
+        if isinstance(mod, (nn.Identity, nn.Dropout)):
+            return self._same(name)
+        if isinstance(mod, nn.MaxPool2d):
+            if mod.return_indices:
+                raise _refuse(node, "returns indices.")
+            return self.maxpool(name, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+                                mod.ceil_mode)
+        if isinstance(mod, nn.Flatten):
+            return self.reshape(name, self._shape(node, x))
+        if isinstance(mod, nn.Upsample) and mod.mode == "nearest":
+            return self.nearest(x, name, size=mod.size, scale_factor=mod.scale_factor,
+                                recompute_scale_factor=mod.recompute_scale_factor)
+        raise _refuse(node, "has no integer ONNX form yet.")
+
+    def function(self, node: tr.Node, xs: list[Any], names: list[str]) -> str:
+        op = node.op
+        x, name = xs[0], names[0]
+        args, kwargs = node.arguments or ((), {})
+        if isinstance(x, QTensor) and x.axis is not None:
+            raise _refuse(node, "is applied to a per-channel (high-precision) tensor.")
+        if op in RESHAPES:
+            return self.reshape(name, self._shape(node, x))
+        if op in ("permute", "transpose", "t"):
+            nd = len(x.shape)
+            if op == "permute":
+                dims = args[1:] if len(args) > 2 else args[1]
+                perm = [d % nd for d in dims]
+            else:
+                d0, d1 = (args[1], args[2]) if op == "transpose" else (0, 1)
+                perm = list(range(nd))
+                perm[d0 % nd], perm[d1 % nd] = perm[d1 % nd], perm[d0 % nd]
+            return self.b.op("Transpose", [name], perm=perm)
+        if not isinstance(x, QTensor):
+            raise _refuse(node, "runs on float values; only the quantized region between "
+                          "QuantStub and DeQuantStub is exported.")
+        if op in ("relu", "relu_"):
+            return self.relu(name)
+        if op == "dropout":
+            return self._same(name)
+        if op in ("max_pool2d", "_max_pool2d", "max_pool2d_with_indices"):
+            a = inspect.signature(F.max_pool2d).bind(*args, **kwargs).arguments
+            if a.get("return_indices"):
+                raise _refuse(node, "returns indices.")
+            return self.maxpool(name, a["kernel_size"], a.get("stride"), a.get("padding", 0),
+                                a.get("dilation", 1), a.get("ceil_mode", False))
+        if op == "interpolate":
+            a = inspect.signature(F.interpolate).bind(*args, **kwargs).arguments
+            a.pop("input")
+            if a.pop("mode", "nearest") != "nearest":
+                raise _refuse(node, "is a non-nearest interpolate.")
+            a.pop("align_corners", None)
+            a.pop("antialias", None)
+            return self.nearest(x, name, **a)
+        raise _refuse(node, "has no integer ONNX form yet.")
+
+    def _same(self, name: str) -> str:
+        return self.b.op("Identity", [name])
+
+    @staticmethod
+    def _shape(node: tr.Node, x: Any) -> tuple[int, ...]:
+        shape = tuple(node.shape or ())
+        # keep the batch size free when the op keeps the leading axis
+        return (0, *shape[1:]) if shape and x.shape and shape[0] == x.shape[0] else shape
+
+
+def _needed(g: tr.Graph, outs: list[tr.Node]) -> set[int]:
+    """The nodes the outputs depend on."""
+    seen: set[int] = set()
+    todo = [n.index for n in outs]
+    while todo:
+        i = todo.pop()
+        if i in seen or i < 0:
+            continue
+        seen.add(i)
+        if any(j < 0 for j in g.nodes[i].inputs) and g.nodes[i].kind == "function":
+            raise fail("QK106", f"integer ONNX export: {g.nodes[i].label!r} takes a value the "
+                       "trace did not see produced (a tensor made inside forward).",
+                       "compute it outside the model, or as a module")
+        todo.extend(g.nodes[i].inputs)
+    return seen
+
+
+def export_integer(model: nn.Module, example_inputs: Any) -> Any:
+    """The integer ONNX ModelProto of a converted model (see the module docstring)."""
+    return IntegerExporter(model, example_inputs).build()
