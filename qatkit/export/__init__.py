@@ -2,12 +2,14 @@
 
 ``qk.export_onnx(quantized_model, example_inputs, path, flavour="integer")`` writes an ONNX
 file whose integer-only graph computes exactly the integers of ``docs/fixed-point.md``;
+``flavour="qdq"`` the standard QuantizeLinear/DequantizeLinear form plus its encodings;
 :func:`qatkit.export.verify.compare` runs it in onnxruntime next to the fixed-point model.
 See docs/export.md.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import Any
@@ -46,11 +48,22 @@ def write_atomic(path: str, data: bytes) -> None:
         raise
 
 
+def encodings_path(path: str) -> str:
+    """Where the qdq flavour's sidecar goes: ``model.onnx`` -> ``model.encodings.json``."""
+    root, ext = os.path.splitext(path)
+    return (root if ext == ".onnx" else path) + ".encodings.json"
+
+
 def export_onnx(quantized_model: nn.Module, example_inputs: Any, path: str | None = None,
                 flavour: str = "integer") -> Any:
     """Export a converted (fixed-point) model to ONNX; returns the ModelProto and writes it to
-    ``path`` when given. ``flavour``: ``"integer"`` (exact integer ops, bit-identical in
-    onnxruntime). The ``"qdq"`` flavour is not available yet and is refused."""
+    ``path`` when given.
+
+    ``flavour="integer"``: integer-only ops that compute exactly qatkit's integers (identical in
+    onnxruntime). ``flavour="qdq"``: QuantizeLinear/DequantizeLinear around float ops (int8
+    symmetric, per-channel weights on axis 0, int32 bias at ``s_in * s_w``), plus the sidecar
+    ``encodings_path(path)`` with every tensor's dtype and scale (also stored in the model
+    property ``qatkit.encodings``); its requantization is the runtime's. See docs/export.md."""
     require_onnx()
     from qatkit.quantization import meta
     if flavour not in FLAVOURS:
@@ -60,13 +73,17 @@ def export_onnx(quantized_model: nn.Module, example_inputs: Any, path: str | Non
         raise fail("QK000", "export_onnx needs the fixed-point model.",
                    "export the result of qk.convert(model)")
     if flavour == "qdq":
-        raise fail("QK106", "the 'qdq' ONNX flavour is not implemented yet.",
-                   "use flavour='integer' (exact in onnxruntime)")
-    from qatkit.export.onnx_integer import export_integer
-    model = export_integer(quantized_model, example_inputs)
+        from qatkit.export.onnx_qdq import export_qdq
+        model, enc = export_qdq(quantized_model, example_inputs)
+        if path is not None:
+            enc = {**enc, "march": m.march, "model": os.path.basename(path)}
+            write_atomic(encodings_path(path), (json.dumps(enc, indent=1) + "\n").encode())
+    else:
+        from qatkit.export.onnx_integer import export_integer
+        model = export_integer(quantized_model, example_inputs)
     if path is not None:
         write_atomic(path, model.SerializeToString())
     return model
 
 
-__all__ = ["FLAVOURS", "export_onnx", "require_onnx", "write_atomic"]
+__all__ = ["FLAVOURS", "encodings_path", "export_onnx", "require_onnx", "write_atomic"]

@@ -95,6 +95,8 @@ def _along(v: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
 class IntegerExporter:
     """Walks a trace of the converted model and emits the integer graph."""
 
+    FLAVOUR = "integer"
+
     def __init__(self, model: nn.Module, example_inputs: Any) -> None:
         from onnx import TensorProto
         self.T = TensorProto
@@ -105,6 +107,8 @@ class IntegerExporter:
         self.values: dict[int, str] = {}  # node index -> ONNX tensor name
         self.layers: dict[str, str] = {}  # node label -> int32 tensor name (quantized nodes)
         self.layer_shapes: dict[str, list[Any]] = {}
+        self.layer_types: dict[str, int] = {}  # tensor name -> ONNX dtype (default int32)
+        self.opset = OPSET
 
     # ---- integer building blocks ----------------------------------------------------------
     def i64(self, x: str) -> str:
@@ -300,15 +304,8 @@ class IntegerExporter:
     # ---- the walk ------------------------------------------------------------------------
     def build(self) -> Any:
         from onnx import helper
-        outputs: list[Any] = []
-        hook = self.model.register_forward_hook(lambda m, a, out: outputs.append(out))
-        try:
-            with torch.no_grad():
-                g = tr.trace(self.model, self.example)
-        finally:
-            hook.remove()
-        flat: list[Any] = []
-        tr._walk(outputs[-1], flat.append)
+        g, flat = self.traced()
+        self.prepare(g)
         by_obj = {id(n.output): n for n in g.nodes if n.output is not None}
         needed = _needed(g, [by_obj[id(o)] for o in flat if id(o) in by_obj])
         graph_inputs = []
@@ -338,17 +335,38 @@ class IntegerExporter:
             graph_outputs.append(helper.make_tensor_value_info(name, self.T.FLOAT,
                                                                ["N", *o.shape[1:]]))
         for name in self.layers.values():
-            graph_outputs.append(helper.make_tensor_value_info(name, self.T.INT32,
-                                                               self.layer_shapes[name]))
-        graph = helper.make_graph(self.b.nodes, "qatkit_integer", graph_inputs, graph_outputs,
-                                  self.b.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+            graph_outputs.append(helper.make_tensor_value_info(
+                name, self.layer_types.get(name, self.T.INT32), self.layer_shapes[name]))
+        graph = helper.make_graph(self.b.nodes, f"qatkit_{self.FLAVOUR}", graph_inputs,
+                                  graph_outputs, self.b.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
                                   producer_name="qatkit")
-        model.ir_version = 8
-        helper.set_model_props(model, {"qatkit.flavour": "integer",
+        model.ir_version = 8 if self.opset <= 17 else 10
+        helper.set_model_props(model, {"qatkit.flavour": self.FLAVOUR,
                                        "qatkit.layers": ",".join(
-                                           f"{k}={v}" for k, v in self.layers.items())})
+                                           f"{k}={v}" for k, v in self.layers.items()),
+                                       **self.extra_props()})
         return model
+
+    def prepare(self, g: tr.Graph) -> None:
+        """Called with the trace before the walk (the qdq flavour picks its opset here)."""
+
+    def extra_props(self) -> dict[str, str]:
+        """More model properties (the qdq flavour adds its encodings)."""
+        return {}
+
+    def traced(self) -> tuple[tr.Graph, list[Any]]:
+        """The trace of one forward on the example inputs, and the model's flat outputs."""
+        outputs: list[Any] = []
+        hook = self.model.register_forward_hook(lambda m, a, out: outputs.append(out))
+        try:
+            with torch.no_grad():
+                g = tr.trace(self.model, self.example)
+        finally:
+            hook.remove()
+        flat: list[Any] = []
+        tr._walk(outputs[-1], flat.append)
+        return g, flat
 
     def emit(self, node: tr.Node, g: tr.Graph) -> str:
         ins = [i for i in node.inputs if i >= 0]

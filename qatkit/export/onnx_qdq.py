@@ -1,0 +1,303 @@
+"""The ``qdq`` ONNX flavour: the standard QuantizeLinear/DequantizeLinear form, and its encodings.
+
+Every quantized activation ``(q, s)`` of the fixed-point model becomes ``DequantizeLinear(
+QuantizeLinear(x, s, 0), s, 0)`` (symmetric: zero point 0; int8, or int16 at opset 21); every
+operator between them runs on the dequantized float32 values, as NPU compilers, TensorRT and
+onnxruntime's QDQ fusions expect:
+
+* conv/linear weights are int8 initializers dequantized per output channel (axis 0, scale
+  ``s_w[c]``); the bias is the int32 ``q_b`` of ``docs/fixed-point.md`` section 5, dequantized at
+  ``float32(s_in * s_w[c])`` (the ONNX rule for QLinearConv/QGemm bias);
+* fused ReLU is ``Relu``, fused ReLU6/Hardtanh a ``Clip`` at the bounds on the output grid;
+  lookup tables are the float functions (``Sigmoid``, ``Tanh``, ``HardSwish``, ...); pools,
+  resizes, adds, concatenations are their float ONNX ops;
+* a high-precision (int32 accumulator) output has no QuantizeLinear: the float result of the
+  conv/linear goes to the output, as qatkit dequantizes the accumulator.
+
+The arithmetic between QuantizeLinear and DequantizeLinear is the runtime's (onnxruntime
+requantizes its fused integer kernels in float32 with round half to even), not qatkit's
+16-bit multiplier with round half up, so results may differ by LSBs; ``qatkit verify``
+measures by how much, per layer. The sidecar encodings (:func:`encodings`) give every tensor's
+dtype and scale, like AIMET's ``.encodings`` file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch.nn as nn
+
+from qatkit.base.qtensor import QTensor
+from qatkit.export.onnx_integer import RESHAPES, IntegerExporter, _refuse
+from qatkit.fixed_point import kernels as fp
+from qatkit.fixed_point.modules import (
+    QAvgPool2d,
+    QClamp,
+    QConv2d,
+    QDeQuantStub,
+    QFunctional,
+    QLinear,
+    QLookupTable,
+    QQuantStub,
+    QUpsampleBilinear,
+)
+from qatkit.quantization import trace as tr
+
+BITS = {"qint8": 8, "qint16": 16, "qint32": 32}
+
+
+class QdqExporter(IntegerExporter):
+    """The walk of :class:`IntegerExporter`, emitting float ops between Q/DQ pairs."""
+
+    FLAVOUR = "qdq"
+
+    def __init__(self, model: nn.Module, example_inputs: Any) -> None:
+        super().__init__(model, example_inputs)
+        self.activations: dict[str, dict[str, Any]] = {}
+        self.params: dict[str, dict[str, Any]] = {}
+
+    def prepare(self, g: tr.Graph) -> None:
+        dtypes = {n.output.dtype for n in g.nodes if isinstance(n.output, QTensor)
+                  and n.output.axis is None}
+        self.opset = 21 if "qint16" in dtypes else 17  # int16 QuantizeLinear: opset 21
+
+    def extra_props(self) -> dict[str, str]:
+        import json
+        return {"qatkit.encodings": json.dumps(self.encodings(), sort_keys=True)}
+
+    def encodings(self) -> dict[str, Any]:
+        """Every quantized tensor of the graph: ``{"activation_encodings": {name: {...}},
+        "param_encodings": {name: {...}}}``, each with dtype, bitwidth, scale (a list: one per
+        channel along ``axis`` for parameters), offset 0 and ``is_symmetric``."""
+        return {"version": "qatkit-qdq-1", "activation_encodings": self.activations,
+                "param_encodings": self.params}
+
+    # ---- Q/DQ --------------------------------------------------------------------------
+    def _zero(self, dtype: str) -> str:
+        return self.b.const(0, np.int8 if dtype == "qint8" else np.int16, "zp")
+
+    def qdq(self, name: str, x: QTensor, label: str) -> tuple[str, str]:
+        """``(quantized, dequantized)`` names of ``name`` at ``x``'s scale and dtype."""
+        b = self.b
+        s = b.const(np.float32(x.scale), np.float32, "s")
+        zp = self._zero(x.dtype)
+        q = b.op("QuantizeLinear", [name, s, zp], "q")
+        self.activations[q] = {"layer": label, "dtype": f"int{BITS[x.dtype]}",
+                               "bitwidth": BITS[x.dtype], "scale": [float(x.scale)],
+                               "offset": [0], "is_symmetric": True}
+        return q, b.op("DequantizeLinear", [q, s, zp], "dq")
+
+    def param(self, values: np.ndarray, scale: np.ndarray, dtype: str, label: str) -> str:
+        """An integer initializer dequantized per channel along axis 0."""
+        b = self.b
+        np_t = {"qint8": np.int8, "qint32": np.int32}[dtype]
+        q = b.const(values, np_t, f"{label}.{'weight' if dtype == 'qint8' else 'bias'}")
+        s = b.const(scale.astype(np.float32), np.float32, "s")
+        zp = b.const(np.zeros(scale.shape, np_t), np_t, "zp")
+        self.params[q] = {"layer": label, "dtype": f"int{BITS[dtype]}", "bitwidth": BITS[dtype],
+                          "axis": 0, "scale": [float(v) for v in scale], "offset": [0] * len(
+                              scale), "is_symmetric": True}
+        return b.op("DequantizeLinear", [q, s, zp], "dq", axis=0)
+
+    # ---- the walk ------------------------------------------------------------------------
+    def emit(self, node: tr.Node, g: tr.Graph) -> str:
+        ins = [i for i in node.inputs if i >= 0]
+        names = [self.values[i] for i in ins]
+        xs = [g.nodes[i].output for i in ins]
+        mod, out = node.module, node.output
+        if node.kind == "functional":
+            if not isinstance(mod, QFunctional):
+                raise _refuse(node, "is a FloatFunctional of a model that was not converted.")
+            res = self.functional(mod, node, xs, names)
+        elif node.kind == "module":
+            res = self.module(node, mod, xs, names)
+        else:
+            res = self.function(node, xs, names)
+        if isinstance(out, QTensor) and out.axis is None:
+            q, res = self.qdq(res, out, node.label)
+            self.layers[node.label] = q
+            self.layer_shapes[q] = ["N", *out.q.shape[1:]] if out.q.dim() else []
+            self.layer_types[q] = self.T.INT8 if out.dtype == "qint8" else self.T.INT16
+        return res
+
+    def module(self, node: tr.Node, mod: nn.Module, xs: list[Any], names: list[str]) -> str:
+        b = self.b
+        if isinstance(mod, QQuantStub):
+            return names[0]
+        x, name = (xs[0], names[0]) if xs else (None, "")
+        if isinstance(mod, QDeQuantStub):
+            return self._same(name)
+        if not isinstance(x, QTensor):
+            raise _refuse(node, "runs on float values; only the quantized region between "
+                          "QuantStub and DeQuantStub is exported.")
+        if x.axis is not None and not isinstance(mod, (nn.ReLU, nn.Identity, nn.Dropout)):
+            raise _refuse(node, "receives a per-channel (high-precision) tensor.")
+        if isinstance(mod, (QConv2d, QLinear)):
+            return self.weighted(mod, x, name, node)
+        if isinstance(mod, QLookupTable):
+            return self.lut(mod.kind, name, node)
+        if isinstance(mod, QClamp):
+            lo, hi, _, _ = mod.params(x)
+            s = float(x.scale)
+            return b.op("Clip", [name, b.const(np.float32(lo * s), np.float32, "lo"),
+                                 b.const(np.float32(hi * s), np.float32, "hi")])
+        if isinstance(mod, QAvgPool2d):
+            kernel, stride, padding, _, _ = mod.params(x)
+            k, st, p = _pair(kernel), _pair(stride or kernel), _pair(padding)
+            return b.op("AveragePool", [name], "avgpool", kernel_shape=k, strides=st,
+                        pads=p * 2, count_include_pad=1)
+        if isinstance(mod, QUpsampleBilinear):
+            return self.bilinear_f(mod, x, name)
+        if isinstance(mod, nn.ReLU):
+            return b.op("Relu", [name])
+        if isinstance(mod, (nn.Identity, nn.Dropout)):
+            return self._same(name)
+        if isinstance(mod, nn.MaxPool2d):
+            if mod.return_indices:
+                raise _refuse(node, "returns indices.")
+            return self.maxpool_f(name, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+                                  mod.ceil_mode)
+        if isinstance(mod, nn.Flatten):
+            return self.reshape(name, self._shape(node, x))
+        if isinstance(mod, nn.Upsample) and mod.mode == "nearest":
+            return self.nearest(x, name, size=mod.size, scale_factor=mod.scale_factor,
+                                recompute_scale_factor=mod.recompute_scale_factor)
+        raise _refuse(node, "has no qdq ONNX form yet.")
+
+    def weighted(self, mod: QConv2d | QLinear, x: QTensor, name: str, node: tr.Node) -> str:
+        b = self.b
+        c = mod._prep(x)
+        s_w = mod.weight_scale.numpy()
+        w = self.param(mod.weight.numpy(), s_w, "qint8", node.label)
+        acc_s = fp.accumulator_scale(x.scale.detach(), mod.weight_scale).numpy()
+        bias = self.param(c["q_b"].numpy().astype(np.int32), acc_s, "qint32", node.label)
+        if isinstance(mod, QConv2d):
+            attrs = {"strides": list(mod.stride), "dilations": list(mod.dilation),
+                     "group": mod.groups, "pads": [mod.padding[0], mod.padding[1]] * 2}
+            y = b.op("Conv", [name, w, bias], "conv", **attrs)
+        elif x.q.dim() == 2:
+            y = b.op("Gemm", [name, w, bias], "gemm", transB=1)
+        else:
+            y = b.op("Add", [b.op("MatMul", [name, b.op("Transpose", [w], perm=[1, 0])]), bias])
+        if mod.output_mode != "quantized" or mod.activation is None:
+            return y
+        if mod.activation == "relu":
+            return b.op("Relu", [y])
+        lo, hi = c["clamp"]
+        s_o = float(mod.out_scale)
+        return b.op("Clip", [y, b.const(np.float32(lo * s_o), np.float32, "lo"),
+                             b.const(np.float32(hi * s_o), np.float32, "hi")])
+
+    def lut(self, kind: str, name: str, node: tr.Node) -> str:
+        b = self.b
+        if kind == "sigmoid":
+            return b.op("Sigmoid", [name])
+        if kind == "tanh":
+            return b.op("Tanh", [name])
+        if kind == "silu":
+            return b.op("Mul", [name, b.op("Sigmoid", [name])], "silu")
+        if kind == "hardswish":
+            return b.op("HardSwish", [name])
+        if kind == "hardsigmoid":
+            return b.op("HardSigmoid", [name], alpha=1.0 / 6.0, beta=0.5)
+        raise _refuse(node, f"is a lookup table of {kind!r}, which has no qdq ONNX form yet.")
+
+    def bilinear_f(self, mod: QUpsampleBilinear, x: QTensor, name: str) -> str:
+        h, w = x.q.shape[-2:]
+        (y0, _, _), (x0, _, _), _ = mod.params(x)
+        oh, ow = len(y0), len(x0)
+        sf = mod.scale_factor
+        if sf is not None and not mod.recompute_scale_factor:
+            sh, sw = (sf, sf) if not isinstance(sf, (tuple, list)) else sf
+        else:
+            sh, sw = oh / h, ow / w
+        b = self.b
+        scales = b.const([1.0, 1.0, sh, sw], np.float32, "scales")
+        mode = "align_corners" if mod.align_corners else "pytorch_half_pixel"
+        return b.op("Resize", [name, "", scales], "resize", mode="linear",
+                    coordinate_transformation_mode=mode)
+
+    def maxpool_f(self, name: str, kernel: Any, stride: Any, padding: Any, dilation: Any,
+                  ceil_mode: bool) -> str:
+        kernel = _pair(kernel)
+        stride = _pair(stride) if stride not in (None, []) else kernel
+        return self.b.op("MaxPool", [name], "maxpool", kernel_shape=kernel, strides=stride,
+                         pads=_pair(padding) * 2, dilations=_pair(dilation),
+                         ceil_mode=int(bool(ceil_mode)))
+
+    def function(self, node: tr.Node, xs: list[Any], names: list[str]) -> str:
+        op, x, name = node.op, xs[0], names[0]
+        if isinstance(x, QTensor) and x.axis is not None:
+            raise _refuse(node, "is applied to a per-channel (high-precision) tensor.")
+        if op in RESHAPES or op in ("permute", "transpose", "t"):
+            return super().function(node, xs, names)  # moves values: dtype-agnostic
+        if not isinstance(x, QTensor):
+            raise _refuse(node, "runs on float values; only the quantized region between "
+                          "QuantStub and DeQuantStub is exported.")
+        if op in ("relu", "relu_"):
+            return self.b.op("Relu", [name])
+        if op == "dropout":
+            return self._same(name)
+        if op in ("max_pool2d", "_max_pool2d", "max_pool2d_with_indices"):
+            import inspect
+
+            import torch.nn.functional as F
+            args, kwargs = node.arguments or ((), {})
+            a = inspect.signature(F.max_pool2d).bind(*args, **kwargs).arguments
+            if a.get("return_indices"):
+                raise _refuse(node, "returns indices.")
+            return self.maxpool_f(name, a["kernel_size"], a.get("stride"), a.get("padding", 0),
+                                  a.get("dilation", 1), a.get("ceil_mode", False))
+        if op == "interpolate":
+            return super().function(node, xs, names)  # nearest: Gathers, dtype-agnostic
+        raise _refuse(node, "has no qdq ONNX form yet.")
+
+    def functional(self, mod: QFunctional, node: tr.Node, xs: list[QTensor], names: list[str]
+                   ) -> str:
+        b, op, args = self.b, node.op, node.arguments or {}
+        f32 = np.float32
+        if op in ("add", "add_relu", "sub"):
+            y = b.op("Sub" if op == "sub" else "Add", names)
+        elif op == "add_scalar":
+            y = b.op("Add", [names[0], b.const(f32(args["c"]), f32, "c")])
+        elif op == "mul":
+            y = b.op("Mul", names)
+        elif op == "mul_scalar":
+            y = b.op("Mul", [names[0], b.const(f32(args["c"]), f32, "c")])
+        elif op == "matmul":
+            y = b.op("MatMul", names)
+        elif op in ("sum", "mean"):
+            dims = args["dim"] if isinstance(args["dim"], (tuple, list)) else [args["dim"]]
+            keep = int(bool(args.get("keepdim", False)))
+            if op == "sum" or self.opset >= 18:  # axes as an input (ReduceMean: opset 18)
+                axes = b.const(list(dims), np.int64, "axes")
+                y = b.op("ReduceSum" if op == "sum" else "ReduceMean", [names[0], axes],
+                         keepdims=keep)
+            else:
+                y = b.op("ReduceMean", [names[0]], axes=list(dims), keepdims=keep)
+        elif op in ("maximum", "minimum"):
+            y = b.op("Max" if op == "maximum" else "Min", names)
+        elif op in ("cat", "concat", "stack"):
+            out_nd = len(node.shape or ())
+            dim = args.get("dim", 0) % out_nd
+            parts = names if op != "stack" else [
+                b.op("Unsqueeze", [n, b.const([dim], np.int64, "axes")]) for n in names]
+            y = b.op("Concat", parts, axis=dim)
+        else:
+            raise _refuse(node, "has no qdq ONNX form yet.")
+        return b.op("Relu", [y]) if mod.relu_after(op) else y
+
+
+def _pair(v: Any) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(t) for t in v]
+
+
+def export_qdq(model: nn.Module, example_inputs: Any) -> tuple[Any, dict[str, Any]]:
+    """The qdq ONNX ModelProto of a converted model and its encodings (module docstring)."""
+    ex = QdqExporter(model, example_inputs)
+    proto = ex.build()
+    return proto, ex.encodings()
+
+
+__all__ = ["QdqExporter", "export_qdq"]
