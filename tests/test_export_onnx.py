@@ -10,6 +10,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("onnxruntime")
 import onnx
@@ -31,16 +34,18 @@ def _check(q, example, data):
     return r
 
 
-@pytest.mark.parametrize("march,dtype,hp", [("nash-e", "qint8", True), ("bayes", "qint8", False),
-                                            ("nash-e", "qint16", True),
-                                            ("bayes", "qint16", False)])
-def test_allops_identical(march, dtype, hp):
+@pytest.mark.parametrize("march,dtype,hp,ct", [("nash-e", "qint8", True, True),
+                                               ("bayes", "qint8", False, False),
+                                               ("nash-e", "qint16", True, False),
+                                               ("bayes", "qint16", False, True)])
+def test_allops_identical(march, dtype, hp, ct):
     qc = dataclasses.replace(qk.default_calibration_qconfig(dtype), high_precision_output=hp)
     x = allops_inputs()
-    _, q = prepared_and_converted(AllOps(conv_transpose=False), x, march, qconfig=qc)
+    _, q = prepared_and_converted(AllOps(conv_transpose=ct), x, march, qconfig=qc)
     kinds = {type(m).__name__ for m in q.modules()}
     assert {"QConv2d", "QLinear", "QLookupTable", "QClamp", "QAvgPool2d", "QUpsampleBilinear",
             "QFunctional", "QQuantStub", "QDeQuantStub"} <= kinds
+    assert ("QConvTranspose2d" in kinds) == ct
     head = q.head
     assert head.output_mode == ("high_precision" if hp else "quantized")
     _check(q, x, allops_inputs(3, seed=5))  # another batch size: the batch axis is free
@@ -60,11 +65,48 @@ def test_bench_resnet18_like_identical(march):
     _check(q, x, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
 
 
-def test_conv_transpose_refused_with_its_name():
-    x = allops_inputs()
-    _, q = prepared_and_converted(AllOps(), x, "nash-e")
-    with pytest.raises(QatkitError, match="'ct'"):
-        qk.export_onnx(q, x)
+class _ConvT(nn.Module):
+    def __init__(self, **kw) -> None:
+        super().__init__()
+        self.quant, self.ct, self.dequant = qk.QuantStub(), nn.ConvTranspose2d(4, 6, **kw), \
+            qk.DeQuantStub()
+
+    def forward(self, x):
+        return self.dequant(self.ct(self.quant(x)))
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(k=st.integers(1, 4), stride=st.integers(1, 3), padding=st.integers(0, 3),
+       output_padding=st.integers(0, 2), dilation=st.integers(1, 2), groups=st.sampled_from([1, 2]),
+       dtype=st.sampled_from(["qint8", "qint16"]), hp=st.booleans())
+def test_conv_transpose_identical(k, stride, padding, output_padding, dilation, groups, dtype,
+                                  hp):
+    """ConvInteger on the zero-inserted input (negative pads crop): every geometry exact."""
+    assume(output_padding < max(stride, dilation) and padding <= dilation * (k - 1) + 1)
+    x = torch.randn(2, 4, 5, 6)
+    qc = dataclasses.replace(qk.default_calibration_qconfig(dtype), high_precision_output=hp)
+    _, q = prepared_and_converted(
+        _ConvT(kernel_size=k, stride=stride, padding=padding, output_padding=output_padding,
+               dilation=dilation, groups=groups), x, "bayes", qconfig=qc)
+    _check(q, x, torch.randn(3, 4, 5, 6, generator=torch.Generator().manual_seed(4)))
+
+
+class _Indexing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
+        self.conv, self.conv2 = nn.Conv2d(3, 4, 1), nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        return self.dequant(self.conv2(self.conv(self.quant(x))[:, :2]))
+
+
+@pytest.mark.parametrize("flavour", ["integer", "qdq"])
+def test_unsupported_op_refused_with_its_name(flavour):
+    x = torch.randn(2, 3, 4, 4)
+    _, q = prepared_and_converted(_Indexing(), x, "nash-e")
+    with pytest.raises(QatkitError, match=r"QK106.*'conv2'.*indexing"):
+        qk.export_onnx(q, x, flavour=flavour)
 
 
 def test_digits_accuracy_same_as_fixed_point(tmp_path):

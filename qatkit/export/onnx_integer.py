@@ -6,6 +6,7 @@ constants each fixed-point module caches for its input scale, so it computes the
 * quantized activations are int32 tensors holding values of their qint8/qint16 range;
 * conv/linear accumulate with ConvInteger/MatMulInteger (int8 x int8 -> int32); an int16 input
   is split exactly into ``256 * hi + lo`` (``hi`` int8, ``lo`` uint8) and accumulated twice;
+  a transposed conv is a ConvInteger on the zero-inserted input with flipped weights;
 * requantization ``floor((v * m + 2^(n-1)) / 2^n)`` runs in int64 with the exact floor division
   ``(t - Mod(t, 2^n)) / 2^n`` (``Mod`` with ``fmod=0`` takes the divisor's sign, so the
   remainder is in ``[0, 2^n)`` and the integer ``Div`` is exact);
@@ -35,6 +36,7 @@ from qatkit.fixed_point.modules import (
     QAvgPool2d,
     QClamp,
     QConv2d,
+    QConvTranspose2d,
     QDeQuantStub,
     QFunctional,
     QLinear,
@@ -162,6 +164,39 @@ class IntegerExporter:
                  "group": mod.groups, "pads": [mod.padding[0], mod.padding[1]] * 2}
         acc = self.accumulate(name, x.dtype,
                               lambda t: self.b.op("ConvInteger", [t, w], "conv", **attrs))
+        return self._weighted_out(mod, c, acc, 1, 4)
+
+    def conv_transpose(self, mod: QConvTranspose2d, x: QTensor, name: str) -> tuple[str, Any]:
+        """The transposed conv as a ConvInteger (integers only, exact): the input with
+        ``stride - 1`` zeros inserted between its elements, padded by ``d * (k - 1) - p`` before
+        and that plus ``output_padding`` after (a negative amount crops), convolved with stride
+        1 by the weights flipped in both spatial axes, in the output-channel-first layout."""
+        c = mod._prep(x)
+        b, T = self.b, np.int64
+        h, w = x.q.shape[-2:]
+        (sh, sw), (dh, dw) = mod.stride, mod.dilation
+        kh, kw = mod.weight.shape[-2:]
+        t = name
+        if (sh, sw) != (1, 1):  # zero insertion: [N,C,H,1,W,1] padded to [N,C,H,sh,W,sw]
+            ch = x.q.shape[1]
+            t = self.reshape(t, (0, ch, h, 1, w, 1))
+            t = b.op("Pad", [t, b.const([0, 0, 0, 0, 0, 0, 0, 0, 0, sh - 1, 0, sw - 1], T,
+                                        "pads")])
+            t = self.reshape(t, (0, ch, h * sh, w * sw))
+        # pads relative to the zero-inserted tensor, whose last sh-1 rows (sw-1 cols) are extra
+        before = [dh * (kh - 1) - mod.padding[0], dw * (kw - 1) - mod.padding[1]]
+        after = [before[0] + mod.output_padding[0] - (sh - 1),
+                 before[1] + mod.output_padding[1] - (sw - 1)]
+        if min(before + after) < 0:
+            starts = [max(-v, 0) for v in before]
+            ends = [h * sh - max(-after[0], 0), w * sw - max(-after[1], 0)]
+            t = b.op("Slice", [t, b.const(starts, T, "starts"), b.const(ends, T, "ends"),
+                               b.const([2, 3], T, "axes")])
+        pads = [max(v, 0) for v in before] + [max(v, 0) for v in after]
+        wf = b.const(mod.weight.flip(2, 3).numpy(), np.int8, "w")
+        attrs = {"strides": [1, 1], "dilations": [dh, dw], "group": mod.groups, "pads": pads}
+        acc = self.accumulate(t, x.dtype,
+                              lambda v: self.b.op("ConvInteger", [v, wf], "convT", **attrs))
         return self._weighted_out(mod, c, acc, 1, 4)
 
     def linear(self, mod: QLinear, x: QTensor, name: str) -> tuple[str, Any]:
@@ -401,6 +436,8 @@ class IntegerExporter:
             return self.conv(mod, x, name, node)[0]
         if isinstance(mod, QLinear):
             return self.linear(mod, x, name)[0]
+        if isinstance(mod, QConvTranspose2d):
+            return self.conv_transpose(mod, x, name)[0]
         if isinstance(mod, QLookupTable):
             table = self.b.const(mod.table(x).to(torch.int32).numpy(), np.int32, "table")
             idx = self.b.op("Sub", [self.i64(name), self.b.const(qrange(x.dtype)[0], np.int64)])
@@ -492,10 +529,11 @@ def _needed(g: tr.Graph, outs: list[tr.Node]) -> set[int]:
         if i in seen or i < 0:
             continue
         seen.add(i)
-        if any(j < 0 for j in g.nodes[i].inputs) and g.nodes[i].kind == "function":
-            raise fail("QK106", f"integer ONNX export: {g.nodes[i].label!r} takes a value the "
-                       "trace did not see produced (a tensor made inside forward).",
-                       "compute it outside the model, or as a module")
+        if any(j < 0 for j in g.nodes[i].inputs) and g.nodes[i].kind != "input":
+            raise fail("QK106", f"ONNX export: {g.nodes[i].label!r} takes a value the trace "
+                       "did not see produced: indexing of a quantized tensor (x[:, :2]) or a "
+                       "tensor made inside forward, which the exporter cannot express.",
+                       "index after the DeQuantStub, or compute the tensor outside the model")
         todo.extend(g.nodes[i].inputs)
     return seen
 

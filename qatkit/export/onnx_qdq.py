@@ -35,6 +35,7 @@ from qatkit.fixed_point.modules import (
     QAvgPool2d,
     QClamp,
     QConv2d,
+    QConvTranspose2d,
     QDeQuantStub,
     QFunctional,
     QLinear,
@@ -88,17 +89,18 @@ class QdqExporter(IntegerExporter):
                                "offset": [0], "is_symmetric": True}
         return q, b.op("DequantizeLinear", [q, s, zp], "dq")
 
-    def param(self, values: np.ndarray, scale: np.ndarray, dtype: str, label: str) -> str:
-        """An integer initializer dequantized per channel along axis 0."""
+    def param(self, values: np.ndarray, scale: np.ndarray, dtype: str, label: str,
+              axis: int = 0) -> str:
+        """An integer initializer dequantized per channel along ``axis``."""
         b = self.b
         np_t = {"qint8": np.int8, "qint32": np.int32}[dtype]
         q = b.const(values, np_t, f"{label}.{'weight' if dtype == 'qint8' else 'bias'}")
         s = b.const(scale.astype(np.float32), np.float32, "s")
         zp = b.const(np.zeros(scale.shape, np_t), np_t, "zp")
         self.params[q] = {"layer": label, "dtype": f"int{BITS[dtype]}", "bitwidth": BITS[dtype],
-                          "axis": 0, "scale": [float(v) for v in scale], "offset": [0] * len(
-                              scale), "is_symmetric": True}
-        return b.op("DequantizeLinear", [q, s, zp], "dq", axis=0)
+                          "axis": axis, "scale": [float(v) for v in scale],
+                          "offset": [0] * len(scale), "is_symmetric": True}
+        return b.op("DequantizeLinear", [q, s, zp], "dq", axis=axis)
 
     # ---- the walk ------------------------------------------------------------------------
     def emit(self, node: tr.Node, g: tr.Graph) -> str:
@@ -133,7 +135,7 @@ class QdqExporter(IntegerExporter):
                           "QuantStub and DeQuantStub is exported.")
         if x.axis is not None and not isinstance(mod, (nn.ReLU, nn.Identity, nn.Dropout)):
             raise _refuse(node, "receives a per-channel (high-precision) tensor.")
-        if isinstance(mod, (QConv2d, QLinear)):
+        if isinstance(mod, (QConv2d, QLinear, QConvTranspose2d)):
             return self.weighted(mod, x, name, node)
         if isinstance(mod, QLookupTable):
             return self.lut(mod.kind, name, node)
@@ -165,17 +167,26 @@ class QdqExporter(IntegerExporter):
                                 recompute_scale_factor=mod.recompute_scale_factor)
         raise _refuse(node, "has no qdq ONNX form yet.")
 
-    def weighted(self, mod: QConv2d | QLinear, x: QTensor, name: str, node: tr.Node) -> str:
+    def weighted(self, mod: QConv2d | QLinear | QConvTranspose2d, x: QTensor, name: str,
+                 node: tr.Node) -> str:
         b = self.b
         c = mod._prep(x)
         s_w = mod.weight_scale.numpy()
-        w = self.param(mod.weight.numpy(), s_w, "qint8", node.label)
+        if isinstance(mod, QConvTranspose2d):
+            w = self.transposed_weight(mod, s_w, node.label)
+        else:
+            w = self.param(mod.weight.numpy(), s_w, "qint8", node.label)
         acc_s = fp.accumulator_scale(x.scale.detach(), mod.weight_scale).numpy()
         bias = self.param(c["q_b"].numpy().astype(np.int32), acc_s, "qint32", node.label)
         if isinstance(mod, QConv2d):
             attrs = {"strides": list(mod.stride), "dilations": list(mod.dilation),
                      "group": mod.groups, "pads": [mod.padding[0], mod.padding[1]] * 2}
             y = b.op("Conv", [name, w, bias], "conv", **attrs)
+        elif isinstance(mod, QConvTranspose2d):
+            attrs = {"strides": list(mod.stride), "dilations": list(mod.dilation),
+                     "group": mod.groups, "pads": [mod.padding[0], mod.padding[1]] * 2,
+                     "output_padding": list(mod.output_padding)}
+            y = b.op("ConvTranspose", [name, w, bias], "convT", **attrs)
         elif x.q.dim() == 2:
             y = b.op("Gemm", [name, w, bias], "gemm", transB=1)
         else:
@@ -188,6 +199,20 @@ class QdqExporter(IntegerExporter):
         s_o = float(mod.out_scale)
         return b.op("Clip", [y, b.const(np.float32(lo * s_o), np.float32, "lo"),
                              b.const(np.float32(hi * s_o), np.float32, "hi")])
+
+    def transposed_weight(self, mod: QConvTranspose2d, s_w: np.ndarray, label: str) -> str:
+        """The ``[Cin, Cout/g, kh, kw]`` weight of ConvTranspose: without groups the int8
+        initializer in that layout, dequantized along axis 1 (the output channels); with
+        groups dequantized output-channel first and rearranged in float (exact: a move)."""
+        q_w = mod.weight  # [Cout, Cin/g, kh, kw]
+        g, cout, cig, kh, kw = mod.groups, *q_w.shape
+        if g == 1:
+            return self.param(q_w.transpose(0, 1).contiguous().numpy(), s_w, "qint8", label,
+                              axis=1)
+        w = self.param(q_w.numpy(), s_w, "qint8", label)
+        w = self.reshape(w, (g, cout // g, cig, kh, kw))
+        w = self.b.op("Transpose", [w], perm=[0, 2, 1, 3, 4])
+        return self.reshape(w, (g * cig, cout // g, kh, kw))
 
     def lut(self, kind: str, name: str, node: tr.Node) -> str:
         b = self.b
