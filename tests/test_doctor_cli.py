@@ -73,7 +73,7 @@ MODELS = textwrap.dedent('''
     def refused():
         m, x = good()
         with qk.set_march("nash-e"):
-            m.bn1 = nn.GELU()
+            m.bn1 = nn.ELU()
             return qk.prepare(m, x, qconfig=qk.default_qat_qconfig()), x
 
 

@@ -193,10 +193,10 @@ def test_unsupported_module_names_module_and_type(digits):
             super().__init__()
             self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
             self.conv = nn.Conv2d(1, 4, 3)
-            self.norm = nn.LayerNorm([4, 6, 6])
+            self.norm = nn.LocalResponseNorm(2)
 
         def forward(self, x):
             return self.dequant(self.norm(self.conv(self.quant(x))))
 
-    with qk.set_march("nash-e"), pytest.raises(qk.QatkitError, match=r"norm.*LayerNorm"):
+    with qk.set_march("nash-e"), pytest.raises(qk.QatkitError, match=r"norm.*LocalResponseNorm"):
         qk.prepare(Odd(), _example(digits), qconfig=qk.default_qat_qconfig())

@@ -12,6 +12,8 @@ multipliers made from them. Speed comes from choosing, per layer, an arithmetic 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -305,3 +307,161 @@ def bilinear_taps(in_size: int, out_size: int, align_corners: bool,
     i1 = (i0 + 1).clamp_max(in_size - 1)
     w1 = torch.round((src - i0.to(torch.float64)) * 256).to(torch.int64)
     return i0, i1, w1
+
+
+# ---------------------------------------------------------------------------------------------
+# PReLU / LeakyReLU, Softmax, GELU tables, LayerNorm, AvgPool2d with per-position divisors
+# (spec sections 14 to 17; section 10 for the GELU tables)
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+LUT_FUNCS["gelu"] = _gelu
+LUT_FUNCS["gelu_tanh"] = _gelu_tanh
+
+
+def prelu(q: torch.Tensor, M_pos: torch.Tensor, M_neg: torch.Tensor, axis: int | None
+          ) -> torch.Tensor:
+    """``requant(q, M_pos)`` where ``q >= 0``, ``requant(q, M_neg)`` where ``q < 0`` (section
+    14); ``M_neg`` per channel along ``axis`` (or one value, ``axis=None``). No saturation."""
+    if axis is not None and M_neg.numel() != q.shape[axis]:
+        raise ValueError(f"{M_neg.numel()} slopes for {q.shape[axis]} channels")
+    if max(float(M_pos.abs().max()), float(M_neg.abs().max())) >= 2**40:
+        raise ValueError("a PReLU multiplier of 2^40 or more overflows int64 on int16 inputs")
+    q = q.to(torch.int64)
+    pos = requant(q, M_pos)
+    neg = requant(q, M_neg, axis)
+    return torch.where(q >= 0, pos, neg)
+
+
+SOFTMAX_ONE = 2**15  # exp(0) in the Q15 table
+SOFTMAX_FRAC = 30  # fractional bits of the normalised probability before the requant
+
+
+def softmax_exp_table(s_in: torch.Tensor | float, in_dtype: str) -> torch.Tensor:
+    """``round_half_even(2^15 * exp(-k * s_in))`` for ``k = 0 .. qmax - qmin`` (section 15)."""
+    qmin, qmax = qrange(in_dtype)
+    k = torch.arange(0, qmax - qmin + 1, dtype=torch.float64)
+    return torch.round(SOFTMAX_ONE * torch.exp(-k * float(s_in))).to(torch.int64)
+
+
+def softmax(q: torch.Tensor, dim: int, table: torch.Tensor, M: torch.Tensor | float
+            ) -> torch.Tensor:
+    """Integer softmax along ``dim`` (section 15), before saturation: ``e = table[max - q]``,
+    ``r = floor((e * 2^31 + sum e) / (2 * sum e))`` (``e / sum`` in Q30, half up), then
+    ``requant(r, M)`` with ``M = 2^-30 / s_o``."""
+    q = q.to(torch.int64)
+    if q.numel() == 0:
+        return q
+    d = q.amax(dim, keepdim=True) - q  # 0 .. qmax - qmin
+    e = table[d]
+    total = e.sum(dim, keepdim=True)  # >= 2^15 (the maximum contributes exp(0))
+    if int(total.max()) * 2**(SOFTMAX_FRAC + 1) >= 2**62:
+        raise ValueError("softmax over more than 2^16 elements overflows the int64 division")
+    r = torch.div(e * 2**(SOFTMAX_FRAC + 1) + total, 2 * total, rounding_mode="floor")
+    return requant(r, M)
+
+
+LN_FRAC = 24  # fractional bits of the normalised value (x - mean) / sqrt(var + eps)
+
+
+def ln_guard_bits(n: int, in_dtype: str) -> int:
+    """``G``: the largest even number in [0, 16] with ``n^2 * A^2 * 2^G <= 2^62``, ``A = -qmin``
+    of the input dtype (section 16); extra fractional bits of the variance, so that ``eps``
+    keeps its precision when ``s_in^2 / n^2`` is coarse."""
+    A = -qrange(in_dtype)[0]
+    if n > 2**16 or n * n * A * A > 2**62:
+        raise ValueError(f"layer norm over {n} values of {in_dtype}: the int64 variance would "
+                         "overflow (at most 2^16 values with n^2 * 2^(2 * bits) <= 2^62)")
+    G = 16
+    while n * n * A * A * 2**G > 2**62:
+        G -= 2
+    return G
+
+
+def ln_eps_term(eps: float, n: int, s_in: torch.Tensor | float, G: int) -> int:
+    """``E = round_half_even(eps * n * n / s_in / s_in * 2^G)`` in float64 (section 16)."""
+    v = float(eps) * float(n) * float(n) / float(s_in) / float(s_in) * 2.0**G
+    if not math.isfinite(v) or v >= 2**62:
+        raise ValueError(f"eps * n^2 / s_in^2 * 2^G = {v:.3g} does not fit the integer variance")
+    return int(torch.round(torch.tensor(v, dtype=torch.float64)))
+
+
+def isqrt(x: torch.Tensor) -> torch.Tensor:
+    """``floor(sqrt(x))`` exactly for int64 ``0 <= x < 2^52``: the float64 square root is
+    within one of it; one correction step each way makes it exact."""
+    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= 2**52):
+        raise ValueError("isqrt needs 0 <= x < 2^52")
+    r = torch.sqrt(x.to(torch.float64)).floor().to(torch.int64)
+    r = r - (r * r > x).to(torch.int64)
+    return r + ((r + 1) * (r + 1) <= x).to(torch.int64)
+
+
+def bit_length(x: torch.Tensor) -> torch.Tensor:
+    """Number of bits of non-negative int64 values (0 for 0), by exact comparisons."""
+    out = torch.zeros_like(x)
+    for i in range(63):
+        out += (x >= (1 << i)).to(torch.int64)
+    return out
+
+
+def layer_norm_normalize(q: torch.Tensor, dims: tuple[int, ...], E: int, G: int
+                         ) -> torch.Tensor:
+    """``y = round_half_up(c * 2^(24 + G/2) / sqrt(D))`` with ``c = n * q - S1`` and ``D = (n *
+    S2 - S1^2) * 2^G + E`` over ``dims`` (section 16): the normalised value in Q24, by the
+    integer rsqrt of the spec. ``G`` from :func:`ln_guard_bits`, ``E`` from
+    :func:`ln_eps_term`."""
+    q = q.to(torch.int64)
+    n = 1
+    for d in dims:
+        n *= q.shape[d]
+    A = int(q.abs().max()) if q.numel() else 0
+    if G % 2 or not 0 <= G <= 16 or n * n * A * A * 2**G > 2**62 or not 0 <= E < 2**62:
+        raise ValueError(f"layer norm constants G={G}, E={E} do not bound the int64 variance")
+    s1 = q.sum(dims, keepdim=True)
+    s2 = (q * q).sum(dims, keepdim=True)
+    D = ((n * s2 - s1 * s1) << G) + E  # < 2^63
+    c = n * q - s1
+    k = torch.div(bit_length(D) - 31, 2, rounding_mode="floor")  # D / 4^k in [2^30, 2^32)
+    Dn = torch.where(k >= 0, D >> (2 * k).clamp_min(0), D << (-2 * k).clamp_min(0))
+    sq = isqrt(Dn << 16)  # floor(2^8 * sqrt(Dn)), in [2^23, 2^24)
+    num = c << (32 + G // 2 - k)  # |num| < sqrt(n) * 2^48
+    sq_safe = torch.where(D > 0, sq, torch.ones_like(sq))
+    y = torch.div(2 * num + sq_safe, 2 * sq_safe, rounding_mode="floor")
+    return torch.where(D > 0, y, torch.zeros_like(y))
+
+
+def layer_norm_affine(y: torch.Tensor, M_w: torch.Tensor, b_i: torch.Tensor) -> torch.Tensor:
+    """``requant(requant(y, M_w) + b_i, 2^-8)`` (section 16), ``M_w`` and ``b_i`` shaped to
+    broadcast against ``y`` (per normalised element, or per channel). No saturation."""
+    m, n = multiplier(M_w)
+    v = requant_mn(y, m, n) + b_i
+    return (v + 128) >> 8
+
+
+def pool_out_size(size: int, k: int, s: int, p: int, ceil_mode: bool) -> int:
+    """PyTorch's pooling output size (a ceil-mode window must start inside the input or the
+    left padding)."""
+    out = (size + 2 * p - k + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def avg_pool_divisors(size: int, k: int, s: int, p: int, ceil_mode: bool,
+                      count_include_pad: bool) -> torch.Tensor:
+    """Per output index along one axis, the number of positions PyTorch divides by (section
+    17): the window clipped to the padded input, then (``count_include_pad=False``) to the
+    input itself."""
+    out = pool_out_size(size, k, s, p, ceil_mode)
+    start = torch.arange(out, dtype=torch.int64) * s - p
+    end = torch.clamp(start + k, max=size + p)
+    if count_include_pad:
+        return end - start
+    return torch.clamp(end, max=size) - torch.clamp(start, min=0)

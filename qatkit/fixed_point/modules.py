@@ -512,3 +512,172 @@ class QFunctional(QModule):
 
     def stack(self, xs: Any, dim: int = 0) -> QTensor:
         return self._fin(torch.stack(self._same_scale(xs), dim), "stack", tuple(xs), dim=dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# PReLU / LeakyReLU, Softmax, LayerNorm, AvgPool2d with per-position divisors (sections 14-17).
+# Each is built from the op's parameters alone, so that a module call and a functional call
+# site (F.leaky_relu, F.prelu, F.softmax, F.layer_norm, F.avg_pool2d) make the same module.
+
+
+class QPReLU(QModule):
+    """PReLU (slope per channel along axis 1, or one slope) and LeakyReLU (section 14)."""
+
+    def __init__(self, slope: torch.Tensor | float, out_scale: torch.Tensor, out_dtype: str
+                 ) -> None:
+        super().__init__(out_scale, out_dtype)
+        slope = torch.as_tensor(slope, dtype=torch.float32).detach().clone().reshape(-1)
+        self.register_buffer("slope", slope)
+
+    def forward(self, x: QTensor) -> QTensor:
+        x = _need_q(x, self)
+        key = _key(x)
+        c = self._cache.get(key)
+        if c is None:
+            if self.slope.numel() > 1 and (x.q.dim() < 2 or x.q.shape[1] != self.slope.numel()):
+                raise fail("QK106", f"PReLU with {self.slope.numel()} slopes received a tensor "
+                           f"of shape {tuple(x.q.shape)} (channels are axis 1).",
+                           "use num_parameters equal to the channel count, or 1")
+            c = self._cache[key] = (
+                fp.real_multiplier(x.scale, divide_by=self.out_scale),
+                fp.real_multiplier(x.scale, self.slope, divide_by=self.out_scale))
+        axis = 1 if self.slope.numel() > 1 else None
+        M_neg = c[1] if axis is not None else c[1].reshape(())
+        return self._out(fp.prelu(x.q, c[0], M_neg, axis))
+
+
+class QSoftmax(QModule):
+    """Softmax along ``dim`` with a Q15 exp table and an integer division (section 15)."""
+
+    def __init__(self, dim: int, out_scale: torch.Tensor, out_dtype: str) -> None:
+        super().__init__(out_scale, out_dtype)
+        self.dim = dim
+
+    def forward(self, x: QTensor) -> QTensor:
+        x = _need_q(x, self)
+        key = _key(x)
+        c = self._cache.get(key)
+        if c is None:
+            M = torch.tensor(2.0**-fp.SOFTMAX_FRAC, dtype=torch.float64) / float(self.out_scale)
+            c = self._cache[key] = (fp.softmax_exp_table(x.scale, x.dtype), M)
+        try:
+            q = fp.softmax(x.q, self.dim, *c)
+        except ValueError as e:
+            raise fail("QK106", f"Softmax: {e}.", "softmax over fewer elements") from None
+        return self._out(q)
+
+
+class QLayerNorm(QModule):
+    """LayerNorm over the last ``len(normalized_shape)`` dims, or over ``channel_axis`` (the
+    channels-first LayerNorm2d of convnext models), with integer mean/variance, the integer
+    rsqrt of section 16, and the affine weight/bias requantized."""
+
+    def __init__(self, normalized_shape: Any, weight: torch.Tensor | None,
+                 bias: torch.Tensor | None, eps: float, out_scale: torch.Tensor,
+                 out_dtype: str, channel_axis: int | None = None) -> None:
+        super().__init__(out_scale, out_dtype)
+        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(
+            normalized_shape)
+        self.normalized_shape, self.eps, self.channel_axis = shape, float(eps), channel_axis
+        self.register_buffer("weight", None if weight is None
+                             else weight.detach().clone().float())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone().float())
+
+    def _dims(self, ndim: int) -> tuple[int, ...]:
+        if self.channel_axis is not None:
+            return (self.channel_axis,)
+        return tuple(range(ndim - len(self.normalized_shape), ndim))
+
+    def _affine_shape(self, ndim: int) -> list[int]:
+        if self.channel_axis is None:
+            return list(self.normalized_shape)
+        shape = [1] * (ndim - self.channel_axis)
+        shape[0] = -1
+        return shape
+
+    def forward(self, x: QTensor) -> QTensor:
+        x = _need_q(x, self)
+        dims = self._dims(x.q.dim())
+        got = tuple(x.q.shape[d] for d in dims)
+        if got != self.normalized_shape:
+            raise fail("QK106", f"LayerNorm over {self.normalized_shape} received a tensor of "
+                       f"shape {tuple(x.q.shape)}.", "check the normalized_shape")
+        key = (*_key(x), x.q.dim())
+        c = self._cache.get(key)
+        if c is None:
+            c = self._cache[key] = self._constants(x, dims)
+        try:
+            y = fp.layer_norm_normalize(x.q, dims, c[0], c[3])
+        except ValueError as e:
+            raise fail("QK106", f"LayerNorm: {e}.", "normalize over fewer values") from None
+        return self._out(fp.layer_norm_affine(y, c[1], c[2]))
+
+    def _constants(self, x: QTensor, dims: tuple[int, ...]) -> tuple:
+        n = 1
+        for d in dims:
+            n *= x.q.shape[d]
+        try:
+            G = fp.ln_guard_bits(n, x.dtype)
+        except ValueError as e:
+            raise fail("QK106", f"LayerNorm: {e}.", "normalize over fewer values") from None
+        try:
+            E = fp.ln_eps_term(self.eps, n, x.scale, G)
+        except ValueError as e:
+            raise fail("QK103", f"LayerNorm with input scale {float(x.scale):.3g}: {e}.",
+                       "calibrate the layer norm's input on real data") from None
+        shape = self._affine_shape(x.q.dim())
+        s_i = torch.tensor(float(self.out_scale), dtype=torch.float64) / 256
+        w = torch.ones(()) if self.weight is None else self.weight
+        M_w = (w.to(torch.float64) / 2.0**fp.LN_FRAC / s_i).reshape(shape if w.dim() else ())
+        b = torch.zeros(()) if self.bias is None else self.bias
+        b_i = torch.round(b.to(torch.float64) / s_i)
+        if not bool(torch.isfinite(M_w).all() & torch.isfinite(b_i).all()) or \
+                2.0**33 * float(M_w.abs().max()) + float(b_i.abs().max()) >= 2.0**62:
+            raise fail("QK103", "LayerNorm weight/bias are too large for the output scale "
+                       f"{float(self.out_scale):.3g}: the int64 sum would overflow.",
+                       "calibrate the layer norm's output on real data")
+        return E, M_w, b_i.to(torch.int64).reshape(shape if b.dim() else ()), G
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class QAvgPool2dDivisor(QModule):
+    """AvgPool2d with ``ceil_mode``, ``count_include_pad=False`` or ``divisor_override``: the
+    exact window sum, requantized by ``s_in / d / s_o`` with PyTorch's divisor ``d`` of each
+    output position (section 17)."""
+
+    def __init__(self, kernel: Any, stride: Any, padding: Any, ceil_mode: bool,
+                 count_include_pad: bool, divisor_override: int | None,
+                 out_scale: torch.Tensor, out_dtype: str) -> None:
+        super().__init__(out_scale, out_dtype)
+        self.kernel = _pair(kernel)
+        self.stride = self.kernel if stride is None or stride == [] else _pair(stride)
+        self.padding = _pair(padding)
+        self.ceil_mode, self.count_include_pad = bool(ceil_mode), bool(count_include_pad)
+        self.divisor_override = divisor_override
+        if divisor_override is not None and int(divisor_override) <= 0:
+            raise fail("QK106", f"AvgPool2d divisor_override={divisor_override}: must be > 0.")
+
+    def forward(self, x: QTensor) -> QTensor:
+        x = _need_q(x, self)
+        h, w = x.q.shape[-2:]
+        key = (*_key(x), h, w)
+        mn = self._cache.get(key)
+        if mn is None:
+            if self.divisor_override is not None:
+                d = torch.tensor(float(self.divisor_override), dtype=torch.float64)
+            else:
+                dh, dw = (fp.avg_pool_divisors(size, k, s, p, self.ceil_mode,
+                                               self.count_include_pad)
+                          for size, k, s, p in zip((h, w), self.kernel, self.stride,
+                                                   self.padding))
+                d = (dh[:, None] * dw[None, :]).to(torch.float64)
+            M = torch.tensor(float(x.scale), dtype=torch.float64) / d / float(self.out_scale)
+            mn = self._cache[key] = fp.multiplier(M)
+        acc = torch.nn.functional.avg_pool2d(
+            x.q.to(torch.float64), self.kernel, self.stride, self.padding,
+            ceil_mode=self.ceil_mode, count_include_pad=True, divisor_override=1
+        ).to(torch.int64)  # window sums, exact in float64 (below 2^53)
+        return self._out(fp.requant_mn(acc, *mn))

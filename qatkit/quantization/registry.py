@@ -47,6 +47,9 @@ class Op:
     lut: bool = False
     gemm: bool = False
     missing_on: frozenset[str] = frozenset()
+    # classes of optional libraries, by "module.QualName" (matched along the class hierarchy
+    # before the types above, so e.g. an nn.LayerNorm subclass can be its own kind)
+    names: tuple[str, ...] = ()
 
 
 def _quant(m: nn.Module) -> nn.Module:
@@ -66,9 +69,10 @@ def _clamp(m: QATOp) -> nn.Module:
 
 def _avg_pool(m: QATOp) -> nn.Module:
     op, fq = m.op, m.activation_post_process
-    if op.ceil_mode or not op.count_include_pad or op.divisor_override:
-        raise fail("QK106", "AvgPool2d in fixed point supports ceil_mode=False, "
-                   "count_include_pad=True and no divisor_override.")
+    if op.ceil_mode or not op.count_include_pad or op.divisor_override:  # section 17
+        return fx.QAvgPool2dDivisor(op.kernel_size, op.stride, op.padding, op.ceil_mode,
+                                    op.count_include_pad, op.divisor_override, fq.scale,
+                                    fq.dtype)
     return fx.QAvgPool2d(op.kernel_size, op.stride, op.padding, fq.scale, fq.dtype)
 
 
@@ -81,6 +85,33 @@ def _bilinear(m: QATOp) -> nn.Module:
     op, fq = m.op, m.activation_post_process
     return fx.QUpsampleBilinear(op.size, op.scale_factor, bool(op.align_corners), fq.scale,
                                 fq.dtype, op.recompute_scale_factor)
+
+
+def _prelu(m: QATOp) -> nn.Module:
+    op, fq = m.op, m.activation_post_process
+    slope = op.weight if isinstance(op, nn.PReLU) else op.negative_slope
+    return fx.QPReLU(slope, fq.scale, fq.dtype)
+
+
+def _softmax(m: QATOp) -> nn.Module:
+    fq = m.activation_post_process
+    if m.op.dim is None:
+        raise fail("QK106", "Softmax without dim has no fixed-point form (its axis depends on "
+                   "the input rank).", "pass dim explicitly, e.g. nn.Softmax(dim=1)")
+    return fx.QSoftmax(m.op.dim, fq.scale, fq.dtype)
+
+
+def _gelu(m: QATOp) -> nn.Module:
+    fq = m.activation_post_process
+    kind = "gelu_tanh" if m.op.approximate == "tanh" else "gelu"
+    return fx.QLookupTable(kind, fq.scale, fq.dtype)
+
+
+def _layer_norm(m: QATOp) -> nn.Module:
+    op, fq = m.op, m.activation_post_process
+    channels_first = kind_of(op) == "layer_norm2d"
+    return fx.QLayerNorm(op.normalized_shape, op.weight, op.bias, op.eps, fq.scale, fq.dtype,
+                         channel_axis=1 if channels_first else None)
 
 
 def _functional(m: FloatFunctional) -> nn.Module:
@@ -109,7 +140,9 @@ OPS: tuple[Op, ...] = (
     Op("flatten", (nn.Flatten,), keeps_scale=True),
     Op("reshape", keeps_scale=True),
     Op("identity", (nn.Identity,), keeps_scale=True),
-    Op("dropout", (nn.Dropout,), keeps_scale=True),
+    Op("dropout", (nn.Dropout,), keeps_scale=True,
+       names=("torchvision.ops.stochastic_depth.StochasticDepth",)),  # identity in eval
+    Op("permute", keeps_scale=True, names=("torchvision.ops.misc.Permute",)),
     Op("upsample_nearest", keeps_scale=True),  # nn.Upsample(mode="nearest"): see kind_of
     # their own output scale
     Op("relu6", (nn.ReLU6,), qat="output", fixed_point=_clamp),
@@ -121,6 +154,18 @@ OPS: tuple[Op, ...] = (
     *(Op(k, (t,), qat="output", fixed_point=_lut, lut=True, missing_on=_OLD_BPU)
       for k, t in (("sigmoid", nn.Sigmoid), ("tanh", nn.Tanh), ("silu", nn.SiLU),
                    ("hardswish", nn.Hardswish), ("hardsigmoid", nn.Hardsigmoid))),
+    # sections 14-16: a compare-and-select, lookup tables, a division and an rsqrt, which the
+    # old cores lack
+    Op("prelu", (nn.PReLU,), qat="output", fixed_point=_prelu, missing_on=_OLD_BPU),
+    Op("leaky_relu", (nn.LeakyReLU,), qat="output", fixed_point=_prelu, missing_on=_OLD_BPU),
+    Op("softmax", (nn.Softmax,), qat="output", fixed_point=_softmax, lut=True,
+       missing_on=_OLD_BPU),
+    Op("gelu", (nn.GELU,), qat="output", fixed_point=_gelu, lut=True, missing_on=_OLD_BPU),
+    Op("layer_norm", (nn.LayerNorm,), qat="output", fixed_point=_layer_norm,
+       missing_on=_OLD_BPU),
+    # channels-first (normalises axis 1 of NCHW): timm's and torchvision's convnext LayerNorm2d
+    Op("layer_norm2d", qat="output", fixed_point=_layer_norm, missing_on=_OLD_BPU,
+       names=("timm.layers.norm.LayerNorm2d", "torchvision.models.convnext.LayerNorm2d")),
     # tensor arithmetic through FloatFunctional (one instance per call site)
     *(Op(k, functional=f, fixed_point=_functional) for k, f in (
         ("add", ("add", "add_relu")), ("add_scalar", ("add_scalar",)), ("sub", ("sub",)),
@@ -131,6 +176,7 @@ OPS: tuple[Op, ...] = (
 BY_KIND: dict[str, Op] = {op.kind: op for op in OPS}
 _BY_TYPE: dict[type, Op] = {t: op for op in OPS for t in op.modules}
 _BY_METHOD: dict[str, Op] = {f: op for op in OPS for f in op.functional}
+_BY_NAME: dict[str, Op] = {name: op for op in OPS for name in op.names}
 
 ALL_KINDS = frozenset(BY_KIND)
 GEMM_KINDS = frozenset(op.kind for op in OPS if op.gemm)
@@ -146,7 +192,7 @@ FUNCTIONS_ON_QUANTIZED = frozenset({
 
 def _by_type(t: type) -> Op | None:
     for base in t.__mro__:  # a subclass of a listed module is that kind
-        op = _BY_TYPE.get(base)
+        op = _BY_NAME.get(f"{base.__module__}.{base.__qualname__}") or _BY_TYPE.get(base)
         if op is not None:
             return op
     return None

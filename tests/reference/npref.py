@@ -812,6 +812,11 @@ def _lut_function(kind: str, x: np.ndarray) -> np.ndarray:
             return x * np.minimum(np.maximum(x + 3.0, 0.0), 6.0) / 6.0
         if kind == "hardsigmoid":
             return np.minimum(np.maximum(x + 3.0, 0.0), 6.0) / 6.0
+        if kind == "gelu":
+            erf = np.vectorize(math.erf, otypes=[np.float64])
+            return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+        if kind == "gelu_tanh":
+            return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
     raise ValueError(f"unknown LUT kind {kind!r}")
 
 
@@ -838,3 +843,162 @@ def apply_lut(
     if np.any((q < lo) | (q > hi)):
         raise ValueError(f"input outside the {in_dtype} range")
     return table[q - qmin]
+
+
+# ----------------------------------------------------------------------------- §14
+
+
+def prelu(
+    q: ArrayLike, s_in: Scale, slope: float | ArrayLike, s_o: Scale, out_dtype: str
+) -> np.ndarray:
+    """q >= 0: requant(q, s_in / s_o); q < 0: requant(q, s_in * a[c] / s_o), a[c] along axis 1
+    (one slope: every element); then sat_T (§14)."""
+    q = _int64(q)
+    a = np.asarray(slope, dtype=np.float32).astype(np.float64).reshape(-1)
+    pos = requant(q, _scale64(s_in) / _scale64(s_o))
+    if a.size == 1:
+        neg = requant(q, _scale64(s_in) * float(a[0]) / _scale64(s_o))
+    else:
+        if q.ndim < 2 or q.shape[1] != a.size:
+            raise ValueError(f"{a.size} slopes for shape {q.shape}")
+        neg = requant(q, (_scale64(s_in) * a) / _scale64(s_o), axis=1)
+    return sat(np.where(q >= 0, pos, neg), out_dtype)
+
+
+# ----------------------------------------------------------------------------- §15
+
+
+def softmax(q: ArrayLike, s_in: Scale, in_dtype: str, dim: int, s_o: Scale,
+            out_dtype: str) -> np.ndarray:
+    """Q15 exp table by distance to the maximum, Q30 division half up, requant (§15)."""
+    q = _int64(q)
+    qmin, qmax = _range(in_dtype)
+    if np.any((q < qmin) | (q > qmax)):
+        raise ValueError(f"input outside the {in_dtype} range")
+    k = np.arange(qmax - qmin + 1, dtype=np.int64).astype(np.float64)
+    table = [int(v) for v in round_half_even(2.0**15 * np.exp(-k * _scale64(s_in)))]
+    moved = np.moveaxis(q, dim, -1)
+    r = np.empty(moved.shape, dtype=np.int64)
+    for idx in np.ndindex(moved.shape[:-1]):
+        row = [int(v) for v in moved[idx]]
+        top = max(row)
+        e = [table[top - v] for v in row]
+        total = sum(e)
+        if total * 2**31 >= 2**62:
+            raise OverflowError("softmax slice too long")
+        r[idx] = [(ei * 2**31 + total) // (2 * total) for ei in e]
+    out = sat(requant(r, 2.0**-30 / _scale64(s_o)), out_dtype)
+    return np.moveaxis(out, -1, dim)
+
+
+# ----------------------------------------------------------------------------- §16
+
+
+def _layer_norm_y(group: list[int], E: int, G: int) -> list[int]:
+    """c / sqrt(D / 2**G) in Q24 with the integer rsqrt of §16, on Python ints."""
+    n = len(group)
+    s1 = sum(group)
+    s2 = sum(v * v for v in group)
+    D = (n * s2 - s1 * s1) * 2**G + E
+    assert D < 2**63
+    if D == 0:
+        return [0] * n
+    k = (D.bit_length() - 31) // 2
+    Dp = D // 4**k if k >= 0 else D * 4 ** (-k)
+    assert 2**30 <= Dp < 2**32
+    sq = math.isqrt(Dp * 2**16)
+    out = []
+    for v in group:
+        num = (n * v - s1) * 2 ** (32 + G // 2 - k)
+        out.append((2 * num + sq) // (2 * sq))
+    return out
+
+
+def layer_norm(
+    q: ArrayLike,
+    s_in: Scale,
+    in_dtype: str,
+    n_dims: int | None,
+    weight: ArrayLike | None,
+    bias: ArrayLike | None,
+    eps: float,
+    s_o: Scale,
+    out_dtype: str,
+    channels_first: bool = False,
+) -> np.ndarray:
+    """LayerNorm over the last n_dims dims, or over axis 1 (channels_first) (§16).
+
+    weight/bias: shaped like the normalised dims (channels_first: one per channel)."""
+    q = _int64(q)
+    if channels_first:
+        moved = np.moveaxis(q, 1, -1)
+        nd = 1
+    else:
+        moved, nd = q, int(n_dims)  # type: ignore[arg-type]
+    norm = moved.shape[moved.ndim - nd :]
+    n = int(np.prod(norm, dtype=np.int64))
+    A = -_range(in_dtype)[0]
+    if n > 2**16 or n * n * A * A > 2**62:
+        raise OverflowError("layer norm group too large for int64")
+    G = max(g for g in range(0, 17, 2) if n * n * A * A * 2**g <= 2**62)
+    E = _rhe_int(float(eps) * n * n / _scale64(s_in) / _scale64(s_in) * 2.0**G)
+    s_i = _scale64(s_o) / 256
+    w = np.ones(n) if weight is None else np.asarray(weight, np.float32).astype(np.float64)
+    b = np.zeros(n) if bias is None else np.asarray(bias, np.float32).astype(np.float64)
+    w, b = np.broadcast_to(w.reshape(-1), (n,)), np.broadcast_to(b.reshape(-1), (n,))
+    flat = moved.reshape(-1, n)
+    out = np.empty(flat.shape, dtype=np.int64)
+    for r in range(flat.shape[0]):
+        y = _layer_norm_y([int(v) for v in flat[r]], E, G)
+        for j in range(n):
+            a_i = int(requant(np.array([y[j]]), w[j] / 2.0**24 / s_i)[0])
+            b_i = _rhe_int(b[j] / s_i)
+            out[r, j] = int(requant(np.array([a_i + b_i]), s_i / _scale64(s_o))[0])
+    out = sat(out.reshape(moved.shape), out_dtype)
+    return np.moveaxis(out, -1, 1) if channels_first else out
+
+
+# ----------------------------------------------------------------------------- §17
+
+
+def _divisors(size: int, k: int, s: int, p: int, ceil_mode: bool, include_pad: bool
+              ) -> list[int]:
+    out = _pool_out_size(size, k, s, p, 1, ceil_mode)
+    ds = []
+    for i in range(out):
+        start = i * s - p
+        end = min(start + k, size + p)
+        ds.append(end - start if include_pad else min(end, size) - max(start, 0))
+    return ds
+
+
+def avg_pool2d_divisor(
+    q: ArrayLike,
+    s_in: Scale,
+    kernel: Pair,
+    stride: Pair | None,
+    padding: Pair,
+    ceil_mode: bool,
+    count_include_pad: bool,
+    divisor_override: int | None,
+    s_o: Scale,
+    out_dtype: str,
+) -> np.ndarray:
+    """Window sums over valid positions, one divisor per output position (§17)."""
+    x = _int64(q)
+    kh, kw = _pair(kernel)
+    sh, sw = _pair(kernel if stride is None else stride)
+    ph, pw = _pair(padding)
+    N, C, H, W = x.shape
+    dh = _divisors(H, kh, sh, ph, ceil_mode, count_include_pad)
+    dw = _divisors(W, kw, sw, pw, ceil_mode, count_include_pad)
+    out = np.empty((N, C, len(dh), len(dw)), dtype=np.int64)
+    for i in range(len(dh)):
+        rows = [r for r in range(i * sh - ph, i * sh - ph + kh) if 0 <= r < H]
+        for j in range(len(dw)):
+            cols = [c for c in range(j * sw - pw, j * sw - pw + kw) if 0 <= c < W]
+            acc = x[:, :, rows][:, :, :, cols].sum(axis=(2, 3), dtype=np.int64)
+            d = divisor_override if divisor_override is not None else dh[i] * dw[j]
+            M = _scale64(s_in) / float(d) / _scale64(s_o)
+            out[:, :, i, j] = requant(acc, M)
+    return sat(out, out_dtype)

@@ -1,8 +1,8 @@
 """QK106: a module in the quantized region that qatkit cannot quantize.
 
-Either its type has no quantized form (``ops.op_kind`` is None: GELU, LayerNorm, Softmax,
-LeakyReLU, a custom leaf module...), or a supported type is configured in a way the fixed-point
-model does not implement (string padding, a non-zero padding mode, AvgPool2d with ceil_mode,
+Either its type has no quantized form (``ops.op_kind`` is None: ELU, Softplus, GroupNorm, a
+custom leaf module...), or a supported type is configured in a way the fixed-point
+model does not implement (string padding, a non-zero padding mode, Softmax without dim,
 AdaptiveAvgPool2d with an input size that is not a multiple of the output size, a BatchNorm2d
 that was not folded into a conv). Caught at prepare instead of failing at convert.
 """
@@ -49,10 +49,9 @@ def _config_problem(g: tr.Graph, node: tr.Node, mod: nn.Module) -> tuple[str, st
                 "fixed-point conv supports numeric padding with zeros only",
                 "use padding=(ph, pw) and padding_mode='zeros' (or pad with a module "
                 "before the QuantStub)")
-    if kind == "avg_pool2d" and (mod.ceil_mode or not mod.count_include_pad
-                                 or mod.divisor_override):
-        return ("AvgPool2d in fixed point supports ceil_mode=False, count_include_pad=True and "
-                "no divisor_override", "use those settings (or pad the input explicitly)")
+    if kind == "softmax" and mod.dim is None:
+        return ("Softmax without dim has no fixed-point form (its axis depends on the input "
+                "rank)", "pass dim explicitly, e.g. nn.Softmax(dim=1)")
     if kind == "max_pool2d" and getattr(mod, "return_indices", False):
         return ("MaxPool2d with return_indices=True has no fixed-point form",
                 "use return_indices=False in the quantized region")
@@ -115,7 +114,7 @@ class Head(nn.Module):
         super().__init__()
         self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
         self.conv = nn.Conv2d(64, 64, 3, padding=1)
-        self.act = nn.GELU()                       # no quantized GELU
+        self.act = nn.ELU()                        # no quantized ELU
         self.fc = nn.Linear(64, 10)
 
     def forward(self, x):
