@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import qatkit as qk
@@ -110,6 +110,10 @@ def test_softmax_refusals() -> None:
 @settings(max_examples=B.examples(16), deadline=None)
 @given(approx=st.sampled_from(["none", "tanh"]), in_dtype=B.dtypes, out_dtype=B.dtypes,
        s_in=B.scales, s_out=B.scale_strategy(-16, 0))
+# s_o = 2 s_in: where GELU(x) ~ x every odd q is a tie that the last bit of tanh/erf near 1
+# would decide (the spec's forms avoid it)
+@example(approx="tanh", in_dtype="qint16", out_dtype="qint16", s_in=2.0**-10, s_out=2.0**-9)
+@example(approx="none", in_dtype="qint16", out_dtype="qint16", s_in=2.0**-10, s_out=2.0**-9)
 def test_gelu_tables(approx: str, in_dtype: str, out_dtype: str, s_in: float, s_out: float
                      ) -> None:
     """Every entry of the table (the input is every integer of the input dtype)."""

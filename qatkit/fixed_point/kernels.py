@@ -314,12 +314,16 @@ def bilinear_taps(in_size: int, out_size: int, align_corners: bool,
 # (spec sections 14 to 17; section 10 for the GELU tables)
 
 
+# GELU in the forms of section 10: 0.5 * x * erfc(-x / sqrt(2)) and x / (1 + exp(-2z)) equal
+# 0.5 * x * (1 + erf(x / sqrt(2))) and 0.5 * x * (1 + tanh(z)), but never add a term that is
+# 1 within a few ulp: where GELU(x) ~ x they give exactly x in every libm, so the tables do
+# not depend on the last bit of erf/tanh near 1 (which differs between libraries)
 def _gelu(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    return 0.5 * x * torch.erfc(-x / math.sqrt(2.0))
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+    return x / (1.0 + torch.exp(-(2.0 * math.sqrt(2.0 / math.pi)) * (x + 0.044715 * x * x * x)))
 
 
 LUT_FUNCS["gelu"] = _gelu

@@ -813,10 +813,11 @@ def _lut_function(kind: str, x: np.ndarray) -> np.ndarray:
         if kind == "hardsigmoid":
             return np.minimum(np.maximum(x + 3.0, 0.0), 6.0) / 6.0
         if kind == "gelu":
-            erf = np.vectorize(math.erf, otypes=[np.float64])
-            return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+            erfc = np.vectorize(math.erfc, otypes=[np.float64])
+            return 0.5 * x * erfc(-x / math.sqrt(2.0))
         if kind == "gelu_tanh":
-            return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+            c = 2.0 * math.sqrt(2.0 / math.pi)
+            return x / (1.0 + np.exp(-c * (x + 0.044715 * x * x * x)))
     raise ValueError(f"unknown LUT kind {kind!r}")
 
 
