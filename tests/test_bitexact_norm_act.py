@@ -6,7 +6,6 @@ bound). Cases are built through the public workflow (tests/_bitexact.py)."""
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,7 @@ from hypothesis import strategies as st
 import qatkit as qk
 from qatkit.quantization import registry
 from tests import _bitexact as B
+from tests._tv_import import import_torchvision
 from tests.reference import npref as R
 
 pytestmark = pytest.mark.filterwarnings("ignore::qatkit.base.errors.QatkitWarning")
@@ -171,26 +171,9 @@ def test_layer_norm(seed: int, in_dtype: str, out_dtype: str, s_in: float, s_out
     assert (_float_err(B.as_np(got.q), y, s_out, out_dtype) <= bound).all()
 
 
-def _torchvision() -> Any:
-    """torchvision 0.28 on the CPU wheel: its import needs the nms/qnms schemas defined."""
-    try:
-        import torchvision
-    except RuntimeError as e:
-        if "torchvision::nms" not in str(e):
-            raise
-        for k in [k for k in sys.modules if k.startswith("torchvision")]:
-            del sys.modules[k]
-        lib = torch.library.Library("torchvision", "DEF")
-        for op in ("nms", "qnms"):
-            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _torchvision.lib = lib  # type: ignore[attr-defined]  # keep the definitions alive
-        import torchvision
-    return torchvision
-
-
 @pytest.fixture(scope="module")
 def tv() -> Any:
-    return _torchvision()
+    return import_torchvision()
 
 
 @settings(max_examples=B.examples(15), deadline=None)
