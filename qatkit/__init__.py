@@ -8,7 +8,7 @@ Workflow::
     qk.calibrate(calib, calibration_batches)
     qat = qk.prepare(model, example_inputs, qconfig=qk.default_qat_qconfig())
     qat.load_state_dict(calib.state_dict())
-    qat.train(); qk.set_fake_quantize(qat, qk.FakeQuantState.QAT)
+    qat.train()  # QAT; qat.eval() validates with frozen scales
     ...  # train
     quantized = qk.convert(qat)
 

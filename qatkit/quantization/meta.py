@@ -4,6 +4,10 @@
 declared target processor and input source, and (after convert) the module structure of the
 fixed-point model. Its extra state (march, stage, processor, input source, qatkit version)
 travels in ``state_dict``; loading a checkpoint of another march raises QK002.
+
+The meta module is also where ``model.train()``/``model.eval()`` of a prepared model is heard
+(it is one child of the root): a change of mode is announced as the moment ``train_mode``, since
+it changes what the fake quants do (QAT under ``eval()`` validates).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from qatkit.base import VERSION
+from qatkit.base import VERSION, hooks
 from qatkit.base.errors import fail
 from qatkit.base.modules import unwrap
 
@@ -31,10 +35,21 @@ class QatkitMeta(nn.Module):
         self.processor, self.input_source = processor, input_source
         self.structure: dict[str, type] = {}
         self.loaded_stage: str | None = None
+        # how prepare was called (qconfig per module, fuse), enough to prepare the float
+        # architecture again when loading a checkpoint (qatkit.quantization.checkpoint)
+        self.recipe: dict[str, Any] = {}
+
+    def train(self, mode: bool = True) -> QatkitMeta:
+        was = self.training
+        super().train(mode)
+        root = self.__dict__.get("_root")  # not a submodule: a plain reference to the model
+        if root is not None and was != mode:
+            hooks.emit("train_mode", model=root, training=mode)
+        return self
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"march": self.march, "stage": self.stage, "processor": self.processor,
-                "input_source": self.input_source, "qatkit": VERSION}
+                "input_source": self.input_source, "qatkit": VERSION, "recipe": self.recipe}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         march = state.get("march") if isinstance(state, dict) else None
@@ -48,6 +63,8 @@ class QatkitMeta(nn.Module):
         for key in ("processor", "input_source"):
             if getattr(self, key) is None and state.get(key) is not None:
                 setattr(self, key, state[key])
+        if not self.recipe and state.get("recipe"):
+            self.recipe = state["recipe"]
 
     def extra_repr(self) -> str:
         return f"march={self.march!r}, stage={self.stage!r}"
@@ -60,7 +77,11 @@ def attach(model: nn.Module, march: str, stage: str, processor: str | None = Non
         processor = processor or old.processor
         input_source = input_source or old.input_source
     m = QatkitMeta(march, stage, processor, input_source)
+    if old is not None:
+        m.recipe = old.recipe
+    m.training = model.training
     setattr(model, META_NAME, m)
+    m.__dict__["_root"] = model
     return m
 
 

@@ -1,0 +1,102 @@
+"""PyTorch habits: train()/eval() drive QAT and validation; checkpoints reload from the float
+architecture alone."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import qatkit as qk
+from qatkit.base import hooks
+from qatkit.demo.recipe import calibration_batches, centered
+from qatkit.quantization.fake_quant import fake_quants
+
+
+class DropNet(nn.Module):
+    """Conv-BN-ReLU, dropout (so train/eval really differ), linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = qk.QuantStub()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.drop = nn.Dropout(0.3)
+        self.fc = nn.Linear(32, 10)
+        self.dequant = qk.DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.relu(self.bn(self.conv(self.quant(x)))))
+        return self.dequant(self.fc(self.drop(torch.flatten(x, 1))))
+
+
+def _accuracy(model, x, y):
+    with torch.no_grad():
+        out = model(x)
+    return float((out.argmax(1) == y).float().mean()), out
+
+
+def _batches(digits, n=1024, bs=32):
+    x, y = centered(digits.x_train[:n]), digits.y_train[:n]
+    return [(x[i:i + bs], y[i:i + bs]) for i in range(0, n, bs)]
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_standard_loop_runs_qat_and_validation(digits, calibrated):
+    torch.manual_seed(0)
+    x_val, y_val = centered(digits.x_test[:200]), digits.y_test[:200]
+    seen: list[tuple[nn.Module, bool]] = []
+    listener = hooks.listen("train_mode", lambda model, training: seen.append((model, training)))
+    try:
+        with qk.set_march("nash-e"):
+            example = centered(digits.x_train[:2])
+            qat = qk.prepare(DropNet(), example, qconfig=qk.default_qat_qconfig())
+            if calibrated:
+                calib = qk.prepare(DropNet(), example, qconfig=qk.default_calibration_qconfig())
+                qk.calibrate(calib, calibration_batches(digits, n=256))
+                qat.load_state_dict(calib.state_dict())
+            opt = torch.optim.SGD(qat.parameters(), lr=0.1, momentum=0.9)
+            for _epoch in range(2):
+                qat.train()  # the only mode calls: no qatkit call in the loop
+                for x, y in _batches(digits):
+                    opt.zero_grad()
+                    F.cross_entropy(qat(x), y).backward()
+                    opt.step()
+                qat.eval()
+                acts = [fq for _, fq in fake_quants(qat) if not fq.is_weight]
+                scales = [fq.scale.clone() for fq in acts]
+                acc, out = _accuracy(qat, x_val, y_val)
+                acc2, out2 = _accuracy(qat, x_val.flip(0), y_val.flip(0))  # other data
+                # eval() froze every activation scale: validation observes nothing (weight
+                # scales are those of the current weights, in every state)
+                assert all(torch.equal(s, fq.scale) for s, fq in zip(scales, acts))
+                assert torch.equal(out, out2.flip(0)) and acc == acc2
+                ref = copy.deepcopy(qat)
+                qk.set_fake_quantize(ref, qk.FakeQuantState.VALIDATION)
+                ref_acc, ref_out = _accuracy(ref, x_val, y_val)
+                assert torch.equal(out, ref_out) and acc == ref_acc
+            assert all(fq.state is qk.FakeQuantState.QAT for _, fq in fake_quants(qat))
+            assert all(fq.active_state is qk.FakeQuantState.VALIDATION
+                       for _, fq in fake_quants(qat))
+            assert acc > 0.4, acc
+            # train() is QAT again: uncalibrated scales follow their observers
+            qat.train()
+            assert all(fq.active_state is qk.FakeQuantState.QAT for _, fq in fake_quants(qat))
+    finally:
+        hooks._listeners["train_mode"].remove(listener)
+    # each mode change of the prepared model was announced once (the doctor listens)
+    assert [t for m, t in seen if m is qat] == [False, True, False, True]
+
+
+def test_validation_state_under_train_is_qat(digits):
+    with qk.set_march("nash-e"):
+        calib = qk.prepare(DropNet(), centered(digits.x_train[:2]),
+                           qconfig=qk.default_calibration_qconfig())
+        qk.calibrate(calib, calibration_batches(digits, n=256))
+    assert all(fq.state is qk.FakeQuantState.VALIDATION for _, fq in fake_quants(calib))
+    calib.train()
+    assert all(fq.active_state is qk.FakeQuantState.QAT for _, fq in fake_quants(calib))
+    calib(centered(digits.x_train[:8]))  # runs: no mode trap
