@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "convert": "qatkit.quantization.convert",
     **dict.fromkeys(("FixedPointMonitor", "GapRecord", "evaluate"),
                     "qatkit.quantization.evaluate"),
+    **dict.fromkeys(("load_prepared", "load_quantized"), "qatkit.quantization.rebuild"),
     "QCenteredYUVToRGB": "qatkit.fixed_point.yuv_input",
     "insert_yuv_input": "qatkit.quantization.deploy_input",
     "check_overfitting": "qatkit.doctor.rules.qk009_overfitting",
@@ -89,6 +90,8 @@ __all__ = [
     "fuse",
     "get_march",
     "insert_yuv_input",
+    "load_prepared",
+    "load_quantized",
     "prepare",
     "set_fake_quantize",
     "set_march",
@@ -136,4 +139,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         default_qat_qconfig,
         fixed_scale_qconfig,
     )
+    from qatkit.quantization.rebuild import load_prepared, load_quantized
     from qatkit.quantization.stubs import DeQuantStub, FloatFunctional, QuantStub

@@ -100,3 +100,87 @@ def test_validation_state_under_train_is_qat(digits):
     calib.train()
     assert all(fq.active_state is qk.FakeQuantState.QAT for _, fq in fake_quants(calib))
     calib(centered(digits.x_train[:8]))  # runs: no mode trap
+
+
+# ---------------------------------------------------------------- reload from the float model
+
+_CHILD = """
+import sys, torch
+import qatkit as qk
+from qatkit.demo.recipe import DemoNet
+x = torch.load(sys.argv[2], weights_only=True)
+q = qk.load_quantized(DemoNet(10, width=8), sys.argv[1], x[:2])
+torch.save(q(x), sys.argv[3])
+"""
+
+
+def test_fixed_point_checkpoint_reloads_from_the_float_class_alone(digits, tmp_path):
+    import subprocess
+    import sys
+
+    from qatkit.demo.recipe import DemoNet
+    from qatkit.quantization import checkpoint
+    torch.manual_seed(0)
+    x = centered(digits.x_test[:64])
+    with qk.set_march("bayes"):
+        calib = qk.prepare(DemoNet(10, width=8), x[:2], qconfig=qk.default_calibration_qconfig())
+        qk.calibrate(calib, calibration_batches(digits, n=256))
+        fixed = qk.convert(calib)
+    want = fixed(x)
+    checkpoint.save(fixed, tmp_path / "q.pt")
+    torch.save(x, tmp_path / "x.pt")
+    # a fresh process that knows only the float class (and no march)
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "q.pt"),
+                        str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = torch.load(tmp_path / "y.pt", weights_only=True)
+    assert torch.equal(got, want)  # bit-identical
+    # calibrated checkpoints likewise (in process), and the stages are not mixed up
+    checkpoint.save(calib, tmp_path / "c.pt")
+    again = qk.load_prepared(DemoNet(10, width=8), tmp_path / "c.pt", x[:2])
+    assert torch.equal(again.eval()(x), calib.eval()(x))
+    with pytest.raises(qk.QatkitError, match="load_quantized"):
+        qk.load_prepared(DemoNet(10, width=8), tmp_path / "q.pt", x[:2])
+    with pytest.raises(qk.QatkitError, match="load_prepared"):
+        qk.load_quantized(DemoNet(10, width=8), tmp_path / "c.pt", x[:2])
+
+
+def test_float_state_dict_into_a_prepared_model_is_refused(digits):
+    from qatkit.demo.recipe import DemoNet
+    net = DemoNet(10, width=8)
+    with qk.set_march("nash-e"):
+        qat = qk.prepare(net, centered(digits.x_train[:2]), qconfig=qk.default_qat_qconfig())
+        before = {k: v.clone() for k, v in qat.state_dict().items()
+                  if isinstance(v, torch.Tensor)}
+        for strict in (True, False):
+            with pytest.raises(qk.QatkitError, match=r"no qatkit metadata.*BN-folded"):
+                qat.load_state_dict(net.state_dict(), strict=strict)
+        assert all(torch.equal(v, qat.state_dict()[k]) for k, v in before.items())  # untouched
+        with torch.no_grad():
+            qat(centered(digits.x_train[:16]))  # QAT: scales from one batch
+        fixed = qk.convert(qat)
+        with pytest.raises(qk.QatkitError, match="integer"):
+            fixed.load_state_dict(net.state_dict(), strict=False)
+    qat.load_state_dict(qat.state_dict())  # a qatkit state_dict loads as before
+
+
+def test_prepare_warnings_once_for_the_documented_two_prepares(digits):
+    import warnings
+
+    from qatkit.demo.recipe import DemoNet
+
+    class Spare(DemoNet):
+        def __init__(self) -> None:
+            super().__init__(10, width=8)
+            self.loss = nn.CrossEntropyLoss()  # a loss with a qconfig: QK001 at prepare
+
+    net, x = Spare(), centered(digits.x_train[:2])
+    with warnings.catch_warnings(record=True) as log, qk.set_march("nash-e"):
+        warnings.simplefilter("always")
+        qk.prepare(net, x, qconfig=qk.default_calibration_qconfig())
+        qk.prepare(net, x, qconfig=qk.default_qat_qconfig())
+        qk.prepare(Spare(), x, qconfig=qk.default_qat_qconfig())  # another model: shown again
+    codes = [w.message.code for w in log if isinstance(w.message, qk.QatkitWarning)]
+    assert codes.count("QK001") == 2, codes
+    assert all(w.filename == __file__ for w in log)  # still pointing at the user's line

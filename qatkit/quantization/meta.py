@@ -82,7 +82,31 @@ def attach(model: nn.Module, march: str, stage: str, processor: str | None = Non
     m.training = model.training
     setattr(model, META_NAME, m)
     m.__dict__["_root"] = model
+    if not model.__dict__.get("_qatkit_state_guard"):
+        model.__dict__["_qatkit_state_guard"] = True
+        model.register_load_state_dict_pre_hook(refuse_float_state)
     return m
+
+
+def refuse_float_state(module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                       *args: Any) -> None:
+    """Load-state pre-hook of prepared and converted models: a state_dict without qatkit
+    metadata is a float model's, and its keys name the same slots (``conv1.weight``...) that
+    hold BN-folded float weights (prepared) or integer weights (converted) here. Loading it
+    would write unfolded or float weights into them, silently with ``strict=False``: refused."""
+    if prefix + META_NAME + "._extra_state" in state_dict:
+        return
+    keys = [k for k in state_dict if k.startswith(prefix)]
+    if not keys:
+        return
+    stage = m.stage if (m := get(module)) is not None else "prepared"
+    raise fail("QK000", f"this state_dict has no qatkit metadata: it is a float model's "
+               f"(e.g. {keys[0]!r}), but the model is {stage}. Its conv weights would land in "
+               "slots that hold BN-folded" + (" integer" if stage == "converted" else "") +
+               " weights, and BN statistics have no slot at all.",
+               "load float weights into the float model, then qk.prepare it again; for a "
+               "qatkit checkpoint use qk.load_prepared / qk.load_quantized(float_model, path, "
+               "example_inputs)")
 
 
 def get(model: nn.Module) -> QatkitMeta | None:

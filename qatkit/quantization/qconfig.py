@@ -141,3 +141,73 @@ def as_mapping(qconfig: QConfig | QConfigMapping | None) -> QConfigMapping:
     if qconfig is None or isinstance(qconfig, QConfig):
         return QConfigMapping(qconfig)
     raise fail("QK000", f"qconfig must be a QConfig or QConfigMapping, got {type(qconfig)}.")
+
+
+# ---- a qconfig as plain data (kept in checkpoints, read with torch.load(weights_only=True)) ---
+
+def spec_to_dict(spec: QuantSpec | None) -> dict[str, Any] | None:
+    """Plain data of ``spec``; a custom observer class is kept as ``"module:QualName"``."""
+    if spec is None:
+        return None
+    obs = spec.observer if isinstance(spec.observer, str) else \
+        f"{spec.observer.__module__}:{spec.observer.__qualname__}"
+    return {"dtype": spec.dtype, "observer": obs, "per_channel": spec.per_channel,
+            "fixed_scale": spec.fixed_scale,
+            "observer_kwargs": [[k, v] for k, v in spec.observer_kwargs]}
+
+
+def spec_from_dict(d: dict[str, Any] | None) -> QuantSpec | None:
+    if d is None:
+        return None
+    obs: Any = d["observer"]
+    if ":" in obs:  # a custom observer class: import it by name
+        import importlib
+        mod, _, qual = obs.partition(":")
+        try:
+            obs = importlib.import_module(mod)
+            for part in qual.split("."):
+                obs = getattr(obs, part)
+        except (ImportError, AttributeError):
+            raise fail("QK000", f"the checkpoint's qconfig uses observer {d['observer']!r}, "
+                       "which cannot be imported here.",
+                       "make that module importable before loading") from None
+    return QuantSpec(d["dtype"], obs, bool(d["per_channel"]), d["fixed_scale"],
+                     tuple((k, v) for k, v in d["observer_kwargs"]))
+
+
+def qconfig_to_dict(q: QConfig | None) -> dict[str, Any] | None:
+    if q is None:
+        return None
+    return {"activation": spec_to_dict(q.activation), "weight": spec_to_dict(q.weight),
+            "high_precision_output": q.high_precision_output}
+
+
+def qconfig_from_dict(d: dict[str, Any] | None) -> QConfig | None:
+    if d is None:
+        return None
+    return QConfig(spec_from_dict(d["activation"]), spec_from_dict(d["weight"]),
+                   bool(d["high_precision_output"]))
+
+
+def resolved_to_data(qconfigs: dict[str, QConfig | None]) -> dict[str, Any]:
+    """The effective qconfig of every module (``QConfigMapping.resolve``) as plain data: a
+    list of the distinct qconfigs and, per module name, an index into it (-1: float)."""
+    table: list[QConfig | None] = []
+    index: dict[str, int] = {}
+    for name, q in qconfigs.items():
+        if q is None:
+            index[name] = -1
+            continue
+        if q not in table:
+            table.append(q)
+        index[name] = table.index(q)
+    return {"qconfigs": [qconfig_to_dict(q) for q in table], "modules": index}
+
+
+def mapping_from_data(data: dict[str, Any]) -> QConfigMapping:
+    """The :class:`QConfigMapping` that resolves to what :func:`resolved_to_data` stored."""
+    table = [qconfig_from_dict(d) for d in data["qconfigs"]]
+    mapping = QConfigMapping(None)
+    for name, i in data["modules"].items():
+        mapping.set_module_name(name, None if i < 0 else table[i])
+    return mapping
