@@ -48,6 +48,7 @@ _EXPORTS: dict[str, str] = {
     "insert_yuv_input": "qatkit.quantization.deploy_input",
     "check_overfitting": "qatkit.doctor.rules.qk009_overfitting",
     "export_onnx": "qatkit.export",
+    "summary": "qatkit.analysis.summary",
 }
 # public submodules: qk.checkpoint.save(...), qk.doctor.check(...), ...
 _MODULES: dict[str, str] = {
@@ -98,6 +99,7 @@ __all__ = [
     "set_strict",
     "silence",
     "strict",
+    "summary",
 ]
 
 
@@ -117,6 +119,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from qatkit.analysis.summary import summary
     from qatkit.base.errors import QatkitError, QatkitWarning, set_strict, silence, strict
     from qatkit.base.march import MARCHES, March, get_march, set_march
     from qatkit.base.qtensor import QTensor

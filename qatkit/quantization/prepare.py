@@ -36,6 +36,7 @@ from qatkit.quantization.qconfig import (
     QuantSpec,
     as_mapping,
     resolved_to_data,
+    with_sources,
 )
 from qatkit.quantization.registry import GEMM_KINDS, op_kind, to_qat
 from qatkit.quantization.stubs import DeQuantStub, FloatFunctional, QuantStub
@@ -97,7 +98,8 @@ def prepare(model: nn.Module, example_inputs: Any,
             if q is not None:
                 _swap(model, name, mod, q, march.pow2_scales, hp)
     facts = meta.attach(model, march.name, "prepared", processor, input_source)
-    facts.recipe = {"fuse": fuse, **resolved_to_data(qconfigs)}  # enough to prepare again
+    # enough to prepare again (and to say where each qconfig came from)
+    facts.recipe = {"fuse": fuse, **with_sources(resolved_to_data(qconfigs), mapping)}
     hooks.emit("prepared", model=model, graph=g)  # the doctor hooks per-batch checks
     return model
 

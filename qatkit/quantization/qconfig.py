@@ -85,6 +85,9 @@ class QConfigMapping:
         self.global_qconfig = global_qconfig
         self.by_name: dict[str, QConfig | None] = {}
         self.by_type: dict[type, QConfig | None] = {}
+        #: after :meth:`resolve`: where each module's qconfig came from ("name:x",
+        #: "type:Conv2d", "x.qconfig" / "model.qconfig" (an attribute), "global")
+        self.sources: dict[str, str] = {}
 
     def set_global(self, qconfig: QConfig | None) -> QConfigMapping:
         self.global_qconfig = qconfig
@@ -102,20 +105,32 @@ class QConfigMapping:
         """The effective qconfig of every module, by qualified name."""
         out: dict[str, QConfig | None] = {}
         attr: dict[str, Any] = {}
+        attr_from: dict[str, str] = {}
+        self.sources = {}
         for name, mod in model.named_modules():
             parent = name.rpartition(".")[0] if name else None
             inherited = attr.get(parent, _UNSET) if parent is not None else _UNSET
             own = getattr(mod, "qconfig", _UNSET)
             attr[name] = own if own is not _UNSET else inherited
+            attr_from[name] = name if own is not _UNSET else attr_from.get(parent or "", "")
             q: Any = _UNSET
             for prefix in _prefixes(name):
                 if prefix in self.by_name:
                     q = self.by_name[prefix]
+                    self.sources[name] = f"name:{prefix or '<root>'}"
                     break
             if q is _UNSET:
-                q = next((v for t, v in self.by_type.items() if isinstance(mod, t)), _UNSET)
+                t = next((t for t in self.by_type if isinstance(mod, t)), None)
+                if t is not None:
+                    q = self.by_type[t]
+                    self.sources[name] = f"type:{t.__name__}"
             if q is _UNSET:
-                q = attr[name] if attr[name] is not _UNSET else self.global_qconfig
+                if attr[name] is not _UNSET:
+                    q = attr[name]
+                    self.sources[name] = f"{attr_from[name] or 'model'}.qconfig"
+                else:
+                    q = self.global_qconfig
+                    self.sources[name] = "global"
             if q is not None and not isinstance(q, QConfig):
                 q = _foreign_qconfig(name, q)
             out[name] = q
@@ -202,6 +217,11 @@ def resolved_to_data(qconfigs: dict[str, QConfig | None]) -> dict[str, Any]:
             table.append(q)
         index[name] = table.index(q)
     return {"qconfigs": [qconfig_to_dict(q) for q in table], "modules": index}
+
+
+def with_sources(data: dict[str, Any], mapping: QConfigMapping) -> dict[str, Any]:
+    """``data`` plus where each module's qconfig came from (for summaries)."""
+    return {**data, "sources": dict(mapping.sources)}
 
 
 def mapping_from_data(data: dict[str, Any]) -> QConfigMapping:

@@ -71,8 +71,9 @@ def load_prepared(float_model: nn.Module, path: str | os.PathLike, example_input
     if facts.get("stage") == "converted":
         raise fail("QK000", f"{os.fspath(path)!r} holds a fixed-point (converted) model.",
                    "use qk.load_quantized(float_model, path, example_inputs)")
-    model = _prepared(float_model, example_inputs, facts)
-    return checkpoint.load_state(model, state)
+    model = checkpoint.load_state(_prepared(float_model, example_inputs, facts), state)
+    meta.get(model).recipe = facts["recipe"]  # where the qconfigs came from, as first prepared
+    return model
 
 
 def load_quantized(float_model: nn.Module, path: str | os.PathLike, example_inputs: Any
@@ -92,4 +93,6 @@ def load_quantized(float_model: nn.Module, path: str | os.PathLike, example_inpu
         # findings about the skeleton's throw-away scales are not about the checkpoint
         warnings.simplefilter("ignore", QatkitWarning)
         quantized = convert(skeleton, inplace=True)
-    return checkpoint.load_state(quantized, state)
+    quantized = checkpoint.load_state(quantized, state)
+    meta.get(quantized).recipe = facts["recipe"]
+    return quantized
