@@ -184,3 +184,40 @@ def test_prepare_warnings_once_for_the_documented_two_prepares(digits):
     codes = [w.message.code for w in log if isinstance(w.message, qk.QatkitWarning)]
     assert codes.count("QK001") == 2, codes
     assert all(w.filename == __file__ for w in log)  # still pointing at the user's line
+
+
+def test_calibration_and_fixed_point_do_not_depend_on_the_thread_count(digits):
+    """Float training is not bit-reproducible across thread counts in torch (the split of a
+    conv or GEMM reduction over threads changes the float rounding); from a given float model
+    on, calibration statistics are order-independent and the integer model is exact, so the
+    scales and every fixed-point output are the same for any thread count."""
+    from qatkit.demo.recipe import DemoNet
+    torch.manual_seed(0)
+    net, x = DemoNet(10, width=8), centered(digits.x_test[:128])
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        with qk.set_march("nash-e"):
+            calib = qk.prepare(net, x[:2], qconfig=qk.default_calibration_qconfig())
+            qk.calibrate(calib, calibration_batches(digits, n=256))
+            fixed = qk.convert(calib)
+        results.append(([fq.scale.clone() for _, fq in fake_quants(calib)], fixed(x)))
+    torch.set_num_threads(1)
+    (s1, y1), (s2, y2) = results
+    assert all(torch.equal(a, b) for a, b in zip(s1, s2)) and torch.equal(y1, y2)
+
+
+def test_evaluate_is_an_exact_fraction_and_low_precision_is_refused(digits):
+    from qatkit.demo.recipe import DemoNet
+    x, y = centered(digits.x_test[:100]), digits.y_test[:100]
+    with qk.set_march("nash-e"):
+        calib = qk.prepare(DemoNet(10, width=8), x[:2], qconfig=qk.default_calibration_qconfig())
+        qk.calibrate(calib, calibration_batches(digits, n=128))
+        acc = qk.evaluate(calib, [(x[:30], y[:30]), (x[30:], y[30:])])
+    hits = int((qk.convert(calib)(x).argmax(1) == y).sum())
+    assert acc == hits / 100  # e.g. 0.72, not 0.7200000286102295
+    qat = copy.deepcopy(calib).train().to(torch.bfloat16)
+    with pytest.raises(qk.QatkitError, match=r"bfloat16 tensor.*float32"):
+        qat(x[:2])
+    with pytest.raises(qk.QatkitError, match=r"bfloat16 tensor"):
+        qat(x[:2].bfloat16())

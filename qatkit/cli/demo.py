@@ -10,7 +10,7 @@ import sys
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=("digits", "fashion"), default="digits")
     p.add_argument("--march", default="nash-e", help="march or processor (see qatkit marches)")
-    p.add_argument("--epochs", type=int, default=None, help="float epochs (digits 15, fashion 1)")
+    p.add_argument("--epochs", type=int, default=None, help="float epochs (digits 15, fashion 3)")
     p.add_argument("--qat-epochs", type=int, default=None, help="QAT epochs (digits 3, fashion 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", metavar="DIR", help="write float/calibrated/qat/quantized .pt")

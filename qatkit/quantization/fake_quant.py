@@ -125,6 +125,8 @@ class FakeQuantize(nn.Module):
         return scale_from_amax(amax, self.dtype, self.pow2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in _LOW_PRECISION:
+            raise _low_precision_error(x.dtype)
         st = active_state(self.state, self.training)
         if torch.compiler.is_exporting():
             return self._exported_forward(x)
@@ -182,6 +184,20 @@ class FakeQuantize(nn.Module):
             self.scale = torch.empty_like(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._pending = False
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _low_precision_error(dtype: torch.dtype) -> Exception:
+    name = str(dtype).removeprefix("torch.")
+    return fail("QK000", f"a fake quant received a {name} tensor (model.to({dtype}) or "
+                "autocast on a prepared model). Fake quantization simulates the integer model "
+                f"in float32: {name} holds too few significant bits for round(x / s) and q * s "
+                "to be exact (int16 values, scales that are not powers of two), so QAT would "
+                "train against a different model than the one convert builds.",
+                "keep the prepared model in float32 (model.float()); train the float model in "
+                f"{name} before qk.prepare if you need the speed")
 
 
 def _half_range(dtype: str) -> float:
