@@ -307,8 +307,7 @@ def report_models(dataset: str = "digits", march: str = "nash-e", epochs: int | 
         for ep in range(qat_epochs):
             train(qat, split, 1, lr=1e-3, seed=seed + 1000 + ep, quiet=quiet, sgd=True)
             monitor.step(qat)
-        qat.eval()
-        set_fake_quantize(qat, FakeQuantState.VALIDATION)
+        qat.eval()  # validation (state QAT under eval): the doctor sees a QAT model
         if damage_layer:
             damage(qat, damage_layer, damage_factor)
     return {"float": float_model, "quant": qat, "example_inputs": example, "label": "QAT",
