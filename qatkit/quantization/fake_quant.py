@@ -164,11 +164,11 @@ class FakeQuantize(nn.Module):
     def _exported_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The VALIDATION forward, as ``torch.export`` records it: no statistic is updated and
         no buffer read as a Python value (``initialized`` is the guards' job at convert)."""
-        if self.state is not FakeQuantState.VALIDATION:
+        if active_state(self.state, self.training) is not FakeQuantState.VALIDATION:
             raise fail("QK000", f"torch.export of a fake quant in state {self.state.name}: "
                        "only the VALIDATION forward is a fixed function of its input.",
-                       "call model.eval() and qk.set_fake_quantize(model, "
-                       "qk.FakeQuantState.VALIDATION) before torch.export.export")
+                       "call model.eval() before torch.export.export (QAT state validates "
+                       "under eval())")
         if self.is_weight:
             return fake_quantize(x, self.weight_scale(x), self.dtype, self.ch_axis)
         return fake_quantize(x, self.scale, self.dtype)
