@@ -8,7 +8,7 @@ Workflow::
     qk.calibrate(calib, calibration_batches)
     qat = qk.prepare(model, example_inputs, qconfig=qk.default_qat_qconfig())
     qat.load_state_dict(calib.state_dict())
-    qat.train(); qk.set_fake_quantize(qat, qk.FakeQuantState.QAT)
+    qat.train()  # QAT; qat.eval() validates with frozen scales
     ...  # train
     quantized = qk.convert(qat)
 
@@ -43,10 +43,12 @@ _EXPORTS: dict[str, str] = {
     "convert": "qatkit.quantization.convert",
     **dict.fromkeys(("FixedPointMonitor", "GapRecord", "evaluate"),
                     "qatkit.quantization.evaluate"),
+    **dict.fromkeys(("load_prepared", "load_quantized"), "qatkit.quantization.rebuild"),
     "QCenteredYUVToRGB": "qatkit.fixed_point.yuv_input",
     "insert_yuv_input": "qatkit.quantization.deploy_input",
     "check_overfitting": "qatkit.doctor.rules.qk009_overfitting",
     "export_onnx": "qatkit.export",
+    "summary": "qatkit.analysis.summary",
 }
 # public submodules: qk.checkpoint.save(...), qk.doctor.check(...), ...
 _MODULES: dict[str, str] = {
@@ -89,12 +91,15 @@ __all__ = [
     "fuse",
     "get_march",
     "insert_yuv_input",
+    "load_prepared",
+    "load_quantized",
     "prepare",
     "set_fake_quantize",
     "set_march",
     "set_strict",
     "silence",
     "strict",
+    "summary",
 ]
 
 
@@ -114,6 +119,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from qatkit.analysis.summary import summary
     from qatkit.base.errors import QatkitError, QatkitWarning, set_strict, silence, strict
     from qatkit.base.march import MARCHES, March, get_march, set_march
     from qatkit.base.qtensor import QTensor
@@ -136,4 +142,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         default_qat_qconfig,
         fixed_scale_qconfig,
     )
+    from qatkit.quantization.rebuild import load_prepared, load_quantized
     from qatkit.quantization.stubs import DeQuantStub, FloatFunctional, QuantStub

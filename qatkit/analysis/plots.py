@@ -67,8 +67,9 @@ def line_chart(x_labels: list[str], series: list[dict[str, Any]], *, title: str,
     pw, ph = width - left - right, height - top - bottom
     vals = [v for s in series for v in s["values"] if v is not None and math.isfinite(v)]
     lo, hi = y_range if y_range else ((min(vals), max(vals)) if vals else (0.0, 1.0))
-    if hi - lo < 1e-12:
-        lo, hi = lo - 1.0, hi + 1.0
+    if hi - lo < 1e-12:  # one value: a narrow band around it (0.9978 -> 0.988..1.008)
+        pad = max(abs(hi), 1e-3) * 0.01
+        lo, hi = lo - pad, hi + pad
     ticks = _nice(lo, hi)
     lo, hi = min(ticks[0], lo), max(ticks[-1], hi)
     n = max(len(x_labels), 1)

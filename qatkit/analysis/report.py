@@ -378,7 +378,16 @@ def render_html(r: dict[str, Any]) -> str:
     # "</" inside a <script> would end it; "<\/" is the same JSON string.
     text = json.dumps(r, allow_nan=False).replace("</", "<\\/")
     return env.get_template("report.html.j2").render(r=r, plots=plots,
-                                                     json_text=Markup(text))
+                                                     json_text=Markup(text),
+                                                     rules_base=_rules_base())
+
+
+def _rules_base() -> str:
+    """Where the rule pages (docs/rules/QKnnn.md) are: the checkout's, as a file URI, when
+    qatkit runs from one; else the path inside the repository."""
+    from pathlib import Path
+    docs = Path(__file__).resolve().parents[2] / "docs" / "rules"
+    return docs.as_uri() + "/" if docs.is_dir() else "docs/rules/"
 
 
 def write_report(path: str | os.PathLike, model_float: nn.Module, model_quant: nn.Module,

@@ -18,6 +18,9 @@ The moments (keyword payloads):
 ``calibration_forward``    fake_quant — an observer is about to see a calibration batch
 ``fake_quant_state``       model, fake_quants, state, wrapper — answer ``True``: the scales were
                            synchronized already (before the state changes)
+``train_mode``             model, training — ``model.train()``/``eval()`` changed the mode of a
+                           prepared model: QAT-state fake quants now train (True) or validate
+                           (False); read each one's ``active_state``
 ``input_batch``            stub, args — a batch reaches an input QuantStub (not during a trace)
 ``convert``                model, march — before the fixed-point model is built
 ``converted``              model — the fixed-point model is complete

@@ -20,6 +20,19 @@ def _candidates() -> list[str]:
     return [os.getcwd(), pkg_parent]
 
 
+def available() -> bool:
+    """Whether bench/ can be found (without importing it): only then is the command offered."""
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec("bench")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and any(os.path.isfile(os.path.join(p, "suite.py"))
+                                for p in spec.submodule_search_locations or []):
+        return True
+    return any(os.path.isfile(os.path.join(root, "bench", "suite.py")) for root in _candidates())
+
+
 def _load() -> ModuleType | None:
     """``bench.__main__`` of a repository checkout, or None."""
     try:

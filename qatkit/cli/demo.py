@@ -4,21 +4,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=("digits", "fashion"), default="digits")
     p.add_argument("--march", default="nash-e", help="march or processor (see qatkit marches)")
-    p.add_argument("--epochs", type=int, default=None, help="float epochs (digits 15, fashion 1)")
+    p.add_argument("--epochs", type=int, default=None, help="float epochs (digits 15, fashion 3)")
     p.add_argument("--qat-epochs", type=int, default=None, help="QAT epochs (digits 3, fashion 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", metavar="DIR", help="write float/calibrated/qat/quantized .pt")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (and nothing else: no progress bars)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch.set_num_threads(N) (default: torch's default)")
     p.add_argument("--nproc", type=int, default=1,
                    help="calibrate and train QAT in N local processes (gloo)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            print("qatkit demo: error: --threads must be at least 1", file=sys.stderr)
+            return 2
+        import torch
+        torch.set_num_threads(args.threads)
     from qatkit.demo.recipe import print_table
     from qatkit.demo.recipe import run as run_demo
     if args.nproc > 1:

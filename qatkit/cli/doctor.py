@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(report.to_html())
         else:
             from rich.console import Console
-            report.print(Console(highlight=False, width=max(100, _term_width())))
+            report.print(Console(highlight=False, width=_term_width()))
         return report.exit_code
     except UsageError as e:
         print(f"qatkit doctor: error: {e}", file=sys.stderr)

@@ -20,6 +20,7 @@ COMMANDS = {
     "report": ("qatkit.cli.report", "write the per-layer accuracy report (HTML + JSON)"),
     "export": ("qatkit.cli.export", "write the fixed-point model as ONNX (integer or qdq)"),
     "verify": ("qatkit.cli.verify", "compare an exported ONNX file with qatkit's fixed point"),
+    "summary": ("qatkit.cli.summary", "one row per quantized op: kind, dtypes, scales, qconfig"),
     "bench": ("qatkit.cli.bench", "benchmarks against torch.ao (needs the repository's bench/)"),
 }
 
@@ -37,8 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"qatkit {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (module, help_text) in COMMANDS.items():
+        mod = importlib.import_module(module)
+        if not getattr(mod, "available", lambda: True)():
+            continue  # e.g. bench: only where the repository's bench/ is installed
         p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(p)
+        mod.add_arguments(p)
     args = parser.parse_args(argv)
     from qatkit.base.errors import QatkitError
     try:

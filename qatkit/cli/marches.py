@@ -22,15 +22,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    from rich.console import Console
-    from rich.table import Table
-    t = Table(title="marches")
-    for col in ("march", "processors", "activations", "hp output", "pow2", "rank",
-                "unsupported ops"):
-        t.add_column(col)
-    for r in rows:
-        t.add_row(r["march"], ", ".join(r["processors"]), ", ".join(r["activation_dtypes"]),
-                  r["high_precision_output"], "yes" if r["pow2_scales"] else "",
-                  str(r["max_rank"] or ""), ", ".join(r["unsupported_ops"]))
-    Console(width=160).print(t)
+    from qatkit.base.table import render
+    cells = [[r["march"], ", ".join(r["processors"]), ", ".join(r["activation_dtypes"]),
+              str(r["high_precision_output"]), "yes" if r["pow2_scales"] else "",
+              str(r["max_rank"] or ""), ", ".join(r["unsupported_ops"])] for r in rows]
+    print(render(("march", "processors", "activations", "hp output", "pow2", "rank",
+                  "unsupported ops"), cells, title="marches"))
     return 0

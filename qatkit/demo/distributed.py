@@ -89,7 +89,7 @@ def _demo_worker(rank: int, world: int, dataset: str, march: str, qat_epochs: in
     split = demo.load(dataset, seed)
     example = demo.centered(split.x_train[:2])
     with set_march(march):
-        float_model = demo.DemoNet(split.num_classes)
+        float_model = demo.demo_net(split)
         float_model.load_state_dict(torch.load(float_path, weights_only=True))
 
         calib = prepare(float_model, example, qconfig=default_calibration_qconfig())
@@ -146,7 +146,7 @@ def run_demo(args: Any) -> dict[str, Any]:
     epochs, qat_epochs = demo.default_epochs(args.dataset, args.epochs, args.qat_epochs)
     march = resolve(args.march).name
     with set_march(march):
-        float_model = demo.DemoNet(split.num_classes)
+        float_model = demo.demo_net(split)
         demo.train_float(float_model, split, epochs, seed, quiet)
         float_acc = demo.accuracy(float_model, split.x_test, split.y_test)
     with tempfile.TemporaryDirectory(prefix="qatkit-demo-") as work:

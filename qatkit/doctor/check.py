@@ -108,13 +108,28 @@ class Report:
                 + (", strict" if self.strict else ""))
         console.print(Text(head, style="bold"))
         style = {"error": "bold red", "warning": "yellow", "info": "cyan"}
-        if self.findings:
+        if self.findings and console.width < 120:  # narrow: one block per finding
+            for f in self.findings:
+                sev = self.severity(f)
+                head = Text(f"{f.code} ", style="bold")
+                head.append(sev, style=style.get(sev, ""))
+                head.append(f"  {f.module or '(model)'}" + (f" ({f.source})" if f.source else ""))
+                console.print(head, overflow="ignore", crop=False)
+                for label, body in (("", f.message), ("fix: ", f.fix)):
+                    if body:
+                        console.print(_wrap_words(label + body, console.width, "  "),
+                                      overflow="ignore", crop=False, highlight=False)
+        elif self.findings:
             t = Table(show_lines=True, expand=True)
             t.add_column("code", no_wrap=True)
             t.add_column("severity", no_wrap=True)
-            t.add_column("module", overflow="fold", ratio=1)
+            # no identifier is broken mid-word: each column is at least its longest word
+            t.add_column("module", overflow="fold", ratio=1, min_width=_longest_word(
+                [f.module or "(model)" for f in self.findings] +
+                [f.source or "" for f in self.findings], 20))
             t.add_column("finding", ratio=4, overflow="fold")
-            t.add_column("fix", ratio=2, overflow="fold")
+            t.add_column("fix", ratio=2, overflow="fold",
+                         min_width=_longest_word([f.fix for f in self.findings], 40))
             for f in self.findings:
                 sev = self.severity(f)
                 where = f.module or "(model)"
@@ -378,3 +393,15 @@ def _dedupe(findings: list[Finding]) -> list[Finding]:
 
 
 # ------------------------------------------------------------------------------ command line
+
+
+def _longest_word(texts: list[str], cap: int) -> int:
+    return min(cap, max((len(w) for t in texts for w in t.split()), default=1))
+
+
+def _wrap_words(text: str, width: int, indent: str) -> str:
+    """``text`` wrapped at spaces only (identifiers stay whole), every line indented."""
+    import textwrap
+    return textwrap.fill(text, width=max(20, width - 1), initial_indent=indent,
+                         subsequent_indent=indent + "  ", break_long_words=False,
+                         break_on_hyphens=False)

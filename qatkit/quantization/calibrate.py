@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from qatkit.base import hooks
 from qatkit.base.errors import fail
-from qatkit.base.modules import unwrap
+from qatkit.base.modules import device_of, unwrap
 from qatkit.quantization.fake_quant import FakeQuantState, fake_quants, set_fake_quantize
 
 
@@ -47,10 +47,13 @@ def _calibrate(model: nn.Module, data: Iterable[Any], progress: bool) -> None:
     it = data
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(data, desc="calibration", leave=False)
+        total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+        it = tqdm(data, desc="calibration", total=total, unit="batch", leave=False)
+    dev = device_of(model)  # batches follow the model, as in qk.evaluate
     with torch.no_grad():
         for batch in it:
-            model(*_inputs(model, batch))
+            model(*(t.to(dev) if isinstance(t, torch.Tensor) else t
+                    for t in _inputs(model, batch)))
             batches += 1
     # The batch count of all ranks (synchronized calibration): an empty shard is fine, and
     # every rank raises together when there is no data at all.

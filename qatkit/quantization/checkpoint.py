@@ -25,6 +25,11 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
 
 def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a checkpoint written by :func:`save` (or ``torch.save(model.state_dict())``)."""
+    return load_state(model, read(path))
+
+
+def read(path: str | os.PathLike) -> dict[str, Any]:
+    """The state_dict in ``path`` (``torch.load(weights_only=True)``), or a clear error."""
     if not os.path.exists(path):
         raise fail("QK000", f"checkpoint {os.fspath(path)!r} does not exist.")
     try:
@@ -34,7 +39,9 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                    "pass a file written by qatkit.checkpoint.save or "
                    "torch.save(model.state_dict())"
                    ) from None
-    return load_state(model, state)
+    if not isinstance(state, dict):
+        raise fail("QK000", "a checkpoint must hold a state_dict (a dict of tensors).")
+    return state
 
 
 def load_state(model: nn.Module, state: dict[str, Any]) -> nn.Module:
@@ -60,6 +67,14 @@ def load_state(model: nn.Module, state: dict[str, Any]) -> nn.Module:
                    f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
                    f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}.",
                    "build and prepare the same model (same qconfig and march) before loading")
+    own = model.state_dict()
+    casts = [k for k, v in state.items() if isinstance(v, torch.Tensor)
+             and isinstance(own.get(k), torch.Tensor) and v.dtype != own[k].dtype]
+    if casts:  # load_state_dict would cast silently (int16 weights into int8 slots...)
+        k = casts[0]
+        raise fail("QK000", f"the checkpoint's {k!r} is {state[k].dtype} but the model holds "
+                   f"{own[k].dtype} there; loading would cast the values silently.",
+                   "build the model with the same qconfig (dtypes) the checkpoint was made with")
     try:
         model.load_state_dict(state)
     except QatkitError:

@@ -8,6 +8,14 @@ state                   observers   fake quant     scales             model mode
 ``VALIDATION``          frozen      on             fixed              ``eval()``
 ======================  ==========  =============  =================  ===========
 
+``train()``/``eval()`` work as in PyTorch: what a fake quant does (:attr:`FakeQuantize.
+active_state`) follows the module mode between the two training-time states. A model in QAT
+state under ``model.eval()`` validates (VALIDATION: frozen scales, BN already folded or in eval);
+``model.train()`` returns it to QAT; VALIDATION under ``train()`` is QAT. So a standard loop
+(``model.train()`` each epoch, ``model.eval()`` for validation) needs no qatkit call between the
+two. Only CALIBRATION is bound to ``eval()`` (dropout or a BN in train mode would change what the
+observers see): a calibration forward in ``train()`` is refused with that explanation.
+
 Weights are fake-quantized per output channel with the scale of the *current* weights, so the
 scale convert computes from the final weights is the one the last QAT step used. Activation
 scales that came from calibration stay fixed in QAT (the vendor's fixed-activation QAT); scales
@@ -38,8 +46,12 @@ class FakeQuantState(enum.Enum):
     VALIDATION = "validation"
 
 
-_MODE = {FakeQuantState.CALIBRATION: False, FakeQuantState.QAT: True,
-         FakeQuantState.VALIDATION: False}
+def active_state(state: FakeQuantState, training: bool) -> FakeQuantState:
+    """What a fake quant in ``state`` does in ``train()`` (True) or ``eval()`` mode: QAT and
+    VALIDATION follow the mode; CALIBRATION stays (and is refused in ``train()``)."""
+    if state is FakeQuantState.CALIBRATION:
+        return state
+    return FakeQuantState.QAT if training else FakeQuantState.VALIDATION
 
 
 class FakeQuantize(nn.Module):
@@ -85,6 +97,12 @@ class FakeQuantize(nn.Module):
     def fixed(self) -> bool:
         return isinstance(self.observer, FixedScaleObserver)
 
+    @property
+    def active_state(self) -> FakeQuantState:
+        """The state this fake quant acts in now: :attr:`state` as the module mode makes it
+        (QAT under ``eval()`` validates, VALIDATION under ``train()`` trains)."""
+        return active_state(self.state, self.training)
+
     def extra_repr(self) -> str:
         obs = type(self.observer).__name__
         return f"dtype={self.dtype}, state={self.state.value}, observer={obs}"
@@ -107,7 +125,9 @@ class FakeQuantize(nn.Module):
         return scale_from_amax(amax, self.dtype, self.pow2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        st = self.state
+        if x.dtype in _LOW_PRECISION:
+            raise _low_precision_error(x.dtype)
+        st = active_state(self.state, self.training)
         if torch.compiler.is_exporting():
             return self._exported_forward(x)
         if recorder.active() is not None:  # a trace observes the model; it must not change it
@@ -123,9 +143,9 @@ class FakeQuantize(nn.Module):
                 self.scale.copy_(s)
             self.initialized.fill_(1)
             return fake_quantize(x, s, self.dtype, self.ch_axis)
-        if self.training != _MODE[st]:
-            raise _mode_error(st, self.training)
         if st is FakeQuantState.CALIBRATION:
+            if self.training:
+                raise _mode_error(st, self.training)
             hooks.emit("calibration_forward", fake_quant=self)  # the doctor: QK004
             self.observer(x)
             self._pending = True
@@ -144,11 +164,11 @@ class FakeQuantize(nn.Module):
     def _exported_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The VALIDATION forward, as ``torch.export`` records it: no statistic is updated and
         no buffer read as a Python value (``initialized`` is the guards' job at convert)."""
-        if self.state is not FakeQuantState.VALIDATION:
+        if active_state(self.state, self.training) is not FakeQuantState.VALIDATION:
             raise fail("QK000", f"torch.export of a fake quant in state {self.state.name}: "
                        "only the VALIDATION forward is a fixed function of its input.",
-                       "call model.eval() and qk.set_fake_quantize(model, "
-                       "qk.FakeQuantState.VALIDATION) before torch.export.export")
+                       "call model.eval() before torch.export.export (QAT state validates "
+                       "under eval())")
         if self.is_weight:
             return fake_quantize(x, self.weight_scale(x), self.dtype, self.ch_axis)
         return fake_quantize(x, self.scale, self.dtype)
@@ -166,6 +186,20 @@ class FakeQuantize(nn.Module):
         self._pending = False
 
 
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _low_precision_error(dtype: torch.dtype) -> Exception:
+    name = str(dtype).removeprefix("torch.")
+    return fail("QK000", f"a fake quant received a {name} tensor (model.to({dtype}) or "
+                "autocast on a prepared model). Fake quantization simulates the integer model "
+                f"in float32: {name} holds too few significant bits for round(x / s) and q * s "
+                "to be exact (int16 values, scales that are not powers of two), so QAT would "
+                "train against a different model than the one convert builds.",
+                "keep the prepared model in float32 (model.float()); train the float model in "
+                f"{name} before qk.prepare if you need the speed")
+
+
 def _half_range(dtype: str) -> float:
     from qatkit.base.quant_math import qrange
     qmin, qmax = qrange(dtype)
@@ -173,13 +207,12 @@ def _half_range(dtype: str) -> float:
 
 
 def _mode_error(state: FakeQuantState, training: bool) -> Exception:
-    want = "train()" if _MODE[state] else "eval()"
-    have = "train()" if training else "eval()"
-    return fail("QK000", f"fake-quant state {state.name} needs the model in {want} mode but it is "
-                f"in {have} mode" + (" (BN/dropout would change what calibration sees)"
-                                     if state is FakeQuantState.CALIBRATION else "") + ".",
-                f"call model.{want.rstrip('()')}() before qk.set_fake_quantize(model, "
-                f"FakeQuantState.{state.name}) and keep it while running")
+    # only CALIBRATION is bound to a mode; QAT and VALIDATION follow train()/eval()
+    return fail("QK000", "fake-quant state CALIBRATION needs the model in eval() mode but it is "
+                "in train() mode: dropout and BN in train mode would change what the observers "
+                "see, so the scales would not fit the deployed (eval) model.",
+                "call model.eval() for calibration (qk.calibrate does both); model.train() "
+                "afterwards is QAT, model.eval() validation, no qatkit call needed")
 
 
 def fake_quants(model: nn.Module) -> list[tuple[str, FakeQuantize]]:
@@ -196,8 +229,9 @@ def prepared_fake_quants(model: nn.Module) -> list[tuple[str, FakeQuantize]]:
 
 
 def set_fake_quantize(model: nn.Module, state: FakeQuantState) -> nn.Module:
-    """Put every fake quant of ``model`` in ``state``; the model must already be in the
-    matching mode (``eval()`` for CALIBRATION/VALIDATION, ``train()`` for QAT)."""
+    """Put every fake quant of ``model`` in ``state``. CALIBRATION needs ``eval()`` mode; QAT
+    and VALIDATION take effect as the mode makes them (see :func:`active_state`): setting QAT
+    in ``eval()`` validates until ``model.train()``."""
     if not isinstance(state, FakeQuantState):
         raise fail("QK000", f"unknown fake-quant state {state!r}.",
                    "use qk.FakeQuantState.CALIBRATION, QAT or VALIDATION")
@@ -208,7 +242,7 @@ def set_fake_quantize(model: nn.Module, state: FakeQuantState) -> nn.Module:
     # when it set the scales), then the doctor judges them (QK004 refuses a DataParallel).
     synced = any(hooks.emit("fake_quant_state", model=inner, fake_quants=[fq for _, fq in fqs],
                             state=state, wrapper=model))
-    if inner.training != _MODE[state]:
+    if state is FakeQuantState.CALIBRATION and inner.training:
         raise _mode_error(state, inner.training)
     # world: accepted by the guards (or silenced), so calibration forwards may run in it
     for _, fq in fqs:

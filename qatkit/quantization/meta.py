@@ -4,6 +4,10 @@
 declared target processor and input source, and (after convert) the module structure of the
 fixed-point model. Its extra state (march, stage, processor, input source, qatkit version)
 travels in ``state_dict``; loading a checkpoint of another march raises QK002.
+
+The meta module is also where ``model.train()``/``model.eval()`` of a prepared model is heard
+(it is one child of the root): a change of mode is announced as the moment ``train_mode``, since
+it changes what the fake quants do (QAT under ``eval()`` validates).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from qatkit.base import VERSION
+from qatkit.base import VERSION, hooks
 from qatkit.base.errors import fail
 from qatkit.base.modules import unwrap
 
@@ -31,10 +35,21 @@ class QatkitMeta(nn.Module):
         self.processor, self.input_source = processor, input_source
         self.structure: dict[str, type] = {}
         self.loaded_stage: str | None = None
+        # how prepare was called (qconfig per module, fuse), enough to prepare the float
+        # architecture again when loading a checkpoint (qatkit.quantization.checkpoint)
+        self.recipe: dict[str, Any] = {}
+
+    def train(self, mode: bool = True) -> QatkitMeta:
+        was = self.training
+        super().train(mode)
+        root = self.__dict__.get("_root")  # not a submodule: a plain reference to the model
+        if root is not None and was != mode:
+            hooks.emit("train_mode", model=root, training=mode)
+        return self
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"march": self.march, "stage": self.stage, "processor": self.processor,
-                "input_source": self.input_source, "qatkit": VERSION}
+                "input_source": self.input_source, "qatkit": VERSION, "recipe": self.recipe}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         march = state.get("march") if isinstance(state, dict) else None
@@ -48,6 +63,8 @@ class QatkitMeta(nn.Module):
         for key in ("processor", "input_source"):
             if getattr(self, key) is None and state.get(key) is not None:
                 setattr(self, key, state[key])
+        if not self.recipe and state.get("recipe"):
+            self.recipe = state["recipe"]
 
     def extra_repr(self) -> str:
         return f"march={self.march!r}, stage={self.stage!r}"
@@ -60,8 +77,36 @@ def attach(model: nn.Module, march: str, stage: str, processor: str | None = Non
         processor = processor or old.processor
         input_source = input_source or old.input_source
     m = QatkitMeta(march, stage, processor, input_source)
+    if old is not None:
+        m.recipe = old.recipe
+    m.training = model.training
     setattr(model, META_NAME, m)
+    m.__dict__["_root"] = model
+    if not model.__dict__.get("_qatkit_state_guard"):
+        model.__dict__["_qatkit_state_guard"] = True
+        model.register_load_state_dict_pre_hook(refuse_float_state)
     return m
+
+
+def refuse_float_state(module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                       *args: Any) -> None:
+    """Load-state pre-hook of prepared and converted models: a state_dict without qatkit
+    metadata is a float model's, and its keys name the same slots (``conv1.weight``...) that
+    hold BN-folded float weights (prepared) or integer weights (converted) here. Loading it
+    would write unfolded or float weights into them, silently with ``strict=False``: refused."""
+    if prefix + META_NAME + "._extra_state" in state_dict:
+        return
+    keys = [k for k in state_dict if k.startswith(prefix)]
+    if not keys:
+        return
+    stage = m.stage if (m := get(module)) is not None else "prepared"
+    raise fail("QK000", f"this state_dict has no qatkit metadata: it is a float model's "
+               f"(e.g. {keys[0]!r}), but the model is {stage}. Its conv weights would land in "
+               "slots that hold BN-folded" + (" integer" if stage == "converted" else "") +
+               " weights, and BN statistics have no slot at all.",
+               "load float weights into the float model, then qk.prepare it again; for a "
+               "qatkit checkpoint use qk.load_prepared / qk.load_quantized(float_model, path, "
+               "example_inputs)")
 
 
 def get(model: nn.Module) -> QatkitMeta | None:

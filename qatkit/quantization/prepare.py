@@ -15,11 +15,14 @@
 from __future__ import annotations
 
 import copy
+import warnings
+import weakref
 from typing import Any
 
 import torch.nn as nn
 
 from qatkit.base import hooks
+from qatkit.base.errors import QatkitWarning
 from qatkit.base.march import get_march
 from qatkit.base.modules import set_submodule
 from qatkit.quantization import meta
@@ -27,7 +30,14 @@ from qatkit.quantization import trace as tr
 from qatkit.quantization.compat import from_torch_ao
 from qatkit.quantization.fake_quant import FakeQuantize
 from qatkit.quantization.fuse import fuse as fuse_model
-from qatkit.quantization.qconfig import QConfig, QConfigMapping, QuantSpec, as_mapping
+from qatkit.quantization.qconfig import (
+    QConfig,
+    QConfigMapping,
+    QuantSpec,
+    as_mapping,
+    resolved_to_data,
+    with_sources,
+)
 from qatkit.quantization.registry import GEMM_KINDS, op_kind, to_qat
 from qatkit.quantization.stubs import DeQuantStub, FloatFunctional, QuantStub
 
@@ -60,15 +70,17 @@ def prepare(model: nn.Module, example_inputs: Any,
     ``history`` (per-epoch ``train_loss``/``val_loss``/``train_acc``/``val_acc`` of the float
     training) is checked for overfitting (QK009)."""
     march = get_march(required=True)
+    original = model
     model = from_torch_ao(copy.deepcopy(model))
     if fuse:
         model = fuse_model(model, example_inputs, inplace=True)
     mapping = as_mapping(qconfig)
     qconfigs = mapping.resolve(model)
     g = tr.trace(model, example_inputs)
-    hooks.emit("prepare", model=model, march=march, graph=g, example_inputs=example_inputs,
-               qconfigs=qconfigs, processor=processor, input_source=input_source,
-               history=history)  # the doctor's prepare-stage rules: an error raises here
+    with _once_per_model(original):
+        hooks.emit("prepare", model=model, march=march, graph=g, example_inputs=example_inputs,
+                   qconfigs=qconfigs, processor=processor, input_source=input_source,
+                   history=history)  # the doctor's prepare-stage rules: an error raises here
     region = tr.quantized_nodes(g)
     hp = high_precision_modules(g, qconfigs) if march.high_precision_output else set()
     for node in g.nodes:
@@ -85,9 +97,40 @@ def prepare(model: nn.Module, example_inputs: Any,
             q = qconfigs.get(name)
             if q is not None:
                 _swap(model, name, mod, q, march.pow2_scales, hp)
-    meta.attach(model, march.name, "prepared", processor, input_source)
+    facts = meta.attach(model, march.name, "prepared", processor, input_source)
+    # enough to prepare again (and to say where each qconfig came from)
+    facts.recipe = {"fuse": fuse, **with_sources(resolved_to_data(qconfigs), mapping)}
     hooks.emit("prepared", model=model, graph=g)  # the doctor hooks per-batch checks
     return model
+
+
+# float model -> the prepare-stage warnings already shown for it
+_shown: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+
+
+class _once_per_model:
+    """The documented flow prepares one float model twice (calibration, then QAT): each
+    prepare-stage QatkitWarning is shown once per float model, at its first prepare."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._catch = warnings.catch_warnings(record=True)
+
+    def __enter__(self) -> None:
+        self._log = self._catch.__enter__()
+        warnings.simplefilter("always")
+
+    def __exit__(self, *exc: Any) -> None:
+        self._catch.__exit__(*exc)
+        shown = _shown.setdefault(self.model, set())
+        for w in self._log:  # re-issued at their own place, through the usual filters
+            key = str(w.message)
+            if isinstance(w.message, QatkitWarning):
+                if key in shown:
+                    continue
+                shown.add(key)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno,
+                                   source=w.source)
 
 
 def _swap(model: nn.Module, name: str, mod: nn.Module, q: QConfig, pow2: bool, hp: set[str]

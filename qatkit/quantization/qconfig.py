@@ -85,6 +85,9 @@ class QConfigMapping:
         self.global_qconfig = global_qconfig
         self.by_name: dict[str, QConfig | None] = {}
         self.by_type: dict[type, QConfig | None] = {}
+        #: after :meth:`resolve`: where each module's qconfig came from ("name:x",
+        #: "type:Conv2d", "x.qconfig" / "model.qconfig" (an attribute), "global")
+        self.sources: dict[str, str] = {}
 
     def set_global(self, qconfig: QConfig | None) -> QConfigMapping:
         self.global_qconfig = qconfig
@@ -102,20 +105,32 @@ class QConfigMapping:
         """The effective qconfig of every module, by qualified name."""
         out: dict[str, QConfig | None] = {}
         attr: dict[str, Any] = {}
+        attr_from: dict[str, str] = {}
+        self.sources = {}
         for name, mod in model.named_modules():
             parent = name.rpartition(".")[0] if name else None
             inherited = attr.get(parent, _UNSET) if parent is not None else _UNSET
             own = getattr(mod, "qconfig", _UNSET)
             attr[name] = own if own is not _UNSET else inherited
+            attr_from[name] = name if own is not _UNSET else attr_from.get(parent or "", "")
             q: Any = _UNSET
             for prefix in _prefixes(name):
                 if prefix in self.by_name:
                     q = self.by_name[prefix]
+                    self.sources[name] = f"name:{prefix or '<root>'}"
                     break
             if q is _UNSET:
-                q = next((v for t, v in self.by_type.items() if isinstance(mod, t)), _UNSET)
+                t = next((t for t in self.by_type if isinstance(mod, t)), None)
+                if t is not None:
+                    q = self.by_type[t]
+                    self.sources[name] = f"type:{t.__name__}"
             if q is _UNSET:
-                q = attr[name] if attr[name] is not _UNSET else self.global_qconfig
+                if attr[name] is not _UNSET:
+                    q = attr[name]
+                    self.sources[name] = f"{attr_from[name] or 'model'}.qconfig"
+                else:
+                    q = self.global_qconfig
+                    self.sources[name] = "global"
             if q is not None and not isinstance(q, QConfig):
                 q = _foreign_qconfig(name, q)
             out[name] = q
@@ -141,3 +156,78 @@ def as_mapping(qconfig: QConfig | QConfigMapping | None) -> QConfigMapping:
     if qconfig is None or isinstance(qconfig, QConfig):
         return QConfigMapping(qconfig)
     raise fail("QK000", f"qconfig must be a QConfig or QConfigMapping, got {type(qconfig)}.")
+
+
+# ---- a qconfig as plain data (kept in checkpoints, read with torch.load(weights_only=True)) ---
+
+def spec_to_dict(spec: QuantSpec | None) -> dict[str, Any] | None:
+    """Plain data of ``spec``; a custom observer class is kept as ``"module:QualName"``."""
+    if spec is None:
+        return None
+    obs = spec.observer if isinstance(spec.observer, str) else \
+        f"{spec.observer.__module__}:{spec.observer.__qualname__}"
+    return {"dtype": spec.dtype, "observer": obs, "per_channel": spec.per_channel,
+            "fixed_scale": spec.fixed_scale,
+            "observer_kwargs": [[k, v] for k, v in spec.observer_kwargs]}
+
+
+def spec_from_dict(d: dict[str, Any] | None) -> QuantSpec | None:
+    if d is None:
+        return None
+    obs: Any = d["observer"]
+    if ":" in obs:  # a custom observer class: import it by name
+        import importlib
+        mod, _, qual = obs.partition(":")
+        try:
+            obs = importlib.import_module(mod)
+            for part in qual.split("."):
+                obs = getattr(obs, part)
+        except (ImportError, AttributeError):
+            raise fail("QK000", f"the checkpoint's qconfig uses observer {d['observer']!r}, "
+                       "which cannot be imported here.",
+                       "make that module importable before loading") from None
+    return QuantSpec(d["dtype"], obs, bool(d["per_channel"]), d["fixed_scale"],
+                     tuple((k, v) for k, v in d["observer_kwargs"]))
+
+
+def qconfig_to_dict(q: QConfig | None) -> dict[str, Any] | None:
+    if q is None:
+        return None
+    return {"activation": spec_to_dict(q.activation), "weight": spec_to_dict(q.weight),
+            "high_precision_output": q.high_precision_output}
+
+
+def qconfig_from_dict(d: dict[str, Any] | None) -> QConfig | None:
+    if d is None:
+        return None
+    return QConfig(spec_from_dict(d["activation"]), spec_from_dict(d["weight"]),
+                   bool(d["high_precision_output"]))
+
+
+def resolved_to_data(qconfigs: dict[str, QConfig | None]) -> dict[str, Any]:
+    """The effective qconfig of every module (``QConfigMapping.resolve``) as plain data: a
+    list of the distinct qconfigs and, per module name, an index into it (-1: float)."""
+    table: list[QConfig | None] = []
+    index: dict[str, int] = {}
+    for name, q in qconfigs.items():
+        if q is None:
+            index[name] = -1
+            continue
+        if q not in table:
+            table.append(q)
+        index[name] = table.index(q)
+    return {"qconfigs": [qconfig_to_dict(q) for q in table], "modules": index}
+
+
+def with_sources(data: dict[str, Any], mapping: QConfigMapping) -> dict[str, Any]:
+    """``data`` plus where each module's qconfig came from (for summaries)."""
+    return {**data, "sources": dict(mapping.sources)}
+
+
+def mapping_from_data(data: dict[str, Any]) -> QConfigMapping:
+    """The :class:`QConfigMapping` that resolves to what :func:`resolved_to_data` stored."""
+    table = [qconfig_from_dict(d) for d in data["qconfigs"]]
+    mapping = QConfigMapping(None)
+    for name, i in data["modules"].items():
+        mapping.set_module_name(name, None if i < 0 else table[i])
+    return mapping
