@@ -8,6 +8,12 @@ travels in ``state_dict``; loading a checkpoint of another march raises QK002.
 The meta module is also where ``model.train()``/``model.eval()`` of a prepared model is heard
 (it is one child of the root): a change of mode is announced as the moment ``train_mode``, since
 it changes what the fake quants do (QAT under ``eval()`` validates).
+
+The metadata is a child module so that it travels in ``state_dict`` (key
+``qatkit_meta._extra_state``) and through ``deepcopy``/``torch.save``. A container that calls
+all its children in order (a top-level ``nn.Sequential``) calls it too: calling it hands the
+value through unchanged, without running forward hooks, so the data flow (and a trace of it) is
+exactly that of the model without it.
 """
 
 from __future__ import annotations
@@ -65,6 +71,17 @@ class QatkitMeta(nn.Module):
                 setattr(self, key, state[key])
         if not self.recipe and state.get("recipe"):
             self.recipe = state["recipe"]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Called only by containers that run every child (nn.Sequential): the identity, and
+        # invisible to hooks, so traces and observers see the model as the user wrote it.
+        if len(args) == 1 and not kwargs:
+            return args[0]
+        raise fail("QK000", "qatkit_meta holds the model's facts (march, stage); it is not a "
+                   "layer and takes exactly one value to hand through.",
+                   "do not call model.qatkit_meta")
+
+    forward = __call__
 
     def extra_repr(self) -> str:
         return f"march={self.march!r}, stage={self.stage!r}"
