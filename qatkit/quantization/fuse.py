@@ -73,7 +73,9 @@ def fuse(model: nn.Module, example_inputs: Any, inplace: bool = False, *,
             last = _fuse_tail(model, g, fused, last, single, done)
             set_submodule(model, node.target, fused)
         elif type(mod) is nn.BatchNorm2d:
-            set_submodule(model, node.target, fold_bn(None, mod))
+            bn = fold_bn(None, mod)
+            bn.user_type = "BatchNorm2d"  # messages name what the user wrote, not the 1x1 conv
+            set_submodule(model, node.target, bn)
         elif type(mod) in (nn.Linear, FusedLinear):
             fused = as_fused_linear(mod)
             nxt = _only_consumer(g, node)

@@ -50,6 +50,7 @@ class QATConv2d(_QATWeighted, FusedConv2d):
         new.load_state_dict(mod.state_dict())
         new.activation = getattr(mod, "activation", None)
         new.feeds_add = getattr(mod, "feeds_add", False)
+        new.user_type = getattr(mod, "user_type", None)  # a folded standalone BN
         new._setup(qconfig, pow2, output_mode)
         return new.to(mod.weight.device)
 

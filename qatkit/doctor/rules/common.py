@@ -93,6 +93,26 @@ def producer_scale(ctx: Context, index: int, depth: int = 0) -> tuple[float, str
     return None
 
 
+def user_type(mod: nn.Module | None) -> str:
+    """The class name the user wrote for ``mod``: a fused/QAT/fixed-point form is named after
+    its float module (``FusedConv2d`` -> ``Conv2d``; a folded standalone BN -> ``BatchNorm2d``;
+    ``QATOp(Sigmoid)`` -> ``Sigmoid``)."""
+    if mod is None:
+        return "op"
+    inner = getattr(mod, "op", None)
+    if isinstance(inner, nn.Module) and type(mod).__name__ == "QATOp":
+        mod = inner
+    recorded = getattr(mod, "user_type", None)
+    if isinstance(recorded, str):
+        return recorded
+    name = type(mod).__name__
+    for prefix in ("QATFused", "Fused", "QAT"):
+        rest = name[len(prefix):]
+        if name.startswith(prefix) and hasattr(nn, rest):
+            return rest
+    return name
+
+
 def is_marker(mod: nn.Module) -> bool:
     """Stubs and FloatFunctionals (float, QAT or converted forms)."""
     from qatkit.fixed_point.modules import QDeQuantStub, QFunctional, QQuantStub

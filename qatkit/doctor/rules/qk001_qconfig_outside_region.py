@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch.nn as nn
 
 from qatkit.doctor.rules import Context, Finding, Rule
-from qatkit.doctor.rules.common import qconfigs, region, sources
+from qatkit.doctor.rules.common import qconfigs, region, sources, user_type
 from qatkit.quantization import trace as tr
 
 
@@ -52,7 +52,7 @@ def _check(ctx: Context) -> Iterator[Finding]:
             is_loss = isinstance(nodes[0].module, nn.modules.loss._Loss)
             if qc.get(name) is None or (any(n.index in inside for n in nodes) and not is_loss):
                 continue
-            kind = type(nodes[0].module).__name__
+            kind = user_type(nodes[0].module)
             feeds = [set(n.inputs) for n in nodes]
             if is_loss:
                 what = f"is a loss ({kind})"

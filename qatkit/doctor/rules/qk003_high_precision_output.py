@@ -4,6 +4,17 @@ Float stage / prepare: the GEMMs ``prepare.high_precision_modules`` would pick i
 allowed it (``QConfig(high_precision_output=False)``). Prepared, QAT and converted models: a
 conv/linear still in ``output_mode == "quantized"`` whose consumers (through reshapes) are all
 DeQuantStubs in the traced forward.
+
+Also judged on the data flow of any stage with a graph:
+
+* a quantized value that leaves the model without passing a DeQuantStub (a graph output inside
+  the deploy region): its consumer gets int8 values, never a high-precision output;
+* detection heads (conv/linear outputs) joined by one ``cat`` whose only consumers are
+  DeQuantStubs: the cat requantizes every head to one common int8 scale, so no head can keep a
+  high-precision output (dequantize each head, concatenate in float);
+* a sigmoid/softmax (or other lookup-table activation) between the last conv/linear and its
+  DeQuantStub: the activation is rounded to int8 in a lookup table and the GEMM in front of it
+  loses its high-precision output (apply it in float, after the DeQuantStub).
 """
 
 from __future__ import annotations
@@ -12,7 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from qatkit.doctor.rules import Context, Finding, Rule
-from qatkit.doctor.rules.common import qconfigs, region
+from qatkit.doctor.rules.common import qconfigs, region, user_type
 from qatkit.quantization import trace as tr
 
 
@@ -33,10 +44,137 @@ def _weighted(module: Any) -> bool:
     return isinstance(module, (_QATWeighted, QConv2d, QLinear, QConvTranspose2d))
 
 
+_HEAD_ACTIVATIONS = ("Sigmoid", "Softmax", "LogSoftmax", "Tanh", "Hardsigmoid", "Softmax2d")
+
+
+def _is_dequant(n: tr.Node) -> bool:
+    from qatkit.fixed_point.modules import QDeQuantStub
+    from qatkit.quantization.stubs import DeQuantStub
+    return isinstance(n.module, (DeQuantStub, QDeQuantStub))
+
+
+def _producer_module(g: tr.Graph, n: tr.Node, depth: int = 0) -> tr.Node:
+    """``n`` itself, or for a shape op the module node it reshapes."""
+    if n.kind != "function" or depth > 32:
+        return n
+    first = next((i for i in n.inputs if i >= 0), -1)
+    return n if first < 0 else _producer_module(g, g.nodes[first], depth + 1)
+
+
+def _gemm(n: tr.Node) -> bool:
+    from qatkit.quantization.registry import GEMM_KINDS, op_kind
+    return n.kind == "module" and (_weighted(n.module) or op_kind(n.module) in GEMM_KINDS)
+
+
+def _head_kind(n: tr.Node) -> str | None:
+    """The activation's name when ``n`` is a sigmoid/softmax-like module, in float, QAT
+    (``QATOp`` wrapping it) or fixed-point (``QLookupTable`` of that kind) form."""
+    if n.kind != "module" or n.module is None:
+        return None
+    from qatkit.fixed_point.modules import QLookupTable
+    from qatkit.quantization.qat import QATOp
+    from qatkit.quantization.registry import kind_of
+    mod = n.module.op if isinstance(n.module, QATOp) else n.module
+    kind = mod.kind if isinstance(mod, QLookupTable) else kind_of(mod)
+    for name in (type(mod).__name__, str(kind)):
+        for act in _HEAD_ACTIVATIONS:
+            if name.lower() == act.lower():
+                return act
+    return None
+
+
+def head_activations(ctx: Context) -> set[str]:
+    """Sigmoid/softmax-like modules in the region whose only consumers are DeQuantStubs:
+    QK003's finding (QK106 leaves an unsupported one, e.g. Softmax, to QK003)."""
+    g = ctx.graph
+    if g is None:
+        return set()
+    inside = region(ctx)
+    out = set()
+    for n in g.nodes:
+        if n.index in inside and not n.is_output and _head_kind(n) is not None:
+            users = g.consumers(n, through_shape_ops=True)
+            if users and all(_is_dequant(u) for u in users):
+                out.add(n.target)
+    return out
+
+
+def _data_flow(ctx: Context, where: str) -> Iterator[Finding]:
+    """The three data-flow shapes of a lost high-precision output (module docstring)."""
+    g = ctx.graph
+    inside = region(ctx)
+    seen: set[str] = set()
+    for n in g.nodes:
+        if n.index not in inside or n.kind == "input":
+            continue
+        if n.is_output and not _is_dequant(n):
+            p = _producer_module(g, n)
+            if p.target in seen:
+                continue
+            seen.add(p.target)
+            what = f"{user_type(p.module)} '{p.target}'" if p.module is not None else \
+                f"{p.op}()"
+            yield RULE.finding(
+                p.target if p.module is not None else "",
+                f"the output of {what} leaves the model without passing a DeQuantStub: the "
+                "caller receives quantized values (int8 in the deployed model) instead of a "
+                f"high-precision{where} output, and the last rounding step stays in the model.",
+                fix="end every output path with its own DeQuantStub: "
+                    "return self.dequant(...) for each returned tensor",
+                source=n.source)
+            continue
+        users = g.consumers(n, through_shape_ops=True)
+        if not users or not all(_is_dequant(u) for u in users) or n.is_output:
+            continue
+        if n.kind == "functional" and n.op in ("cat", "concat", "stack"):
+            heads = [_producer_module(g, p) for p in g.producers(n)]
+            heads = [h for h in heads if _gemm(h) and
+                     all(u.index == n.index for u in g.consumers(h, through_shape_ops=True))]
+            if len(heads) >= 2 and n.target not in seen:
+                seen.add(n.target)
+                names = ", ".join(f"'{h.target}'" for h in heads)
+                yield RULE.finding(
+                    n.target,
+                    f"heads {names} are concatenated by '{n.target}' ({n.op}) before one "
+                    "DeQuantStub: the cat requantizes them to one common int8 scale, so none "
+                    f"of them can keep a high-precision{where} output, and small-range heads "
+                    "(e.g. box offsets next to class scores) lose most of their resolution.",
+                    fix=f"give each head its own DeQuantStub and concatenate in float after "
+                        f"them: torch.cat([self.dq_a(head_a), self.dq_b(head_b)], 1); remove "
+                        f"'{n.target}' from the quantized region",
+                    source=n.source)
+            continue
+        act = _head_kind(n)
+        if act is not None and n.target not in seen:
+            from qatkit.quantization.registry import op_kind
+            # no quantized form at all (Softmax): the model cannot be prepared as written
+            unsupported = op_kind(n.module) is None
+            gemms = [_producer_module(g, p) for p in g.producers(n)]
+            gemm = next((h for h in gemms if _gemm(h)), None)
+            seen.add(n.target)
+            front = f" after {user_type(gemm.module)} '{gemm.target}'" if gemm else ""
+            yield RULE.finding(
+                n.target,
+                f"{act} '{n.target}'{front} is the last op before the DeQuantStub, inside the "
+                "quantized region: " + ("it has no quantized form, and " if unsupported else
+                                        "it runs as an int8 lookup table and ")
+                + (f"'{gemm.target}' loses its high-precision{where} output" if gemm else
+                   "its result is rounded to int8")
+                + "; the output head is computed with the coarsest precision of the model."
+                + (" Prepare refuses the model as written." if unsupported else ""),
+                fix=f"move the {act.lower()} after the DeQuantStub (float post-processing, e.g. "
+                    f"torch.{act.lower()}(self.dequant(logits)) or in the loss/decoder), so "
+                    + (f"'{gemm.target}'" if gemm else "the last conv/linear")
+                    + " feeds the DeQuantStub directly",
+                source=n.source, severity="error" if unsupported else None)
+
+
 def _check(ctx: Context) -> Iterator[Finding]:
     g = ctx.graph
     if g is None:
         return
+    hp = ctx.march.high_precision_output if ctx.march is not None else "qint32"
+    yield from _data_flow(ctx, f" ({hp})" if hp else "")
     from qatkit.quantization.registry import GEMM_KINDS, op_kind
     march = ctx.march
     if march is not None and not march.high_precision_output:

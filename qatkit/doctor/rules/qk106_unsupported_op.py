@@ -74,7 +74,8 @@ def _check(ctx: Context) -> Iterator[Finding]:
     if g is None:
         return
     reg = region(ctx)
-    seen: set[str] = set()
+    from qatkit.doctor.rules.qk003_high_precision_output import head_activations
+    seen: set[str] = head_activations(ctx)  # a softmax head before the DeQuantStub: QK003
     for node in g.nodes:
         mod = node.module
         if node.kind != "module" or node.index not in reg or mod is None or \
