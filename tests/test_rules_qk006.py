@@ -110,3 +110,66 @@ def test_evaluate_rejects_float_models_and_one_shot_monitor_batches():
         evaluate(trained_digits_net(), _val_batches())
     with pytest.raises(qk.QatkitError, match=r"^\[QK000\] FixedPointMonitor needs re-iterable"):
         FixedPointMonitor(iter(_val_batches()))
+
+
+def _eval_full(model: nn.Module) -> float:
+    d = digits()
+    if fake_quants(model):
+        model.eval()
+        qk.set_fake_quantize(model, qk.FakeQuantState.VALIDATION)
+    with torch.no_grad():
+        return accuracy(model(d.x_test), d.y_test)  # one full-batch evaluation
+
+
+def test_eval_mode_only_per_epoch_full_batch_warns_and_never_says_train():
+    """A full-batch evaluation per epoch in eval() mode, back to train(); the warning comes
+    in epoch 2 and says nothing about train()."""
+    qat = _qat_model()
+    opt = torch.optim.SGD(qat.parameters(), 1e-3, momentum=0.9)
+    with pytest.warns(qk.QatkitWarning) as rec:
+        for _ in range(3):
+            _train_epoch(qat, opt)
+            assert _eval_full(qat) > 0.5
+    assert [w.message.code for w in rec] == ["QK006"]
+    msg = str(rec[0].message)
+    assert "model.train()" not in msg and "qk.evaluate" in msg and "1 of the 1 epoch" in msg
+    # qat.eval() without a state change: the refusal offers evaluation first
+    qat.eval()
+    qk.set_fake_quantize(qat.train(), qk.FakeQuantState.QAT)
+    qat.eval()
+    with pytest.raises(qk.QatkitError, match=r"to evaluate, keep model\.eval"):
+        _eval_full_raw(qat)
+
+
+def _eval_full_raw(model: nn.Module) -> None:
+    with torch.no_grad():
+        model(digits().x_test[:4])
+
+
+def test_an_early_smoke_test_convert_does_not_silence_it():
+    qat = _qat_model()
+    opt = torch.optim.SGD(qat.parameters(), 1e-3, momentum=0.9)
+    _eval_full(qk.convert(qat))  # smoke test, before training
+    with qk_warnings() as codes:
+        for _ in range(3):
+            _train_epoch(qat, opt)
+            qat.eval()
+            _eval_full(qat)
+    assert codes == ["QK006"]
+
+
+def test_fixed_point_evaluated_each_epoch_is_fine_per_model():
+    qat, other = _qat_model(), _qat_model()
+    opt = torch.optim.SGD(qat.parameters(), 1e-3, momentum=0.9)
+    opt2 = torch.optim.SGD(other.parameters(), 1e-3, momentum=0.9)
+    with qk_warnings() as codes:
+        for _ in range(3):
+            _train_epoch(qat, opt)
+            _train_epoch(other, opt2)
+            qat.eval()
+            _eval_full(qat)
+            _eval_full(qk.convert(qat))  # the user also evaluates the fixed-point model
+            other.eval()
+            _eval_full(other)  # ...but only the fake-quant model of this one
+    assert codes == ["QK006"]
+    assert fixed_point_evaluated()

@@ -24,6 +24,8 @@ The moments (keyword payloads):
 ``input_batch``            stub, args — a batch reaches an input QuantStub (not during a trace)
 ``convert``                model, march — before the fixed-point model is built
 ``converted``              model — the fixed-point model is complete
+``model_forward``          model, training, state — a prepared model runs a forward (not during a
+                           trace); ``state``: its fake quants' FakeQuantState
 ``fixed_point_forward``    model — a fixed-point model runs (not during a trace)
 ``evaluate``               model, march — ``qk.evaluate`` on the fixed-point model
 =========================  ======================================================================

@@ -75,8 +75,8 @@ def on_set_state(model: nn.Module, state: Any, wrapper: nn.Module | None = None)
 
 def attach_runtime(model: nn.Module, graph: Any) -> None:
     """Called by ``prepare``: hook the QuantStubs so calibration and validation batches are
-    checked (QK004 DataParallel wrapping, QK005 camera input data, QK006 fake-quant
-    evaluation). The hook costs an attribute lookup and an integer add per batch."""
+    checked (QK004 DataParallel wrapping, QK005 camera input data). The hook costs an
+    attribute lookup per batch."""
     from qatkit.doctor.rules.qk005_centered_yuv_input import input_stub_nodes
     from qatkit.quantization.fake_quant import FakeQuantize
     from qatkit.quantization.stubs import QuantStub
@@ -108,12 +108,6 @@ def _stub_hook(stub: nn.Module, args: tuple) -> None:
     name = state.name
     if name == "CALIBRATION":
         _calibration_batch(stub, args)
-    elif name == "VALIDATION" and stub.__dict__.get("_qatkit_primary"):
-        from qatkit.doctor.rules import qk006_qat_evaluation as qk006
-        n = qk006.count_validation_batch(stub)
-        if n is not None:
-            ctx = context(stub, "validation", extra={"validation_batches": n})
-            _runtime_report(stub, list(qk006.RULE.check(ctx)))
 
 
 def _calibration_batch(stub: nn.Module, args: tuple) -> None:
@@ -142,20 +136,27 @@ def _runtime_report(stub: nn.Module, findings: list[Finding]) -> None:
 # ---- converted models -----------------------------------------------------------------------
 
 def attach_converted(model: nn.Module) -> None:
-    """Called by ``convert``: record the module types (QK008 finds ops added afterwards) and
-    count fixed-point forwards (QK006 stays quiet once the fixed-point model is evaluated)."""
+    """Called by ``convert``: record the module types (QK008 finds ops added afterwards)."""
     facts = meta.get(model)
     if facts is not None:
         facts.structure = {n: type(m) for n, m in model.named_modules()}
-    if not model.__dict__.get("_qatkit_fixed_point_hook"):
-        model.__dict__["_qatkit_fixed_point_hook"] = True
-        model.register_forward_pre_hook(_fixed_point_hook)
 
 
-def _fixed_point_hook(model: nn.Module, args: tuple) -> None:
-    if recorder.active() is None:
-        from qatkit.doctor.rules.qk006_qat_evaluation import note_fixed_point_forward
-        note_fixed_point_forward()
+@hooks.on("model_forward")
+def _on_model_forward(model: nn.Module, training: bool, state: Any) -> None:
+    """QK006: evaluations of the QAT model, per model and per epoch."""
+    from qatkit.doctor.rules import qk006_qat_evaluation as qk006
+    from qatkit.quantization.forwards import lineage
+    ctx = qk006.note_forward(model, lineage(model), training, state.name)
+    if ctx is not None:
+        report(list(run(ctx, ["QK006"])))
+
+
+@hooks.on("fixed_point_forward")
+def _on_fixed_point_forward(model: nn.Module) -> None:
+    from qatkit.doctor.rules import qk006_qat_evaluation as qk006
+    from qatkit.quantization.forwards import lineage
+    qk006.note_fixed_point_forward(lineage(model))
 
 
 # ---- the workflow's moments ---------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch.nn as nn
 from qatkit.base import hooks
 from qatkit.base.march import get_march, resolve
 from qatkit.base.modules import set_submodule
-from qatkit.quantization import meta
+from qatkit.quantization import forwards, meta
 from qatkit.quantization.fake_quant import fake_quants
 from qatkit.quantization.registry import to_fixed_point
 
@@ -39,6 +39,7 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
         if new is not None and name:
             set_submodule(model, name, new)  # qconfig and silencing travel with it
     meta.attach(model, m.march, "converted")
+    forwards.announce(model, fixed_point=True)  # keeps the QAT model's lineage number
     model.eval()
     hooks.emit("converted", model=model)  # the doctor: QK008 (ops added later), QK006
     return model

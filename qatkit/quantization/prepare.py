@@ -25,7 +25,7 @@ from qatkit.base import hooks
 from qatkit.base.errors import QatkitWarning
 from qatkit.base.march import get_march
 from qatkit.base.modules import set_submodule
-from qatkit.quantization import meta
+from qatkit.quantization import forwards, meta
 from qatkit.quantization import trace as tr
 from qatkit.quantization.compat import from_torch_ao
 from qatkit.quantization.fake_quant import FakeQuantize
@@ -100,6 +100,7 @@ def prepare(model: nn.Module, example_inputs: Any,
     facts = meta.attach(model, march.name, "prepared", processor, input_source)
     # enough to prepare again (and to say where each qconfig came from)
     facts.recipe = {"fuse": fuse, **with_sources(resolved_to_data(qconfigs), mapping)}
+    forwards.announce(model, fixed_point=False)  # QK006 hears each forward the user runs
     hooks.emit("prepared", model=model, graph=g)  # the doctor hooks per-batch checks
     return model
 

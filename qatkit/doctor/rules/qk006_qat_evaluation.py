@@ -1,66 +1,126 @@
-"""QK006: accuracy evaluated/monitored on the fake-quant (QAT) model only.
+"""QK006: accuracy evaluated/monitored on the fake-quant (QAT) model, never in fixed point.
 
-The primary input QuantStub of a prepared model counts its forwards in VALIDATION state (a
-hook set by ``guards.attach_runtime``; one integer add per batch). Past
-:data:`MAX_FAKE_QUANT_BATCHES` with no fixed-point forward anywhere in the process
-(:func:`fixed_point_evaluated`, counted by the doctor's hook on converted models), the rule warns,
-once per process.
+Judged on the workflow's events (``model_forward`` and ``fixed_point_forward`` of
+``qatkit.base.hooks``), per prepared model and its lineage (the fixed-point models converted
+from it, ``qatkit.quantization.forwards.lineage``):
+
+* an *evaluation* is a forward of the prepared model in ``eval()`` mode with its fake quants
+  in QAT or VALIDATION state (``model.eval()`` alone during QAT, or eval + VALIDATION: both
+  are normal ways to evaluate; calibration forwards are not evaluations);
+* an *epoch* ends when a training forward (``train()`` mode) follows evaluations: the
+  train() -> eval() -> train() rhythm of a training loop;
+* an epoch in which the QAT model was evaluated and no fixed-point model of its lineage ran is
+  a fake-quant-only evaluation. At the first evaluation after such an epoch the rule warns,
+  once per model: the loop monitors the wrong model.
+* A model that is never trained (a calibrated model) has no epochs: it warns past
+  :data:`MAX_FAKE_QUANT_BATCHES` evaluation batches since the last fixed-point forward of its
+  lineage (a sanity check of a few batches is fine).
+
+Evaluating the fixed-point model of *another* model, or once long ago (a smoke-test convert
+before training), does not silence the rule for this one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch.nn as nn
 
 from qatkit.doctor.rules import Context, Finding, Rule
 
-# A sanity check of a calibrated model on a few batches is fine; an evaluation loop (or one
-# per epoch) is not. 20 batches is a small validation set (~1-5k images) or ~4 epochs of a
-# 5-batch monitor: past that, accuracy is being measured on the wrong model.
+# A calibrated model with no training loop: 20 batches is a small validation set (~1-5k
+# images); past that, accuracy is being measured on the wrong model.
 MAX_FAKE_QUANT_BATCHES = 20
-_warned = False
-_fixed_point_forwards = 0
 
 
-def note_fixed_point_forward() -> None:
-    """Record one forward of a converted (fixed-point) model."""
-    global _fixed_point_forwards
-    _fixed_point_forwards += 1
+@dataclass
+class Lineage:
+    """What happened to one prepared model (and its fixed-point copies)."""
+
+    trained: bool = False  # a train-mode forward was seen
+    evaluating: bool = False  # the last forward was an evaluation
+    epoch: int = 0  # epochs closed so far
+    eval_batches: int = 0  # evaluations in the current epoch
+    fixed_point_batches: int = 0  # fixed-point forwards in the current epoch
+    since_fixed_point: int = 0  # evaluations since the last fixed-point forward
+    qat_only_epochs: int = 0  # closed epochs with evaluations and no fixed point
+    fixed_point_total: int = 0
+    warned: bool = False
 
 
-def fixed_point_evaluated() -> bool:
-    """True once a fixed-point model has run in this process."""
-    return _fixed_point_forwards > 0
+_lineages: dict[int, Lineage] = {}
 
 
 def reset() -> None:
-    """Forget the warning and every fixed-point evaluation (tests, long-lived notebooks)."""
-    global _warned, _fixed_point_forwards
-    _warned = False
-    _fixed_point_forwards = 0
+    """Forget every model's history (tests, long-lived notebooks)."""
+    _lineages.clear()
 
 
-def count_validation_batch(stub: nn.Module) -> int | None:
-    """Count one VALIDATION forward at ``stub``; the count when the rule should look."""
-    n = stub.__dict__.get("_qatkit_validation_batches", 0) + 1
-    stub.__dict__["_qatkit_validation_batches"] = n
-    return n if n > MAX_FAKE_QUANT_BATCHES and not _warned else None
+def lineage_state(key: int) -> Lineage:
+    return _lineages.setdefault(key, Lineage())
+
+
+def fixed_point_evaluated(key: int | None = None) -> bool:
+    """True once a fixed-point model (of lineage ``key``, or of any) has run."""
+    if key is not None:
+        return key in _lineages and _lineages[key].fixed_point_total > 0
+    return any(s.fixed_point_total > 0 for s in _lineages.values())
+
+
+def note_fixed_point_forward(key: int | None) -> None:
+    """One forward of a fixed-point model of lineage ``key``."""
+    if key is None:
+        return
+    s = lineage_state(key)
+    s.fixed_point_batches += 1
+    s.fixed_point_total += 1
+    s.since_fixed_point = 0
+
+
+def note_forward(model: nn.Module, key: int | None, training: bool, state_name: str
+                 ) -> Context | None:
+    """One forward of a prepared model; a Context for the rule when it should judge."""
+    if key is None or state_name == "CALIBRATION":
+        return None
+    s = lineage_state(key)
+    if training:
+        if s.evaluating:  # train() after evaluations: the epoch ends
+            if s.eval_batches and not s.fixed_point_batches:
+                s.qat_only_epochs += 1
+            s.epoch += 1
+            s.eval_batches = s.fixed_point_batches = 0
+        s.trained, s.evaluating = True, False
+        return None
+    s.evaluating = True
+    s.eval_batches += 1
+    s.since_fixed_point += 1
+    if s.warned:
+        return None
+    if s.qat_only_epochs or (not s.trained and s.since_fixed_point > MAX_FAKE_QUANT_BATCHES):
+        return Context(model=model, stage="validation",
+                       extra={"lineage": s, "state": state_name})
+    return None
 
 
 def _check(ctx: Context) -> Iterator[Finding]:
-    global _warned
-    n = ctx.extra.get("validation_batches")
-    if n is None or n <= MAX_FAKE_QUANT_BATCHES or _warned:
+    s: Lineage | None = ctx.extra.get("lineage")
+    if s is None or s.warned:
         return
-    if fixed_point_evaluated():
-        return
-    _warned = True
-    yield RULE.finding("", f"the fake-quant model has run {n} batches in VALIDATION state and "
-                       "no fixed-point (converted) model has been evaluated in this process: "
-                       "accuracy is being measured on the QAT model, which cannot reproduce "
-                       "the integer requantization, saturation and lookup tables of the "
-                       "deployed model, so a deployment accuracy drop would go unnoticed.")
+    s.warned = True
+    if s.qat_only_epochs:
+        n = s.qat_only_epochs
+        what = (f"in {n} of the {s.epoch} epoch(s) so far this QAT model was evaluated "
+                "(eval-mode forwards) and no fixed-point model converted from it ran in the "
+                "same epoch")
+    else:
+        what = (f"this calibrated model has run {s.since_fixed_point} evaluation batches and "
+                "no fixed-point model converted from it has run since")
+    yield RULE.finding("", f"{what}: accuracy is being measured on the fake-quant model, which "
+                       "cannot reproduce the integer requantization, saturation and lookup "
+                       "tables of the deployed model, so a deployment accuracy drop would go "
+                       "unnoticed. (Evaluating in eval() mode is right; evaluate the "
+                       "fixed-point model too.)")
 
 
 RULE = Rule(
@@ -69,11 +129,14 @@ RULE = Rule(
     severity="warning",
     stages=("validation",),
     summary=(
-        "Warns (once per process) when a fake-quant model runs more than "
-        f"{MAX_FAKE_QUANT_BATCHES} batches in VALIDATION state while no fixed-point model has "
-        "been evaluated in the process, i.e. when accuracy is evaluated or monitored on the "
-        "QAT model. The fix is qk.evaluate (converts a copy and evaluates the fixed-point "
-        "model) or qk.FixedPointMonitor (per epoch, both models and their gap)."),
+        "Warns (once per model) when a QAT model is evaluated (eval-mode forwards in QAT or "
+        "VALIDATION state) in a training epoch in which no fixed-point model converted from "
+        "it ran, i.e. when accuracy is evaluated or monitored on the fake-quant model only; "
+        "for a calibrated model that is never trained, past "
+        f"{MAX_FAKE_QUANT_BATCHES} evaluation batches without a fixed-point forward. "
+        "model.eval() during QAT is normal and never an error. The fix is qk.evaluate "
+        "(converts a copy and evaluates the fixed-point model) or "
+        "qk.FixedPointMonitor (per epoch, both models and their gap)."),
     why=(
         "QAT is float arithmetic with fake-quant nodes; the deployed model adds integer "
         "requantization, saturation, different rounding and lookup tables. The two can "
@@ -81,10 +144,10 @@ RULE = Rule(
         "board will do. Monitoring the QAT model hides such gaps until deployment."),
     bad='''
 for epoch in range(epochs):
+    qat.train()
     train_one_epoch(qat)
-    qat.eval(); qk.set_fake_quantize(qat, qk.FakeQuantState.VALIDATION)
-    acc = accuracy(qat, val_loader)           # [QK006] the fake-quant model ...
-    qat.train(); qk.set_fake_quantize(qat, qk.FakeQuantState.QAT)
+    qat.eval()
+    acc = accuracy(qat, val_loader)    # [QK006] in epoch 2: only the fake-quant model ...
 ''',
     good='''
 monitor = qk.FixedPointMonitor(val_batches)   # a list or DataLoader of (x, y)
