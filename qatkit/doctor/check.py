@@ -326,6 +326,9 @@ def check(model: nn.Module, example_inputs: Any = None, *, march: str | March | 
                 work = _fuse(work, example_inputs, graph)
             qconfigs = _float_qconfigs(work, qconfig, notes)
         elif example_inputs is not None:
+            if stage == "converted":  # ops added after convert refuse integers (QK008)
+                from qatkit.doctor.guards import watch_added
+                watch_added(work, recorded.structure if recorded else None, "convert")
             graph = _trace(work, example_inputs)
         if example_inputs is None:
             notes.append("no example inputs: the data-flow rules were skipped")
@@ -337,6 +340,8 @@ def check(model: nn.Module, example_inputs: Any = None, *, march: str | March | 
     except Exception as e:  # the forward itself fails: that is the first finding
         failed_in = e.module if isinstance(e, _TraceFailed) else ""
         trace_error = e.error if isinstance(e, _TraceFailed) else e
+        named = getattr(trace_error, "qatkit_module", None)  # the module that refused
+        failed_in = next((n for n, m in work.named_modules() if m is named), failed_in)
         findings.append(_failure_finding(trace_error, failed_in))
         notes.append("the traced forward failed: the data-flow rules were skipped")
 

@@ -136,10 +136,72 @@ def _runtime_report(stub: nn.Module, findings: list[Finding]) -> None:
 # ---- converted models -----------------------------------------------------------------------
 
 def attach_converted(model: nn.Module) -> None:
-    """Called by ``convert``: record the module types (QK008 finds ops added afterwards)."""
+    """Called by ``convert``: record the module types (QK008 finds ops added afterwards) and
+    watch the modules added or swapped since prepare (they stayed float)."""
     facts = meta.get(model)
     if facts is not None:
-        facts.structure = {n: type(m) for n, m in model.named_modules()}
+        facts.structure = structure(model)
+    watch_added(model, model.__dict__.get("_qatkit_prepared_structure"), "calibration/QAT")
+
+
+def structure(model: nn.Module) -> dict[str, type]:
+    """Qualified name -> module type, without fake-quant internals and the metadata."""
+    return {n: type(m) for n, m in model.named_modules()
+            if not _internal(n)}
+
+
+def _internal(name: str) -> bool:
+    parts = name.split(".")
+    return parts[0] == meta.META_NAME or any(
+        p in ("activation_post_process", "weight_fake_quant") for p in parts)
+
+
+def watch_added(model: nn.Module, recorded: dict[str, type] | None, since: str) -> None:
+    """QK008 at run time: a module of the fixed-point model that is not in ``recorded`` (or
+    has another type there) and is not in fixed-point form gets a pre-hook that refuses
+    quantized inputs, naming the module. Such a module is fine where it computes on float
+    values (after a DeQuantStub); a value-keeping one (ReLU, reshape) runs on integers."""
+    if not recorded:
+        return
+    from qatkit.doctor.rules.common import is_marker
+    from qatkit.fixed_point.modules import QDeQuantStub, QModule, QQuantStub
+    from qatkit.quantization.registry import keeps_scale
+    from qatkit.quantization.stubs import FloatFunctional
+    for name, m in model.named_modules():
+        if not name or _internal(name) or recorded.get(name) is type(m) or \
+                m.__dict__.get("_qatkit_added"):
+            continue
+        if isinstance(m, (QModule, QDeQuantStub, QQuantStub)) or next(m.children(), None) \
+                is not None or getattr(m, "_qatkit_deploy_colour", False):
+            continue
+        if keeps_scale(m) or (is_marker(m) and not isinstance(m, FloatFunctional)):
+            continue
+        m.__dict__["_qatkit_added"] = since
+        m.__dict__["_qatkit_name"] = name  # FloatFunctional names itself in its QK008
+        if not isinstance(m, FloatFunctional):
+            m.register_forward_pre_hook(_added_module_hook)
+
+
+def _added_module_hook(m: nn.Module, args: tuple) -> None:
+    from qatkit.base.errors import fail
+    from qatkit.base.qtensor import QTensor
+    from qatkit.doctor.rules.common import user_type
+
+    def quantized(a: Any) -> bool:
+        return isinstance(a, QTensor) or (isinstance(a, (list, tuple)) and any(map(quantized, a)))
+    if any(quantized(a) for a in args):
+        name = m.__dict__.get("_qatkit_name", "")
+        err = fail("QK008", f"module '{name}' ({user_type(m)}) receives quantized values in the "
+                   f"fixed-point model but was added (or replaced) after "
+                   f"{m.__dict__.get('_qatkit_added', 'calibration')}: it never saw "
+                   "calibration/QAT data, so it has no output scale and no fixed-point form.",
+                   _FIX_ADDED)
+        err.qatkit_module = m
+        raise err
+
+
+_FIX_ADDED = ("add the op to the float model and go through prepare, calibration/QAT and "
+              "convert again (or move it after the DeQuantStub, where it computes on floats)")
 
 
 @hooks.on("model_forward")
@@ -154,6 +216,8 @@ def _on_model_forward(model: nn.Module, training: bool, state: Any) -> None:
 
 @hooks.on("fixed_point_forward")
 def _on_fixed_point_forward(model: nn.Module) -> None:
+    facts = meta.get(model)
+    watch_added(model, facts.structure if facts else None, "convert")  # QK008 at run time
     from qatkit.doctor.rules import qk006_qat_evaluation as qk006
     from qatkit.quantization.forwards import lineage
     qk006.note_fixed_point_forward(lineage(model))
@@ -171,7 +235,8 @@ def _on_prepare(model: nn.Module, march: March, graph: Any, example_inputs: Any,
 
 @hooks.on("prepared")
 def _on_prepared(model: nn.Module, graph: Any) -> None:
-    attach_runtime(model, graph)  # per-batch checks at the QuantStubs (QK004/5/6)
+    attach_runtime(model, graph)  # per-batch checks at the QuantStubs (QK004/5)
+    model.__dict__["_qatkit_prepared_structure"] = structure(model)  # QK008 after convert
 
 
 @hooks.on("fake_quant_state")

@@ -47,6 +47,12 @@ def _tensors(*args: object) -> list[torch.Tensor]:
     return out
 
 
+def _any_quantized(inputs: tuple) -> bool:
+    from qatkit.base.qtensor import QTensor
+    return any(isinstance(a, QTensor) or (isinstance(a, (list, tuple)) and _any_quantized(a))
+               for a in inputs)
+
+
 class FloatFunctional(nn.Module):
     """Tensor arithmetic with an output observer. Use one instance per call site: an
     instance called twice shares one observer and one output scale (rule QK007).
@@ -64,7 +70,17 @@ class FloatFunctional(nn.Module):
                    "stack, matmul, sum, mean, maximum, minimum")
 
     def _call(self, op: str, fn, inputs: tuple, *args, **kwargs) -> torch.Tensor:
-
+        if _any_quantized(inputs):  # float form in a fixed-point model: added after convert
+            name = self.__dict__.get("_qatkit_name")
+            who = f"FloatFunctional '{name}'" if name else "a FloatFunctional"
+            err = fail("QK008", f"{who} ({op}) receives quantized values in "
+                       "the fixed-point model but was added (or replaced) after calibration/"
+                       "QAT and convert: it has no calibrated output scale, so its inputs "
+                       "cannot be requantized to a common scale.",
+                       "add it to the float model and go through prepare, calibration/QAT and "
+                       "convert again (or apply it after the DeQuantStub, on float values)")
+            err.qatkit_module = self  # the doctor names it in its report
+            raise err
         with recorder.inside_leaf():
             y = fn(*args, **kwargs)
             if self.fused_activation == "relu":

@@ -8,6 +8,11 @@
   module types ``convert`` recorded. The deploy-only colour conversion right after the input
   QuantStub (:class:`~qatkit.fixed_point.yuv_input.QCenteredYUVToRGB`) is the allowed
   exception.
+* At run time (``qatkit.doctor.guards.watch_added``): a module added or swapped after prepare
+  or after convert (not in the structure recorded then, not in fixed-point form, not a
+  value-keeping op) refuses quantized inputs with QK008 naming it; a FloatFunctional in float
+  form refuses them too (it was never converted). Float post-processing after the DeQuantStub
+  keeps working.
 """
 
 from __future__ import annotations
@@ -136,7 +141,9 @@ RULE = Rule(
         "At convert: finds quantized ops whose output observer never saw data (the op was "
         "never run in calibration or QAT), saw only NaN/Inf, or saw a degenerate all-zero "
         "range. In a converted model: finds modules in the deploy region that are not in "
-        "fixed-point form, e.g. a FloatFunctional cat added after convert. The deploy-only "
+        "fixed-point form, e.g. a FloatFunctional cat added after convert. At run time: any "
+        "conv, linear, Softmax, FloatFunctional... added or swapped after calibration/QAT or "
+        "convert that receives quantized values (named). The deploy-only "
         "colour conversion placed right after the input QuantStub is the allowed exception."),
     why=(
         "Every quantized op takes its output scale from calibration/QAT statistics at convert "
