@@ -140,3 +140,54 @@ def test_silencing_the_model_covers_the_calibration_batch_check():
     assert codes == []
     assert silenced_log[-1] == ("QK005", "quant", "RGB test rig; the board feeds YUV through "
                                                   "insert_yuv_input")
+
+
+# ---- camera input inferred (not declared): fixed scale 1/128, processor, real photos -------
+
+def _photos() -> torch.Tensor:
+    import numpy as np
+    from skimage import data as skdata
+    ims = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket()]
+    return torch.stack([torch.tensor(np.transpose(im[:96, :96], (2, 0, 1))) for im in ims])
+
+
+class _CameraNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = qk.QuantStub(scale=1 / 128), qk.DeQuantStub()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=4)
+        self.pool, self.fc = torch.nn.AdaptiveAvgPool2d(1), torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.fc(self.pool(self.conv(self.quant(x))).flatten(1)))
+
+
+def _photo_inputs(kind: str) -> torch.Tensor:
+    from qatkit.base.colour import rgb_to_yuv444
+    rgb = _photos()
+    return {"rgb01": rgb.float() / 255, "rgb_pm1": rgb.float() / 127.5 - 1,
+            "yuv": rgb_to_yuv444(rgb, centered=True).float() / 128}[kind]
+
+
+@pytest.mark.parametrize("kind,source,expected", [
+    ("rgb01", None, ["QK005"]), ("rgb_pm1", None, ["QK005"]), ("yuv", None, []),
+    ("rgb_pm1", "other", [])])
+def test_camera_input_inferred_from_fixed_scale_and_processor(kind, source, expected):
+    x = _photo_inputs(kind)
+    with qk.set_march("nash-e"), qk_warnings() as codes:
+        calib = qk.prepare(_CameraNet(), x[:2], qconfig=qk.default_calibration_qconfig(),
+                           processor="J6E", input_source=source)
+        calib.eval()
+        qk.set_fake_quantize(calib, qk.FakeQuantState.CALIBRATION)
+        with torch.no_grad():
+            calib(x)
+        qk.set_fake_quantize(calib, qk.FakeQuantState.VALIDATION)
+    assert codes == expected
+    report = qk.doctor.check(_CameraNet(), x[:2], processor="J6E", input_source=source,
+                             calibration_inputs=x)
+    assert [f.code for f in report.findings] == expected
+    if expected:
+        msg = report.findings[0].message
+        assert "inferred, likely" in msg and "J6E" in msg and "1/128" in msg
+        if kind == "rgb_pm1":  # centered, yet RGB: the channel correlation gives it away
+            assert "correlated" in msg

@@ -83,7 +83,8 @@ def attach_runtime(model: nn.Module, graph: Any) -> None:
     inputs = {n.target for n in input_stub_nodes(graph)}
     order = [n.target for n in graph.nodes if isinstance(n.module, QuantStub)]
     facts = meta.get(model)
-    camera = facts is not None and facts.input_source in ("camera", "pyramid")
+    source = facts.input_source if facts is not None else None
+    camera = source in ("camera", "pyramid")
     primary = order[0] if order else None
     for name, stub in model.named_modules():
         if not isinstance(stub, QuantStub) or not isinstance(stub.activation_post_process,
@@ -92,8 +93,12 @@ def attach_runtime(model: nn.Module, graph: Any) -> None:
         d = stub.__dict__
         d["_qatkit_name"] = name
         d["_qatkit_input_stub"] = name in inputs
-        d["_qatkit_camera"] = camera and name in inputs
+        # declared camera input, or undeclared with the camera's fixed scale (QK005 infers)
+        fixed = stub.activation_post_process.fixed and abs(
+            stub.activation_post_process.observer.fixed_scale - 1 / 128) < 1e-9
+        d["_qatkit_camera"] = name in inputs and (camera or (source is None and fixed))
         d["_qatkit_primary"] = name == primary
+        d["_qatkit_root"] = model
         if not d.get("_qatkit_runtime"):
             d["_qatkit_runtime"] = True
             stub.register_forward_pre_hook(_stub_hook)
@@ -118,10 +123,14 @@ def _calibration_batch(stub: nn.Module, args: tuple) -> None:
     if stub.__dict__.get("_qatkit_camera") and not stub.__dict__.get("_qatkit_checked_input"):
         stub.__dict__["_qatkit_checked_input"] = True
         from qatkit.doctor.rules import qk005_centered_yuv_input as qk005
+        root = stub.__dict__.get("_qatkit_root")
+        facts = meta.get(root) if root is not None else None
+        scale = qk005.stub_scale(context(stub, "calibration"), name, stub)
+        ev = qk005.evidence(facts.input_source if facts else "camera",
+                            facts.processor if facts else None, scale)
         ctx = context(stub, "calibration", input_source="camera",
                       calibration_inputs=args[0] if args else None,
-                      extra={"at_stub": name, "stub_scale": qk005.stub_scale(
-                          context(stub, "calibration"), name, stub)})
+                      extra={"at_stub": name, "stub_scale": scale, "evidence": ev})
         _runtime_report(stub, list(qk005.RULE.check(ctx)))
 
 

@@ -3,7 +3,17 @@
 * Error (prepare and later): an input QuantStub (one fed by data that has not passed a
   QuantStub) has no fixed scale 1/128.
 * Warning (first calibration batch at each input QuantStub, once): the data do not look
-  centered (``qatkit.base.colour.looks_centered``), or they overflow the fixed scale's range.
+  centered (``qatkit.base.colour.looks_centered``), or they overflow the fixed scale's range,
+  or their three channels are all strongly positively correlated, as the R, G and B planes
+  of a photo are (pairwise Pearson correlation ~0.35-0.98 on real photos) and centered YUV
+  planes are not (U and V are anti-correlated, -0.5..-0.95): RGB normalised to [-1, 1] is
+  centered but still RGB.
+
+Camera input is declared (``input_source="camera"``/``"pyramid"``: the rule is certain) or
+inferred when it is not declared at all (``"other"`` turns the rule off): an input QuantStub
+with the camera's fixed scale 1/128 is the camera convention, and a declared processor (every
+BPU processor has the camera/pyramid path) adds to it. Inferred camera input only warns on
+data evidence, and the message says what the inference rests on and how sure it is.
 """
 
 from __future__ import annotations
@@ -69,18 +79,74 @@ def _scale_findings(ctx: Context) -> Iterator[Finding]:
                            source=src)
 
 
-def data_findings(name: str, x: Any, scale: float | None) -> Iterator[Finding]:
-    """Warnings for one calibration batch ``x`` as it reaches input QuantStub ``name``."""
+# RGB: all three pairwise channel correlations at least this, and their mean at least _RGB_MEAN
+_RGB_PAIR, _RGB_MEAN = 0.3, 0.6
+
+
+def channel_correlations(x: torch.Tensor) -> list[float] | None:
+    """The pairwise Pearson correlations (01, 02, 12) of the channels of an N,3,H,W batch."""
+    if x.dim() != 4 or x.shape[1] != 3 or x[0, 0].numel() < 16:
+        return None
+    c = x.detach().to(torch.float64).transpose(0, 1).reshape(3, -1)
+    c = c - c.mean(1, keepdim=True)
+    norm = c.norm(dim=1, keepdim=True)
+    if bool((norm == 0).any()):
+        return None
+    m = (c / norm) @ (c / norm).T
+    return [float(m[0, 1]), float(m[0, 2]), float(m[1, 2])]
+
+
+def looks_rgb(x: torch.Tensor) -> str | None:
+    """Why ``x`` looks like RGB/BGR planes, or None."""
+    r = channel_correlations(x)
+    if r is None or min(r) < _RGB_PAIR or sum(r) / 3 < _RGB_MEAN:
+        return None
+    return ("its three channels are all strongly positively correlated (pairwise "
+            f"{', '.join(f'{v:.2f}' for v in r)}), as the R, G and B planes of a photo are; "
+            "centered YUV planes are not (U and V are anti-correlated)")
+
+
+def camera_evidence(ctx: Context, scale: float | None) -> tuple[str, list[str]] | None:
+    """(how sure, reasons) that an input is fed by the camera path, or None (no reason)."""
+    from qatkit.quantization import meta
+    facts = meta.get(ctx.model) if ctx.model is not None else None
+    return evidence(input_source(ctx), ctx.processor or (facts.processor if facts else None),
+                    scale)
+
+
+def evidence(source: str | None, processor: str | None, scale: float | None
+             ) -> tuple[str, list[str]] | None:
+    """:func:`camera_evidence` from the declared facts and the input QuantStub's scale."""
+    if source in ("camera", "pyramid"):
+        return "certain", [f"input_source={source!r} was declared"]
+    if source == "other" or scale is None or abs(scale - CAMERA_SCALE) > 1e-9:
+        return None
+    reasons = ["the input QuantStub has the camera's fixed scale 1/128"]
+    if processor:
+        reasons.append(f"the target processor {processor} has the camera/pyramid input path")
+    return ("likely" if processor else "possible"), reasons
+
+
+def data_findings(name: str, x: Any, scale: float | None,
+                  evidence: tuple[str, list[str]] | None = None) -> Iterator[Finding]:
+    """Warnings for calibration data ``x`` as they reach input QuantStub ``name``."""
     from qatkit.base.colour import looks_centered
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return
+    how, why = evidence or ("certain", [])
+    said = "" if not why or how == "certain" else (
+        f" (camera input inferred, {how}: {'; '.join(why)}; declare input_source='other' "
+        "if the model is not fed by the camera)")
     try:
         ok, reason = looks_centered(x)
     except ValueError:  # not an N,C,H,W image batch, or non-finite values (QK103's job)
         return
+    rgb = looks_rgb(x) if ok else None
+    if rgb is not None:
+        ok, reason = False, rgb
     if not ok:
         yield RULE.finding(name, f"calibration data at this input QuantStub do not look like "
-                           f"centered YUV444: {reason}.", severity="warning",
+                           f"centered YUV444: {reason}.{said}", severity="warning",
                            fix="feed camera-format data from the start of training: "
                                "qatkit.base.colour.rgb_to_yuv444(rgb_uint8, centered=True) / 128 "
                                "(values in [-1, 1), read by QuantStub(scale=1/128))")
@@ -95,9 +161,9 @@ def data_findings(name: str, x: Any, scale: float | None) -> Iterator[Finding]:
                                "(qatkit.base.colour.rgb_to_yuv444(rgb, centered=True) / 128)")
 
 
-def _inputs_by_node(ctx: Context) -> dict[int, Any]:
+def _inputs_by_node(ctx: Context, inputs: Any = None) -> dict[int, Any]:
     flat: list[Any] = []
-    tr._walk(ctx.calibration_inputs, flat.append)
+    tr._walk(ctx.calibration_inputs if inputs is None else inputs, flat.append)
     inputs = [n for n in ctx.graph.nodes if n.kind == "input"]
     return {n.index: t for n, t in zip(inputs, flat)}
 
@@ -111,19 +177,27 @@ def _check(ctx: Context) -> Iterator[Finding]:
         from qatkit.base.errors import fail
         raise fail("QK000", f"unknown input_source {source!r}.",
                    "use input_source='camera' (or 'pyramid': centered YUV444) or 'other'")
-    if source not in ("camera", "pyramid"):
-        return
     at_stub = ctx.extra.get("at_stub")
     if at_stub is not None:  # runtime: one batch at one QuantStub
-        yield from data_findings(at_stub, ctx.calibration_inputs, ctx.extra.get("stub_scale"))
+        scale = ctx.extra.get("stub_scale")
+        ev = ctx.extra.get("evidence") or camera_evidence(ctx, scale)
+        if ev is not None:
+            yield from data_findings(at_stub, ctx.calibration_inputs, scale, ev)
         return
-    yield from _scale_findings(ctx)
-    if ctx.calibration_inputs is not None and ctx.graph is not None:  # the doctor
-        data = _inputs_by_node(ctx)
-        for n in input_stub_nodes(ctx.graph):
-            x = next((data[i] for i in n.inputs if i in data), None)
-            if x is not None:
-                yield from data_findings(n.target, x, stub_scale(ctx, n.target, n.module))
+    if source in ("camera", "pyramid"):
+        yield from _scale_findings(ctx)
+    if ctx.graph is None:
+        return
+    data = _inputs_by_node(ctx) if ctx.calibration_inputs is not None else {}
+    if not data and source not in ("camera", "pyramid") and ctx.example_inputs is not None \
+            and ctx.extra.get("doctor"):
+        data = _inputs_by_node(ctx, ctx.example_inputs)  # inferred camera: the example batch
+    for n in input_stub_nodes(ctx.graph):
+        x = next((data[i] for i in n.inputs if i in data), None)
+        scale = stub_scale(ctx, n.target, n.module)
+        ev = camera_evidence(ctx, scale)
+        if x is not None and ev is not None:
+            yield from data_findings(n.target, x, scale, ev)
 
 
 RULE = Rule(
