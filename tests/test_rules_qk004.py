@@ -109,9 +109,8 @@ def _worker(rank: int, port: int, out: str) -> None:
             qk.set_fake_quantize(calib, qk.FakeQuantState.CALIBRATION)
         except qk.QatkitError as e:
             result["set_state"] = str(e)
-        # 3. the corrected flow: one process calibrates the unwrapped model
+        # 3. the corrected flow: rank 0 calibrates the unwrapped model, the others wait
         if rank == 0:
-            qk.silence(calib, "QK004", "only rank 0 calibrates; the other ranks wait")
             with qk_warnings() as codes:
                 calibrate(calib, d.x_train)
                 quantized = qk.convert(calib)
@@ -129,12 +128,14 @@ def test_two_process_calibration_is_refused(tmp_path):
     torch.save(trained_digits_net().state_dict(), tmp_path / "float.pt")
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    for r in results:
-        assert r["forward"].startswith("[QK004] calibration is running in 2 torch.distributed "
-                                       "processes")
-        assert r["set_state"].startswith("[QK004] calibration is running in 2")
-        assert "calibrate in one process" in r["set_state"]
-    assert results[0]["rank0_codes"] == [] and results[0]["rank0_acc"] > 0.5
+    r0, r1 = results
+    # every rank calibrating: refused on rank 1; rank 0 alone is the legitimate flow
+    assert "forward" not in r0 and "set_state" not in r0
+    assert r1["forward"].startswith("[QK004] calibration is running in 2 torch.distributed "
+                                    "processes")
+    assert r1["set_state"].startswith("[QK004] calibration is running in 2")
+    assert "on rank 1" in r1["set_state"] and "rank 0 alone" in r1["set_state"]
+    assert r0["rank0_codes"] == [] and r0["rank0_acc"] > 0.5
 
 
 def test_the_rule_sees_a_synchronized_calibration_session():
@@ -143,3 +144,22 @@ def test_the_rule_sees_a_synchronized_calibration_session():
     with qk.set_march("nash-e"), qk.distributed.synchronized_calibration(calib):
         assert qk004.synchronized()
     assert not qk004.synchronized()
+
+
+def test_ddp_wrapped_calibration_is_refused(tmp_path):
+    """DDP (a real one-process gloo group) copies rank 0's buffers over the others' before
+    every forward: refused when the state is set on it and when the batches run through it."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        calib = _prepared().eval()
+        ddp = nn.parallel.DistributedDataParallel(calib)
+        with qk.set_march("nash-e"):
+            with pytest.raises(qk.QatkitError, match=r"^\[QK004\].*DistributedDataParallel"):
+                qk.set_fake_quantize(ddp, qk.FakeQuantState.CALIBRATION)
+            qk.set_fake_quantize(calib, qk.FakeQuantState.CALIBRATION)
+            with torch.no_grad(), pytest.raises(qk.QatkitError,
+                                                match=r"\[QK004\].*DistributedDataParallel"):
+                ddp(digits().x_train[:32])
+    finally:
+        dist.destroy_process_group()

@@ -118,8 +118,9 @@ def _stub_hook(stub: nn.Module, args: tuple) -> None:
 def _calibration_batch(stub: nn.Module, args: tuple) -> None:
     from qatkit.doctor.rules import qk004_multi_device_calibration as qk004
     name = stub.__dict__.get("_qatkit_name", "")
-    if qk004.inside_data_parallel():
-        _runtime_report(stub, [qk004.runtime_finding(name)])
+    wrapped = qk004.inside_data_parallel()
+    if wrapped:
+        _runtime_report(stub, [qk004.runtime_finding(name, wrapped)])
     if stub.__dict__.get("_qatkit_camera") and not stub.__dict__.get("_qatkit_checked_input"):
         stub.__dict__["_qatkit_checked_input"] = True
         from qatkit.doctor.rules import qk005_centered_yuv_input as qk005
