@@ -183,3 +183,92 @@ def test_qatkit_cli_dispatches_to_doctor(models, capsys):
     cli = pytest.importorskip("qatkit.cli.main")
     assert cli.main(["doctor", f"{models}:good", "--march", "nash-e", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["summary"]["errors"] == 0
+
+
+# ---- everything the workflow sees: history, findings inside FUNC, the march FUNC sets --------
+
+EXTRA = textwrap.dedent('''
+    import torch
+    import qatkit as qk
+    from models import Net, good
+
+    OVERFIT = [{"epoch": e, "train_acc": 0.6 + 0.1 * e, "val_acc": 0.6} for e in range(4)]
+
+
+    def checks_history_itself():
+        qk.check_overfitting(OVERFIT)   # the common logging format: a list of per-epoch dicts
+        return good()
+
+
+    def own_march():
+        qk.set_march("bayes")
+        m, x = good()
+        return qk.prepare(m, x, qconfig=qk.default_qat_qconfig()), x
+
+
+    def with_calibration():
+        m, x = good()
+        m.quant = qk.QuantStub(scale=1 / 128)
+        g = torch.Generator().manual_seed(0)
+        rgb = [torch.rand(8, 3, 16, 16, generator=g) for _ in range(3)]   # RGB in [0, 1]
+        return {"model": m, "example_inputs": x, "calibration": rgb}
+''')
+
+
+@pytest.fixture
+def extra(models: Path) -> Path:
+    p = models.parent / "extra.py"
+    p.write_text(EXTRA)
+    sys.path.insert(0, str(models.parent))
+    yield p
+    sys.path.remove(str(models.parent))
+    sys.modules.pop("models", None)
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv"])
+def test_history_file_reaches_qk009_and_strict_applies(models, tmp_path, capsys, fmt):
+    rows = [{"epoch": e, "train_acc": 0.6 + 0.1 * e, "val_acc": 0.6} for e in range(4)]
+    path = tmp_path / f"history.{fmt}"
+    if fmt == "json":
+        path.write_text(json.dumps(rows))
+    else:
+        path.write_text("epoch,train_acc,val_acc\n" + "".join(
+            f"{r['epoch']},{r['train_acc']},{r['val_acc']}\n" for r in rows))
+    argv = [f"{models}:good", "--march", "nash-e", "--history", str(path), "--format", "json"]
+    assert doctor_cli.main(argv) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [f["code"] for f in d["findings"]] == ["QK009"]
+    assert "30.0 points" in d["findings"][0]["message"]
+    assert doctor_cli.main([*argv, "--strict"]) == 1
+
+
+def test_warning_raised_inside_func_is_in_the_json_report(extra, capsys):
+    argv = [f"{extra}:checks_history_itself", "--march", "nash-e", "--format", "json"]
+    assert doctor_cli.main(argv) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [f["code"] for f in d["findings"]] == ["QK009"]
+    assert d["findings"][0]["message"].startswith("checks_history_itself() warned:")
+    assert doctor_cli.main([*argv, "--strict"]) == 1
+
+
+def test_march_set_inside_func_against_the_processor_is_qk002(extra, capsys):
+    assert doctor_cli.main([f"{extra}:own_march", "--processor", "J6M",
+                            "--format", "json"]) == 1
+    d = json.loads(capsys.readouterr().out)
+    f = d["findings"][0]
+    assert f["code"] == "QK002" and "J6M" in f["message"] and "bayes" in f["message"]
+
+
+def test_calibration_batches_from_func_reach_qk005(extra, capsys):
+    assert doctor_cli.main([f"{extra}:with_calibration", "--processor", "J6E",
+                            "--format", "json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    f = next(f for f in d["findings"] if f["code"] == "QK005")
+    assert "inferred, likely" in f["message"] and "never negative" in f["message"]
+
+
+def test_bad_history_file_is_a_usage_error(models, tmp_path, capsys):
+    bad = tmp_path / "h.json"
+    bad.write_text("{not json")
+    assert doctor_cli.main([f"{models}:good", "--march", "nash-e", "--history", str(bad)]) == 2
+    assert "not valid JSON/CSV" in capsys.readouterr().err

@@ -99,7 +99,18 @@ def test_silencing_and_usage_errors():
     with qk_warnings() as codes:
         findings = check_overfitting(history, model)
     assert codes == [] and findings and all(f.silenced for f in findings)
-    with pytest.raises(qk.QatkitError, match=r"^\[QK000\] history must be a dict"):
+    with pytest.raises(qk.QatkitError, match=r"^\[QK000\] history\[0\] is a float, not a dict"):
         check_overfitting([0.1, 0.2])  # type: ignore[arg-type]
+    with pytest.raises(qk.QatkitError, match=r"^\[QK000\] history must be a dict"):
+        check_overfitting(0.1)  # type: ignore[arg-type]
     with pytest.raises(qk.QatkitError, match=r"^\[QK000\] history has none of the keys"):
         check_overfitting({"lr": [0.1]})
+
+
+def test_a_list_of_per_epoch_dicts_is_the_same_history():
+    _, history = fit(100, 30, 1e-2)
+    rows = [dict(zip(history, values)) for values in zip(*history.values())]
+    with qk_warnings():
+        by_lists = check_overfitting(history)
+        by_rows = check_overfitting(rows)
+    assert by_lists and [f.message for f in by_rows] == [f.message for f in by_lists]

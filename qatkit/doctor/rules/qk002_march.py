@@ -22,6 +22,21 @@ def _compile(march: March) -> str:
     return f"would fail to compile for {march.name}"
 
 
+def _label(ctx: Context) -> str:
+    """The current march, named with the declared processor when it is that one's march:
+    "'nash-m' (the march of J6M)"."""
+    facts = meta.get(ctx.model)
+    processor = ctx.processor or (facts.processor if facts else None)
+    name = ctx.march.name if ctx.march is not None else "?"
+    if processor:
+        try:
+            if resolve(processor=processor).name == name:
+                return f"{name!r} (the march of {processor})"
+        except QatkitError:
+            pass
+    return repr(name)
+
+
 def _declared(ctx: Context) -> Iterator[Finding]:
     if ctx.march is None:
         if ctx.stage in ("float", "prepare") and recorded_march(ctx) is None:
@@ -47,7 +62,7 @@ def _declared(ctx: Context) -> Iterator[Finding]:
     rec = recorded_march(ctx)
     if rec is not None and rec != ctx.march.name and ctx.stage != "prepare":
         yield RULE.finding("", f"this model was prepared for march {rec!r} but the current "
-                           f"march is {ctx.march.name!r}: its scales, dtypes and operators were "
+                           f"march is {_label(ctx)}: its scales, dtypes and operators were "
                            f"chosen for {rec!r}.",
                            fix=f"qk.set_march({rec!r}) for every stage of this model, or "
                                f"prepare and calibrate again under {ctx.march.name!r}")

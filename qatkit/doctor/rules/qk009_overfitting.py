@@ -44,11 +44,31 @@ _ALIASES = {
 }
 
 
+def _columns(rows: Sequence[Any]) -> dict[str, list[Any]]:
+    """A list of per-epoch dicts (the common logging format) as a dict of lists."""
+    cols: dict[str, list[Any]] = {}
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise fail("QK000", f"history[{i}] is a {type(row).__name__}, not a dict: a list "
+                       "history must hold one dict of metrics per epoch.",
+                       "pass [{'train_loss': ..., 'val_loss': ...}, ...] or a dict of lists")
+        for k, v in row.items():
+            cols.setdefault(k, []).append(v)
+    for k, v in cols.items():
+        if len(v) != len(rows):
+            raise fail("QK000", f"history: {k!r} is in {len(v)} of the {len(rows)} epochs.",
+                       "log every metric in every epoch")
+    return cols
+
+
 def normalize_history(history: Any) -> dict[str, list[float]]:
-    """The four series by canonical name (missing ones left out); QK000 on a bad shape."""
+    """The four series by canonical name (missing ones left out); QK000 on a bad shape.
+    ``history`` is a dict of per-epoch lists or a list of per-epoch dicts."""
+    if isinstance(history, Sequence) and not isinstance(history, (str, bytes)):
+        history = _columns(history)
     if not isinstance(history, Mapping):
-        raise fail("QK000", f"history must be a dict of per-epoch lists, got "
-                   f"{type(history).__name__}.",
+        raise fail("QK000", f"history must be a dict of per-epoch lists (or a list of per-epoch "
+                   f"dicts), got {type(history).__name__}.",
                    "pass e.g. {'train_loss': [...], 'val_loss': [...], 'train_acc': [...], "
                    "'val_acc': [...]} with one value per epoch")
     out: dict[str, list[float]] = {}
@@ -104,7 +124,7 @@ def _check(ctx: Context) -> Iterator[Finding]:
                                f"pass the history up to epoch {best + 1}.)")
 
 
-def check_overfitting(history: Mapping[str, Sequence[float]], model: nn.Module | None = None
+def check_overfitting(history: Any, model: nn.Module | None = None
                       ) -> list[Finding]:
     """Warn ([QK009], a QatkitWarning) if the float model's training history shows
     overfitting; returns the findings. Call it before calibration/QAT (``qk.prepare(...,
