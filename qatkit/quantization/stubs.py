@@ -73,12 +73,17 @@ class FloatFunctional(nn.Module):
         if _any_quantized(inputs):  # float form in a fixed-point model: added after convert
             name = self.__dict__.get("_qatkit_name")
             who = f"FloatFunctional '{name}'" if name else "a FloatFunctional"
-            err = fail("QK008", f"{who} ({op}) receives quantized values in "
-                       "the fixed-point model but was added (or replaced) after calibration/"
-                       "QAT and convert: it has no calibrated output scale, so its inputs "
-                       "cannot be requantized to a common scale.",
-                       "add it to the float model and go through prepare, calibration/QAT and "
-                       "convert again (or apply it after the DeQuantStub, on float values)")
+            why = ("was added (or replaced) after calibration/QAT and convert: it has no "
+                   "calibrated output scale" if isinstance(self.activation_post_process,
+                                                           nn.Identity) else
+                   "is still in QAT form: convert did not turn it into fixed point (one "
+                   "instance reachable under two names is converted under one only)")
+            err = fail("QK008", f"{who} ({op}) receives quantized values in the fixed-point "
+                       f"model but {why}, so its inputs cannot be requantized to a common "
+                       "scale.",
+                       "add it to the float model (one instance per call site) and go through "
+                       "prepare, calibration/QAT and convert again (or apply it after the "
+                       "DeQuantStub, on float values)")
             err.qatkit_module = self  # the doctor names it in its report
             raise err
         with recorder.inside_leaf():

@@ -3,10 +3,12 @@ times in one forward. Counted on the traced forward; every call site is listed."
 
 from __future__ import annotations
 
+import os
+import traceback
 from collections.abc import Iterator
 
 from qatkit.doctor.rules import Context, Finding, Rule
-from qatkit.doctor.rules.common import has_own_output, region
+from qatkit.doctor.rules.common import has_own_output, region, user_type
 from qatkit.quantization import trace as tr
 
 
@@ -22,24 +24,104 @@ def _check(ctx: Context) -> Iterator[Finding]:
     for name, nodes in calls.items():
         if len(nodes) < 2 or not any(n.index in inside for n in nodes):
             continue
-        kind = type(nodes[0].module).__name__
+        kind = user_type(nodes[0].module)
         ops = sorted({n.op for n in nodes}) if nodes[0].kind == "functional" else []
         what = f"{kind}{' (' + ', '.join(ops) + ')' if ops else ''}"
         sites = [n.source or f"call {n.call + 1}" for n in nodes]
+        if len(set(sites)) < len(sites):  # a loop or a helper method: name the calling lines
+            chains = _call_chains(ctx, nodes[0].module, len(nodes))
+            if chains:
+                sites = chains
+        where = _sites(sites)
+        base = _identifier(name)
         yield RULE.finding(
             name,
-            f"{what} is called {len(nodes)} times in one forward, at {'; '.join(sites)}. It "
+            f"{what} is called {len(nodes)} times in one forward, {where}. It "
             "owns one output observer and, after convert, one output scale: every call site "
             "shares statistics and a scale fitted to the mix of their distributions (and "
             "fusion cannot treat the calls separately).",
-            fix=f"create one instance per call site (e.g. self.{name.rpartition('.')[2]}1 = "
-                f"{_ctor(kind)}, self.{name.rpartition('.')[2]}2 = ...); to share weights, "
-                "tie the parameters of two modules instead of calling one twice",
-            source=", ".join(n.source for n in nodes if n.source))
+            fix=f"create one instance per call site (e.g. self.{base}1 = {_ctor(kind)}, "
+                f"self.{base}2 = ...; in a loop, an nn.ModuleList with one per iteration: "
+                f"self.{base}s = nn.ModuleList({_ctor(kind)} for _ in range(n)) and "
+                f"self.{base}s[i]); to share weights, tie the parameters of two modules "
+                "instead of calling one twice",
+            source=", ".join(dict.fromkeys(n.source for n in nodes if n.source)))
+
+
+def _sites(sites: list[str]) -> str:
+    distinct = list(dict.fromkeys(sites))
+    if len(distinct) == 1:
+        return f"every time from {distinct[0]} (a loop)"
+    counts = {s: sites.count(s) for s in distinct}
+    return "at " + "; ".join(s + (f" ({counts[s]} times, a loop)" if counts[s] > 1 else "")
+                             for s in distinct)
+
+
+def _identifier(name: str) -> str:
+    """A valid attribute name to suggest for module ``name`` (``'blocks.0.add'`` -> ``add``,
+    ``'adds.0'`` -> ``adds_``)."""
+    for part in reversed(name.split(".")):
+        if part.isidentifier():
+            return part
+    return "op"
+
+
+def _call_chains(ctx: Context, module: object, expected: int) -> list[str] | None:
+    """The user call chain of each call of ``module`` (``forward m.py:40 -> block m.py:30``),
+    from one more forward of the model. Only on the float model (the doctor's copy or
+    prepare's): forwards there change nothing; fake-quant models would update observers."""
+    import torch
+
+    from qatkit.base.frames import is_library_file
+    from qatkit.quantization.stubs import FloatFunctional
+    if ctx.stage not in ("float", "prepare") or ctx.example_inputs is None or \
+            not isinstance(module, torch.nn.Module):
+        return None
+    chains: list[str] = []
+
+    def grab() -> None:
+        stack = traceback.extract_stack()[:-2]
+        run: list[str] = []
+        for fr in reversed(stack):  # the innermost contiguous user frames
+            if is_library_file(fr.filename):
+                if run:
+                    break
+                continue
+            run.append(f"{fr.name} {os.path.basename(fr.filename)}:{fr.lineno}")
+        chains.append(" -> ".join(reversed(run)))
+
+    handle = None
+    if isinstance(module, FloatFunctional):
+        original = module._call
+
+        def spy(*a: object, **k: object) -> object:
+            grab()
+            return original(*a, **k)
+        module._call = spy  # type: ignore[method-assign]
+    else:
+        handle = module.register_forward_pre_hook(lambda m, a: grab())
+    model = ctx.model
+    was = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        x = ctx.example_inputs
+        with torch.no_grad():
+            model(**x) if isinstance(x, dict) else model(*x) if isinstance(x, tuple) \
+                else model(x)
+    except Exception:
+        return None
+    finally:
+        if handle is not None:
+            handle.remove()
+        else:
+            del module._call
+        for m, t in was.items():
+            m.training = t
+    return chains if len(chains) == expected and all(chains) else None
 
 
 def _ctor(kind: str) -> str:
-    return "qk.FloatFunctional()" if kind == "FloatFunctional" else f"{kind}(...)"
+    return "qk.FloatFunctional()" if kind == "FloatFunctional" else f"nn.{kind}(...)"
 
 
 RULE = Rule(

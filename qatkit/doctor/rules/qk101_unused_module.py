@@ -20,6 +20,20 @@ def _weighted(mod: nn.Module) -> bool:
     return isinstance(mod, QModule) and getattr(mod, "weight", None) is not None
 
 
+def _library_spare(model: nn.Module, name: str, mod: nn.Module) -> bool:
+    """A parameterless stub/FloatFunctional that a library's block always creates and calls
+    only in some configurations (torchvision.models.quantization's ``skip_add`` in inverted
+    residuals without a residual connection): the user cannot remove it, and having no
+    parameters and no calls it changes nothing in the deployed model."""
+    if next(mod.parameters(), None) is not None or not is_marker(mod):
+        return False
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    return type(parent).__module__.split(".")[0] in _LIBRARIES
+
+
+_LIBRARIES = frozenset({"torchvision", "timm"})
+
+
 def _check(ctx: Context) -> Iterator[Finding]:
     g = ctx.graph
     if g is None:
@@ -48,6 +62,8 @@ def _check(ctx: Context) -> Iterator[Finding]:
         roots[root] = None
     for name in roots:
         mod = ctx.model.get_submodule(name)
+        if _library_spare(ctx.model, name, mod):
+            continue
         n_params = sum(p.numel() for p in mod.parameters())
         size = f" with {n_params:,} parameters" if n_params else ""
         yield RULE.finding(
