@@ -175,6 +175,7 @@ def watch_added(model: nn.Module, recorded: dict[str, type] | None, since: str) 
         return
     from qatkit.doctor.rules.common import is_marker
     from qatkit.fixed_point.modules import QDeQuantStub, QModule, QQuantStub
+    from qatkit.fixed_point.yuv_input import QCenteredYUVToRGB
     from qatkit.quantization.registry import keeps_scale
     from qatkit.quantization.stubs import FloatFunctional
     for name, m in model.named_modules():
@@ -182,7 +183,7 @@ def watch_added(model: nn.Module, recorded: dict[str, type] | None, since: str) 
                 m.__dict__.get("_qatkit_added"):
             continue
         if isinstance(m, (QModule, QDeQuantStub, QQuantStub)) or next(m.children(), None) \
-                is not None or getattr(m, "_qatkit_deploy_colour", False):
+                is not None or isinstance(m, QCenteredYUVToRGB):
             continue
         if keeps_scale(m) or (is_marker(m) and not isinstance(m, FloatFunctional)):
             continue
