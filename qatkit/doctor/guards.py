@@ -5,7 +5,8 @@ The guards listen to the workflow's moments (``qatkit.base.hooks``): ``prepare``
 :class:`~qatkit.doctor.rules.Context` for their stage and run its rules (:func:`check`):
 error-level findings raise :class:`QatkitError` (so the workflow call fails there),
 warning-level findings warn with :class:`QatkitWarning` (errors in strict mode), silenced
-findings are logged for the report. ``prepared`` and ``converted`` attach the per-batch checks.
+findings are logged for the report. ``prepared`` and ``converted`` attach the per-batch checks;
+``model_forward`` and ``fixed_point_forward`` feed QK006 (evaluations, per model and epoch).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def attach_runtime(model: nn.Module, graph: Any) -> None:
             stub.activation_post_process.observer.fixed_scale - 1 / 128) < 1e-9
         d["_qatkit_camera"] = name in inputs and (camera or (source is None and fixed))
         d["_qatkit_primary"] = name == primary
-        d["_qatkit_root"] = model
+        d["_qatkit_declared"] = (source, facts.processor if facts is not None else None)
         if not d.get("_qatkit_runtime"):
             d["_qatkit_runtime"] = True
             stub.register_forward_pre_hook(_stub_hook)
@@ -124,11 +125,9 @@ def _calibration_batch(stub: nn.Module, args: tuple) -> None:
     if stub.__dict__.get("_qatkit_camera") and not stub.__dict__.get("_qatkit_checked_input"):
         stub.__dict__["_qatkit_checked_input"] = True
         from qatkit.doctor.rules import qk005_centered_yuv_input as qk005
-        root = stub.__dict__.get("_qatkit_root")
-        facts = meta.get(root) if root is not None else None
+        source, processor = stub.__dict__.get("_qatkit_declared", ("camera", None))
         scale = qk005.stub_scale(context(stub, "calibration"), name, stub)
-        ev = qk005.evidence(facts.input_source if facts else "camera",
-                            facts.processor if facts else None, scale)
+        ev = qk005.evidence(source, processor, scale)
         ctx = context(stub, "calibration", input_source="camera",
                       calibration_inputs=args[0] if args else None,
                       extra={"at_stub": name, "stub_scale": scale, "evidence": ev})
