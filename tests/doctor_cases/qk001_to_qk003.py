@@ -138,7 +138,7 @@ def hand_made_qconfig_without_high_precision():
     q = qk.QConfig(qk.QuantSpec("qint8", "mse"), qk.QuantSpec(per_channel=True),
                    high_precision_output=False)
     with qk.set_march("nash-e"):
-        qk.prepare(trained_digits_net(), x8(), qconfig=q)
+        qk.prepare(DigitsNet().eval(), x8(), qconfig=q)
 
 
 @case("QK003", "qatkit")
