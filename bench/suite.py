@@ -33,6 +33,7 @@ from torch import nn
 
 import qatkit as qk
 from qatkit.demo.data import Split, batches, load_digits, load_fashion_mnist
+from qatkit.fixed_point import epilogue
 
 from . import pt2e_flow
 from .models import MODELS, count_macs, count_params
@@ -783,6 +784,8 @@ def _loadavg() -> float | None:
 def run(cfg: Config) -> dict[str, Any]:
     """Run the configured sections; returns the whole report as a JSON-ready dict."""
     torch.set_num_threads(cfg.threads)
+    if not cfg.compile:  # the fixed-point model's plain epilogues: nothing to compile
+        epilogue.set_kernels("reference")
     t0 = time.perf_counter()
     report: dict[str, Any] = {
         "meta": {
@@ -796,6 +799,8 @@ def run(cfg: Config) -> dict[str, Any]:
             "quantized_engine": BACKEND,
             "quick": cfg.quick,
             "compile": cfg.compile,
+            # the fixed-point model's requantization epilogues (qatkit.epilogue)
+            "qatkit_kernels": epilogue.get_kernels(),
             "pt2e_available": pt2e_flow.available(),
             "timing": {
                 "warmup": cfg.warmup,

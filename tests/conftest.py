@@ -1,3 +1,10 @@
+import os
+
+# The suite runs the fixed-point epilogues on the plain reference path (compiling them costs
+# seconds per kernel); tests/test_epilogue.py checks the compiled path against it. Child
+# processes (multi-process tests, CLI runs) inherit the setting.
+os.environ.setdefault("QATKIT_KERNELS", "reference")
+
 import pytest
 import torch
 

@@ -127,6 +127,12 @@ def _requant_f64_block(acc: torch.Tensor, mult: torch.Tensor, addend: torch.Tens
     return t.floor_().clamp_(lo, hi).to(out_dtype)
 
 
+def float_multiplier(M: torch.Tensor | float) -> torch.Tensor | None:
+    """``m * 2^-n`` (float64, exact) of the encoding of ``M``, or None when ``n > 52`` (then
+    the float64 form of :func:`requant_float` is not proven exact)."""
+    return float_plan(M)[0]
+
+
 def requant_float(v: torch.Tensor, M: torch.Tensor | float, axis: int | None = None
                   ) -> torch.Tensor:
     """:func:`requant` of an int8/int16/int32 tensor as an integer-valued float64 tensor.

@@ -25,6 +25,7 @@ from qatkit.base import recorder
 from qatkit.base.errors import fail
 from qatkit.base.qtensor import QTensor
 from qatkit.base.quant_math import TORCH_DTYPE, qrange, quantize
+from qatkit.fixed_point import epilogue
 from qatkit.fixed_point import kernels as fp
 
 
@@ -188,7 +189,12 @@ class _QWeighted(QModule):
 
     def _finish(self, acc: torch.Tensor, c: dict[str, Any], axis: int) -> QTensor:
         if self.output_mode == "quantized" and c["f64"] is not None:
-            q = fp.requant_f64(acc, c["f64"], *c["clamp"], self.out_dtype, axis)
+            if epilogue.use_compiled(acc):  # one fused pass, the same integers
+                mult, addend = (fp.along(t, axis, acc.dim()) for t in c["f64"])
+                q = epilogue.conv_requant(acc, mult, addend, *c["clamp"],
+                                          TORCH_DTYPE[self.out_dtype])
+            else:
+                q = fp.requant_f64(acc, c["f64"], *c["clamp"], self.out_dtype, axis)
             return QTensor(q, self.real("out_scale"), self.out_dtype)
         acc = acc.to(torch.int64) + fp.along(c["q_b"], axis, acc.dim())
         if self.output_mode != "quantized":
@@ -391,6 +397,9 @@ class QFunctional(QModule):
         out = self._out(q)
         if self.relu_after(op):
             out.q.clamp_(min=0)
+        return self._record(out, op, inputs, **arguments)
+
+    def _record(self, out: QTensor, op: str, inputs: tuple, **arguments: Any) -> QTensor:
         rec = recorder.active()
         if rec is not None:  # arguments (dim, scalar...): kept by the trace for exporters
             rec.functional(self, op, tuple(inputs), out, arguments)
@@ -406,6 +415,14 @@ class QFunctional(QModule):
         if b is not None:
             b = _need_q(b, self, per_tensor=False)
         pa, pb = self.add_plans(a, b, c)
+        if b is not None and pa[0] is not None and pb[0] is not None \
+                and epilogue.use_compiled(a.q):  # one fused pass, the same integers
+            lo, hi = qrange(self.out_dtype)
+            q = epilogue.add_requant(
+                a.q, fp.along(pa[0], a.axis, a.q.dim()), b.q, fp.along(pb[0], b.axis, b.q.dim()),
+                sign, max(lo, 0) if self.relu_after(op) else lo, hi, TORCH_DTYPE[self.out_dtype])
+            return self._record(QTensor(q, self.real("out_scale"), self.out_dtype), op, (a, b),
+                                c=c)
         # operands are int8/int16/int32, so their requants are exact in float64; their sum is
         # below 2^48 and the final requant by 2^-8 is floor(total / 256 + 1/2), exact too
         ai = fp.requant_float_plan(a.q, pa, a.axis)

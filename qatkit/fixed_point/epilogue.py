@@ -1,0 +1,152 @@
+"""Fused requantization epilogues of the fixed-point model, and the switch between two paths.
+
+The integer results are specified once (``docs/fixed-point.md`` sections 4, 6 and 12); this
+module evaluates the two hottest ones either
+
+* ``"reference"``: plain PyTorch ops, one full-tensor pass per step (float64 buffers updated in
+  place, the conv epilogue a few samples at a time so the scratch stays small), or
+* ``"compiled"``: the same expression compiled by ``torch.compile`` (Inductor) into one pass that
+  reads the int32/int8 operands and writes the int8/int16 result, without float64 temporaries.
+
+Both give the same integers, bit for bit: every step is an exact float64 operation (products of
+integers below 2^46 with multipliers ``m * 2^-n``, sums of such multiples of ``2^-n`` below
+2^53, multiplication by ``2^-8``, ``floor``, a clamp, a cast of an integer-valued float), so no
+reordering or contraction into fused multiply-adds a compiler may do can change a bit.
+``tests/test_epilogue.py`` checks the two paths against each other.
+
+Choice of path: ``set_kernels("reference" | "compiled" | "auto")`` or the environment variable
+``QATKIT_KERNELS``. ``"auto"`` (the default) takes ``"compiled"`` when Inductor can compile on
+this machine (measured faster, bench/RESULTS.md) and falls back to ``"reference"`` where
+``torch.compile`` is unavailable or fails (no C++ compiler, unsupported platform).
+The first call of each kernel compiles it (seconds); shapes are symbolic, so other batch sizes
+and layers reuse it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+KERNEL_MODES = ("auto", "reference", "compiled")
+_mode = os.environ.get("QATKIT_KERNELS", "auto")
+_broken: set[str] = set()  # compiled kernels that failed to compile here (fell back)
+
+
+def set_kernels(mode: str) -> None:
+    """Select the epilogue path process-wide: ``"auto"``, ``"reference"`` or ``"compiled"``."""
+    global _mode
+    if mode not in KERNEL_MODES:
+        from qatkit.base.errors import fail
+        raise fail("QK000", f"unknown kernel mode {mode!r}.",
+                   f"use one of {', '.join(KERNEL_MODES)}")
+    _mode = mode
+
+
+def get_kernels() -> str:
+    return _mode
+
+
+@contextlib.contextmanager
+def kernels(mode: str) -> Iterator[None]:
+    """``with kernels("reference"): ...`` runs a block on one path, then restores the mode."""
+    old = _mode
+    set_kernels(mode)
+    try:
+        yield
+    finally:
+        set_kernels(old)
+
+
+@functools.cache
+def compile_available() -> bool:
+    """Whether torch.compile (Inductor) can generate code here: a C++ compiler for CPU."""
+    try:
+        import torch._inductor.config  # noqa: F401
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        get_cpp_compiler()
+    except Exception:
+        return False
+    return True
+
+
+def use_compiled(x: torch.Tensor) -> bool:
+    """The compiled path for a kernel input ``x`` under the current mode."""
+    if _mode == "reference":
+        return False
+    if x.device.type == "cpu":
+        return compile_available()
+    return x.device.type == "cuda"  # Triton; other devices take the reference path
+
+
+def _compiled(name: str, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``fn`` compiled on first use (symbolic shapes); falls back to ``fn`` for good if the
+    compiler fails on this machine (``"compiled"`` mode re-raises instead). Past Dynamo's
+    recompile limit (many dtype/rank combinations) a call runs ``fn`` eagerly: the same
+    integers, only slower."""
+    box: dict[str, Any] = {}
+
+    def call(*args: Any) -> torch.Tensor:
+        if name in _broken:
+            return fn(*args)
+        if "f" not in box:
+            box["f"] = torch.compile(fn, dynamic=True)
+        try:
+            return box["f"](*args)
+        except Exception as e:
+            if _mode == "compiled":
+                raise
+            _broken.add(name)
+            warnings.warn(f"qatkit: compiled {name} epilogue unavailable ({type(e).__name__}); "
+                          "using the reference path", RuntimeWarning, stacklevel=2)
+            return fn(*args)
+
+    return call
+
+
+# ----------------------------------------------------------------------------- conv / linear
+
+
+def _conv_expr(acc: torch.Tensor, mult: torch.Tensor, addend: torch.Tensor, lo: int, hi: int,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    # floor(acc * mult + addend): spec section 12; exact in float64 under requant_plan's bound
+    t = acc.to(torch.float64) * mult + addend
+    return torch.floor(t).clamp(lo, hi).to(out_dtype)
+
+
+_conv_compiled = _compiled("conv", _conv_expr)
+
+
+def conv_requant(acc: torch.Tensor, mult: torch.Tensor, addend: torch.Tensor, lo: int, hi: int,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """Compiled ``sat(floor(acc * mult + addend))`` (``mult``/``addend`` broadcast along the
+    channel axis); the output keeps ``acc``'s memory layout (NHWC after an im2col conv)."""
+    return _conv_compiled(acc, mult, addend, lo, hi, out_dtype)
+
+
+# ----------------------------------------------------------------------------- add / sub
+
+
+def _add_expr(qa: torch.Tensor, ma: torch.Tensor, qb: torch.Tensor, mb: torch.Tensor,
+              sign: int, lo: int, hi: int, out_dtype: torch.dtype) -> torch.Tensor:
+    # spec section 6 in float64 (section 12): each operand to s_o / 256 with its own rounding,
+    # combined (sign 1: add, -1: sub), then * 2^-8 with one more rounding
+    a = torch.floor(qa.to(torch.float64) * ma + 0.5)
+    b = torch.floor(qb.to(torch.float64) * mb + 0.5)
+    return torch.floor((a + b * sign) * 2.0**-8 + 0.5).clamp(lo, hi).to(out_dtype)
+
+
+_add_compiled = _compiled("add", _add_expr)
+
+
+def add_requant(qa: torch.Tensor, ma: torch.Tensor, qb: torch.Tensor, mb: torch.Tensor,
+                sign: int, lo: int, hi: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """Compiled section-6 add (``sign`` 1) or sub (-1) of two quantized operands with float64
+    multipliers ``ma``/``mb`` (``m * 2^-n``, broadcast like the operands), saturated to
+    ``[lo, hi]`` (a fused ReLU raises ``lo`` to 0)."""
+    return _add_compiled(qa, ma, qb, mb, sign, lo, hi, out_dtype)
