@@ -1,4 +1,5 @@
-"""Fused requantization epilogues of the fixed-point model, and the switch between two paths.
+"""Fused kernels of the fixed-point model (requantization epilogues, the im2col prologue), and
+the switch between two paths.
 
 The integer results are specified once (``docs/fixed-point.md`` sections 4, 6 and 12); this
 module evaluates the two hottest ones either
@@ -12,7 +13,8 @@ Both give the same integers, bit for bit: every step is an exact float64 operati
 integers below 2^46 with multipliers ``m * 2^-n``, sums of such multiples of ``2^-n`` below
 2^53, multiplication by ``2^-8``, ``floor``, a clamp, a cast of an integer-valued float), so no
 reordering or contraction into fused multiply-adds a compiler may do can change a bit.
-``tests/test_epilogue.py`` checks the two paths against each other.
+The im2col prologue only moves int8 values (zero padding included), so it is exact on any
+path. ``tests/test_epilogue.py`` checks the two paths against each other.
 
 Choice of path: ``set_kernels("reference" | "compiled" | "auto")`` or the environment variable
 ``QATKIT_KERNELS``. ``"auto"`` (the default) takes ``"compiled"`` when Inductor can compile on
@@ -32,6 +34,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 KERNEL_MODES = ("auto", "reference", "compiled")
 _mode = os.environ.get("QATKIT_KERNELS", "auto")
@@ -150,3 +153,34 @@ def add_requant(qa: torch.Tensor, ma: torch.Tensor, qb: torch.Tensor, mb: torch.
     multipliers ``ma``/``mb`` (``m * 2^-n``, broadcast like the operands), saturated to
     ``[lo, hi]`` (a fused ReLU raises ``lo`` to 0)."""
     return _add_compiled(qa, ma, qb, mb, sign, lo, hi, out_dtype)
+
+
+# ----------------------------------------------------------------------------- im2col
+
+
+def _im2col_expr(x: torch.Tensor, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
+                 dh: int, dw: int) -> torch.Tensor:
+    # NHWC int8 -> [N*Ho*Wo, kh*kw*C] in (kh, kw, C) order (dilation 1); compiled, the padding
+    # becomes a masked load and the windows one gather: one pass instead of pad + copy
+    x = F.pad(x, (0, 0, pw, pw, ph, ph))
+    cols = x.unfold(1, kh, sh).unfold(2, kw, sw)  # [N, Ho, Wo, C, kh, kw]
+    n, ho, wo, c = cols.shape[:4]
+    return cols.permute(0, 1, 2, 4, 5, 3).reshape(n * ho * wo, kh * kw * c)
+
+
+_im2col_kernels: dict[tuple[int, ...], Callable[[torch.Tensor], torch.Tensor]] = {}
+
+
+def im2col(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+           padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
+    """Compiled im2col of an NHWC int8 tensor (see :func:`qatkit.fixed_point.conv2d`). The
+    geometry is baked into each kernel as constants (one kernel per geometry; the tensor
+    shapes stay symbolic): with symbolic strides and strided slices, torch 2.13's compiled
+    kernel returned a wrong shape, so this uses ``unfold`` and dilation 1 only."""
+    key = (*kernel, *stride, *padding, *dilation)
+    fn = _im2col_kernels.get(key)
+    if fn is None:
+        def geometry(x: torch.Tensor, key: tuple[int, ...] = key) -> torch.Tensor:
+            return _im2col_expr(x, *key)
+        fn = _im2col_kernels[key] = _compiled(f"im2col{key}", geometry)
+    return fn(x)

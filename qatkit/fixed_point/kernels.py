@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from qatkit.base.quant_math import along, qrange
+from qatkit.fixed_point import epilogue
 
 F32_EXACT = 2**24
 
@@ -240,6 +241,18 @@ def _conv2d_int_mm(q: torch.Tensor, q_w: torch.Tensor, stride: tuple[int, int],
     n, c = q.shape[:2]
     o, _, kh, kw = q_w.shape
     x = q.to(torch.int8).permute(0, 2, 3, 1)  # NHWC view
+    if w_cols is None:
+        w_cols = weight_columns(q_w)
+    if kh == kw == 1 and stride == (1, 1) and padding == (0, 0) and x.is_contiguous():
+        # a 1x1 conv of an NHWC tensor is a plain matmul: no im2col copy at all
+        acc = torch._int_mm(canonical(x.reshape(-1, c)), w_cols)
+        return acc.view(n, x.shape[1], x.shape[2], o).permute(0, 3, 1, 2)
+    if dilation == (1, 1) and epilogue.use_compiled(x):  # pad + im2col in one pass
+        a = canonical(epilogue.im2col(x, (kh, kw), stride, padding, dilation))
+        hp, wp = x.shape[1] + 2 * padding[0], x.shape[2] + 2 * padding[1]
+        ho = (hp - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        wo = (wp - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        return torch._int_mm(a, w_cols).view(n, ho, wo, o).permute(0, 3, 1, 2)
     if padding[0] or padding[1]:
         x = F.pad(x, (0, 0, padding[1], padding[1], padding[0], padding[0]))
     hp, wp = x.shape[1], x.shape[2]
@@ -250,8 +263,6 @@ def _conv2d_int_mm(q: torch.Tensor, q_w: torch.Tensor, stride: tuple[int, int],
                         (sn, sh * stride[0], sw * stride[1], sh * dilation[0], sw * dilation[1],
                          sc))
     a = canonical(cols.reshape(n * ho * wo, kh * kw * c))
-    if w_cols is None:
-        w_cols = weight_columns(q_w)
     acc = torch._int_mm(a, w_cols)  # int32, exact
     return acc.view(n, ho, wo, o).permute(0, 3, 1, 2)
 
