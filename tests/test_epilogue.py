@@ -1,4 +1,4 @@
-"""The compiled epilogues (qatkit/fixed_point/epilogue.py) give the reference path's integers, bit for bit.
+"""The compiled kernels (qatkit/fixed_point/epilogue.py) give the reference path's integers.
 
 The suite runs on the reference path (conftest sets ``QATKIT_KERNELS=reference``: compiling
 costs seconds per kernel). Here the compiled path is checked against the reference path on the

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qatkit.observers import HIST_BINS, MSEObserver
+from qatkit.quantization.observers import HIST_BINS, MSEObserver
 
 
 def _numpy_hist(data: np.ndarray, exp: int) -> np.ndarray:
