@@ -94,6 +94,8 @@ class Config:
     #: torch.compile the peers and compiled entries that need it (pt2e int8, compiled QAT
     #: steps); quick mode runs them eagerly, since Inductor compiles take 10-30 s each.
     compile: bool = True
+    #: "cpu" or "cuda" (models and inputs there; CPU-only peers are left out on cuda).
+    device: str = "cpu"
 
     @classmethod
     def full(cls, threads: int) -> Config:
@@ -144,6 +146,7 @@ class Case:
     cache: dict[str, Any] = field(default_factory=dict)
     #: see :attr:`Config.compile`.
     compile: bool = True
+    device: str = "cpu"
 
     def fresh_model(self) -> nn.Module:
         return copy.deepcopy(self.float_model)
@@ -165,6 +168,7 @@ def make_case(
     seed: int,
     calib_batches: int,
     compile: bool = True,
+    device: str = "cpu",
 ) -> Case:
     """Seeded model and inputs in ``[0, 1)`` (the range of :mod:`qatkit.demo.data` images)."""
     model, num_classes = _model(model_name, seed)
@@ -172,8 +176,12 @@ def make_case(
     x = torch.rand(batch, *image_shape, generator=g)
     y = torch.randint(0, num_classes, (batch,), generator=g)
     calib = [torch.rand(batch, *image_shape, generator=g) for _ in range(calib_batches)]
+    if device != "cpu":
+        model, x, y = model.to(device), x.to(device), y.to(device)
+        calib = [c.to(device) for c in calib]
     return Case(
-        model_name, batch, tuple(image_shape), num_classes, model, x, y, calib, compile=compile
+        model_name, batch, tuple(image_shape), num_classes, model, x, y, calib, compile=compile,
+        device=device,
     )
 
 
@@ -283,17 +291,31 @@ def setup_qatkit_fixedpoint_forward(case: Case) -> Callable[[], object]:
     return run
 
 
-def setup_qatkit_qat_train_step(case: Case) -> Callable[[], object]:
-    """qatkit QAT step: prepare(default_qat_qconfig) (BN folded, the vendor's fuse_bn mode),
-    calibrated scales loaded, train(), QAT state, SGD step."""
+def _qatkit_qat_model(case: Case) -> nn.Module:
     calib = qatkit_calibrated(case)
     with qk.set_march(MARCH):
         model = qk.prepare(case.float_model, case.x[:1], qconfig=qk.default_qat_qconfig())
     model.load_state_dict(calib.state_dict())
     model.train()
     qk.set_fake_quantize(model, qk.FakeQuantState.QAT)
+    return model
+
+
+def setup_qatkit_qat_train_step(case: Case) -> Callable[[], object]:
+    """qatkit QAT step: prepare(default_qat_qconfig) (BN folded, the vendor's fuse_bn mode),
+    calibrated scales loaded, train(), QAT state, SGD step."""
+    model = _qatkit_qat_model(case)
     opt = case.optimizer(model)
     return lambda: train_step(model, opt, case.x, case.y)
+
+
+def setup_qatkit_qat_train_step_compiled(case: Case) -> Callable[[], object]:
+    """:func:`setup_qatkit_qat_train_step` with ``torch.compile(model)`` (Inductor; compiled in
+    the warm-up calls). Eager when the run does not compile (quick mode)."""
+    model = _qatkit_qat_model(case)
+    opt = case.optimizer(model)
+    run = torch.compile(model) if case.compile else model
+    return lambda: train_step(run, opt, case.x, case.y)
 
 
 def _calibration_forward(case: Case, observer: str) -> Callable[[], object]:
@@ -345,6 +367,7 @@ SPEED += [
     ("float_eval_no_grad", setup_float_eval_no_grad),
     ("qatkit_fixedpoint_forward", setup_qatkit_fixedpoint_forward),
     ("qatkit_qat_train_step", setup_qatkit_qat_train_step),
+    ("qatkit_qat_train_step_compiled", setup_qatkit_qat_train_step_compiled),
     ("qatkit_calibration_forward", setup_qatkit_calibration_forward),
     ("qatkit_calibration_minmax_forward", setup_qatkit_calibration_minmax_forward),
     ("qatkit_doctor_check", setup_qatkit_doctor_check),
@@ -354,6 +377,8 @@ RATIOS += [
     ("fixedpoint_over_torchao_int8", "qatkit_fixedpoint_forward", "torchao_int8_forward"),
     ("qat_step_over_float", "qatkit_qat_train_step", "float_train_step"),
     ("qat_step_over_torchao_qat_step", "qatkit_qat_train_step", "torchao_qat_train_step"),
+    ("compiled_qat_step_over_float", "qatkit_qat_train_step_compiled", "float_train_step"),
+    ("compiled_qat_step_over_eager", "qatkit_qat_train_step_compiled", "qatkit_qat_train_step"),
     ("fixedpoint_over_pt2e_int8", "qatkit_fixedpoint_forward", "pt2e_int8_forward"),
     ("qat_step_over_pt2e_qat_step", "qatkit_qat_train_step", "pt2e_qat_train_step"),
     # throughput ratio = time of float eval / time of calibration
@@ -369,6 +394,7 @@ MEMORY_SKIP = {
     "qatkit_calibration_forward",
     "qatkit_calibration_minmax_forward",
     "qatkit_doctor_check",
+    "qatkit_qat_train_step_compiled",
     # peers compiled by Inductor: the compiler's own memory would dominate a first-call figure
     "pt2e_int8_forward",
     "pt2e_qat_train_step",
@@ -440,12 +466,15 @@ def section_speed(cfg: Config) -> dict[str, Any]:
         out[name] = {}
         for batch in cfg.batch_sizes:
             case = make_case(
-                name, batch, cfg.input_shapes[name], cfg.seed, cfg.calib_batches, cfg.compile
+                name, batch, cfg.input_shapes[name], cfg.seed, cfg.calib_batches, cfg.compile,
+                cfg.device,
             )
             fns = {}
             for mname, setup in SPEED:
+                if cfg.device != "cpu" and mname in CPU_ONLY:
+                    continue
                 _log(f"speed {name} batch {batch}: set up {mname}")
-                fns[mname] = setup(case)
+                fns[mname] = _synchronized(setup(case)) if cfg.device == "cuda" else setup(case)
             _log(f"speed {name} batch {batch}: timing {len(fns)} functions interleaved")
             timed = measure_interleaved(
                 fns,
@@ -473,6 +502,22 @@ def section_speed(cfg: Config) -> dict[str, Any]:
             }
             out[name][f"batch_{batch}"] = res
     return out
+
+
+#: SPEED entries with CPU kernels only (x86 quantized engines), left out on other devices.
+CPU_ONLY = {"torchao_qat_train_step", "torchao_int8_forward", "pt2e_int8_forward",
+            "pt2e_qat_train_step"}
+
+
+def _synchronized(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` that waits for the CUDA stream: the timed interval is the work, not the launch."""
+
+    def run() -> object:
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
 
 
 def memory_factory(
@@ -799,6 +844,8 @@ def run(cfg: Config) -> dict[str, Any]:
             "quantized_engine": BACKEND,
             "quick": cfg.quick,
             "compile": cfg.compile,
+            "device": cfg.device,
+            "device_name": torch.cuda.get_device_name() if cfg.device == "cuda" else None,
             # the fixed-point model's requantization epilogues (qatkit.epilogue)
             "qatkit_kernels": epilogue.get_kernels(),
             "pt2e_available": pt2e_flow.available(),

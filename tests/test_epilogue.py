@@ -166,3 +166,15 @@ def test_mode_switch_and_bad_mode() -> None:
     assert not epilogue.use_compiled(torch.zeros(1))
     with pytest.raises(QatkitError, match="unknown kernel mode"):
         epilogue.set_kernels("fast")
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 3, 5), (16, 8, 8), (17, 9, 7), (40, 64, 3)])
+def test_int_mm_under_cuda_shape_rules(m: int, k: int, n: int) -> None:
+    """The zero padding that satisfies torch._int_mm's CUDA shape rules changes no sum."""
+    g = torch.Generator().manual_seed(m * k * n)
+    a = torch.randint(-128, 128, (m, k), generator=g).to(torch.int8)
+    b = torch.randint(-128, 128, (k, n), generator=g).to(torch.int8)
+    want = a.to(torch.int64) @ b.to(torch.int64)
+    got = fp.int_mm(a, b, cuda_rules=True)
+    assert got.dtype == torch.int32 and got.shape == (m, n)
+    assert torch.equal(got.to(torch.int64), want)

@@ -187,7 +187,7 @@ class PercentileObserver(HistogramObserver):
         if total == 0:
             return torch.tensor(0.0)
         need = self.percentile / 100.0 * total
-        j = int(torch.searchsorted(torch.cumsum(self.hist, 0).to(torch.float64),
+        j = int(torch.searchsorted(torch.cumsum(self.hist.cpu(), 0).to(torch.float64),
                                    torch.tensor([need], dtype=torch.float64))[0])
         edge = min(j + 1, HIST_BINS) * self.bin_width()
         return torch.tensor(min(edge, float(super(HistogramObserver, self).amax())),
@@ -204,7 +204,7 @@ class MSEObserver(HistogramObserver):
             return torch.tensor(0.0)
         qmin, qmax = qrange(self.dtype)
         w = self.bin_width()
-        counts = self.hist.to(torch.float64)
+        counts = self.hist.to("cpu", torch.float64)  # 2048 numbers: the search runs on the CPU
         centers = (torch.arange(HIST_BINS, dtype=torch.float64) + 0.5) * w
         used = int(torch.nonzero(counts).max()) + 1
         cand = torch.arange(max(1, used // 8), used + 1, dtype=torch.float64) * w
