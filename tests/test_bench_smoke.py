@@ -31,7 +31,6 @@ SPEED_KEYS = (
     "qatkit_doctor_check",
     "pt2e_int8_forward",
     "pt2e_qat_train_step",
-    "qatkit_qat_train_step_compiled",
 )
 RATIO_KEYS = (
     "torchao_qat_step_over_float",
