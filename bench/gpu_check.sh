@@ -19,7 +19,8 @@ bench=$?
 python - "$OUT/bench_cuda.json" <<'PY' || true
 import json, sys
 r = json.load(open(sys.argv[1]))
-for k in ("fixedpoint_over_float", "qat_step_over_float", "calibration_over_float_eval",
+for k in ("fixedpoint_over_float", "fixedpoint_compiled_over_float", "qat_step_over_float",
+          "calibration_over_float_eval",
           "doctor_over_forward"):
     print(k, r[k]["value"], r[k]["details"])
 PY

@@ -276,20 +276,34 @@ def qatkit_calibrated(case: Case, observer: str = "mse") -> nn.Module:
     return copy.deepcopy(case.cache[key])
 
 
-def setup_qatkit_fixedpoint_forward(case: Case) -> Callable[[], object]:
-    """qatkit fixed-point (bit-exact integer) model forward. The FIRST call converts the
-    calibrated model in place (``qk.convert(inplace=True)``) and runs it, so the memory section
-    measures convert + fixed-point inference; the timed calls (after warm-up) are forwards."""
+def _fixedpoint_forward(case: Case, kernels: str) -> Callable[[], object]:
     calib = qatkit_calibrated(case)
     state: dict[str, nn.Module] = {}
 
     def run() -> torch.Tensor:
         if "fx" not in state:
             state["fx"] = qk.convert(calib, inplace=True)
-        with torch.inference_mode():
+        with torch.inference_mode(), epilogue.kernels(kernels):
             return state["fx"](case.x)
 
     return run
+
+
+def setup_qatkit_fixedpoint_forward(case: Case) -> Callable[[], object]:
+    """qatkit fixed-point (bit-exact integer) model forward on the default (reference)
+    epilogues. The FIRST call converts the calibrated model in place
+    (``qk.convert(inplace=True)``) and runs it, so the memory section measures convert +
+    fixed-point inference; the timed calls (after warm-up) are forwards."""
+    return _fixedpoint_forward(case, "reference")
+
+
+def setup_qatkit_fixedpoint_forward_compiled(case: Case) -> Callable[[], object] | None:
+    """:func:`setup_qatkit_fixedpoint_forward` on the opt-in compiled epilogues
+    (``QATKIT_KERNELS=compiled``; compiled in the warm-up calls). None (left out) when the run
+    does not compile (quick mode) or Inductor cannot generate CPU code here."""
+    if not case.compile or (case.x.device.type == "cpu" and not epilogue.compile_available()):
+        return None
+    return _fixedpoint_forward(case, "compiled")
 
 
 def _qatkit_qat_model(case: Case) -> nn.Module:
@@ -376,6 +390,7 @@ def setup_qatkit_doctor_check(case: Case) -> Callable[[], object]:
 SPEED += [
     ("float_eval_no_grad", setup_float_eval_no_grad),
     ("qatkit_fixedpoint_forward", setup_qatkit_fixedpoint_forward),
+    ("qatkit_fixedpoint_forward_compiled", setup_qatkit_fixedpoint_forward_compiled),
     ("qatkit_qat_train_step", setup_qatkit_qat_train_step),
     ("qatkit_qat_train_step_compiled", setup_qatkit_qat_train_step_compiled),
     ("qatkit_calibration_forward", setup_qatkit_calibration_forward),
@@ -385,6 +400,11 @@ SPEED += [
 RATIOS += [
     ("fixedpoint_over_float", "qatkit_fixedpoint_forward", "float_forward"),
     ("fixedpoint_over_torchao_int8", "qatkit_fixedpoint_forward", "torchao_int8_forward"),
+    ("fixedpoint_compiled_over_float", "qatkit_fixedpoint_forward_compiled", "float_forward"),
+    ("fixedpoint_compiled_over_reference", "qatkit_fixedpoint_forward_compiled",
+     "qatkit_fixedpoint_forward"),
+    ("fixedpoint_compiled_over_pt2e_int8", "qatkit_fixedpoint_forward_compiled",
+     "pt2e_int8_forward"),
     ("qat_step_over_float", "qatkit_qat_train_step", "float_train_step"),
     ("qat_step_over_torchao_qat_step", "qatkit_qat_train_step", "torchao_qat_train_step"),
     ("compiled_qat_step_over_float", "qatkit_qat_train_step_compiled", "float_train_step"),
@@ -405,6 +425,7 @@ MEMORY_SKIP = {
     "qatkit_calibration_minmax_forward",
     "qatkit_doctor_check",
     "qatkit_qat_train_step_compiled",
+    "qatkit_fixedpoint_forward_compiled",
     # peers compiled by Inductor: the compiler's own memory would dominate a first-call figure
     "pt2e_int8_forward",
     "pt2e_qat_train_step",
@@ -418,6 +439,10 @@ HEADLINE: dict[str, tuple[str, str, tuple[str, float] | None]] = {
     "fixedpoint_over_float": ("speed", "fixedpoint_over_float", ("<=", 0.5)),
     "fixedpoint_over_torchao_int8": ("speed", "fixedpoint_over_torchao_int8", ("<=", 1.0)),
     "fixedpoint_over_pt2e_int8": ("speed", "fixedpoint_over_pt2e_int8", ("<=", 1.0)),
+    # the opt-in compiled epilogues (QATKIT_KERNELS=compiled), beside the default path's
+    "fixedpoint_compiled_over_float": ("speed", "fixedpoint_compiled_over_float", None),
+    "fixedpoint_compiled_over_reference": (
+        "speed", "fixedpoint_compiled_over_reference", None),
     "qat_step_over_float": ("speed", "qat_step_over_float", ("<=", 1.15)),
     "qat_step_over_pt2e_qat_step": ("speed", "qat_step_over_pt2e_qat_step", None),
     "torchao_qat_step_over_float": ("speed", "torchao_qat_step_over_float", None),
@@ -842,8 +867,6 @@ def _loadavg() -> float | None:
 def run(cfg: Config) -> dict[str, Any]:
     """Run the configured sections; returns the whole report as a JSON-ready dict."""
     torch.set_num_threads(cfg.threads)
-    if not cfg.compile:  # the fixed-point model's plain epilogues: nothing to compile
-        epilogue.set_kernels("reference")
     t0 = time.perf_counter()
     report: dict[str, Any] = {
         "meta": {
@@ -859,8 +882,11 @@ def run(cfg: Config) -> dict[str, Any]:
             "compile": cfg.compile,
             "device": cfg.device,
             "device_name": torch.cuda.get_device_name() if cfg.device == "cuda" else None,
-            # the fixed-point model's requantization epilogues (qatkit.epilogue)
-            "qatkit_kernels": epilogue.get_kernels(),
+            # the fixed-point model's requantization epilogues (qatkit.epilogue): each entry
+            # selects its own path, whatever QATKIT_KERNELS says
+            "qatkit_kernels": {"qatkit_fixedpoint_forward": "reference",
+                               "qatkit_fixedpoint_forward_compiled": "compiled"
+                               if cfg.compile else None},
             "pt2e_available": pt2e_flow.available(),
             "timing": {
                 "warmup": cfg.warmup,

@@ -82,6 +82,9 @@ def test_meta(quick_report):
     assert meta["quick"] is True and meta["threads"] == 1
     assert meta["torch"] and meta["quantized_engine"] == "x86"
     assert meta["compile"] is False and meta["pt2e_available"] is True
+    # quick mode compiles nothing: the compiled-epilogue entry is left out
+    assert meta["qatkit_kernels"] == {"qatkit_fixedpoint_forward": "reference",
+                                      "qatkit_fixedpoint_forward_compiled": None}
     assert _positive_finite(meta["total_s"])
 
 
@@ -131,6 +134,9 @@ def test_headline_figures(quick_report):
     for key in PEER_HEADLINE_KEYS:
         fig = quick_report[key]
         assert _positive_finite(fig["value"]) and fig["target"] is None and fig["met"] is None
+    for key in ("fixedpoint_compiled_over_float", "fixedpoint_compiled_over_reference"):
+        fig = quick_report[key]  # the compiled entry is left out in quick mode
+        assert fig["value"] is None and fig["target"] is None and fig["met"] is None, key
     mem = quick_report["memory_fixedpoint_over_float"]
     assert mem["value"] is None and mem["met"] is None and mem["details"] == {}
 

@@ -1,9 +1,10 @@
 """The compiled kernels (qatkit/fixed_point/epilogue.py) give the reference path's integers.
 
-The suite runs on the reference path (conftest sets ``QATKIT_KERNELS=reference``: compiling
-costs seconds per kernel). Here the compiled path is checked against the reference path on the
-kernels themselves, and against the NumPy reference through the bit-exactness tests' own
-checks (fewer examples: shapes are symbolic, but size-1 dimensions and dtypes recompile).
+The suite runs on the reference path (the default; conftest also sets
+``QATKIT_KERNELS=reference`` for child processes: compiling costs seconds per kernel). Here the
+compiled path is checked against the reference path on the kernels themselves, and against
+the NumPy reference through the bit-exactness tests' own checks (fewer examples: shapes are
+symbolic, but size-1 dimensions and dtypes recompile).
 ``QATKIT_KERNELS=compiled python -m pytest tests/test_bitexact.py tests/test_bitexact_ops.py``
 runs every bit-exactness test on the compiled path.
 """
@@ -155,6 +156,23 @@ def test_whole_model_compiled_vs_npref(march: str) -> None:
     with epilogue.kernels("compiled"):
         TB.test_whole_model_set_scales.hypothesis.inner_test(march, 7, "qint8",
                                                          [0.05, 0.04, 0.03, 0.02])
+
+
+def test_default_is_reference_and_bad_environment_value() -> None:
+    """Without QATKIT_KERNELS the plain path runs (nothing compiles on a first call); a wrong
+    value is refused naming the variable."""
+    import os
+    import subprocess
+    import sys
+    code = "from qatkit.fixed_point import epilogue; print(epilogue.get_kernels())"
+    env = {k: v for k, v in os.environ.items() if k != "QATKIT_KERNELS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "reference", out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "QATKIT_KERNELS": "fast"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "QATKIT_KERNELS" in out.stderr
+    assert "unknown kernel mode 'fast'" in out.stderr
 
 
 def test_mode_switch_and_bad_mode() -> None:

@@ -17,11 +17,13 @@ The im2col prologue only moves int8 values (zero padding included), so it is exa
 path. ``tests/test_epilogue.py`` checks the two paths against each other.
 
 Choice of path: ``set_kernels("reference" | "compiled" | "auto")`` or the environment variable
-``QATKIT_KERNELS``. ``"auto"`` (the default) takes ``"compiled"`` when Inductor can compile on
-this machine (measured faster, bench/RESULTS.md) and falls back to ``"reference"`` where
-``torch.compile`` is unavailable or fails (no C++ compiler, unsupported platform).
-The first call of each kernel compiles it (seconds); shapes are symbolic, so other batch sizes
-and layers reuse it.
+``QATKIT_KERNELS``. ``"reference"`` is the default: compiling costs 15-90 s on the first call of
+a converted model (one kernel per epilogue and per conv geometry), which every short run would
+pay. ``"compiled"`` opts in (measured faster on large models, bench/RESULTS.md) and raises if
+the compiler fails; ``"auto"`` compiles where Inductor can (a C++ compiler for CPU, Triton on
+CUDA) and falls back to ``"reference"`` where ``torch.compile`` is unavailable or fails.
+Shapes are symbolic, so other batch sizes and layers reuse a compiled kernel. Under
+``torch.export`` every mode takes the reference path (the exported graph holds plain ops).
 """
 
 from __future__ import annotations
@@ -36,19 +38,28 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-KERNEL_MODES = ("auto", "reference", "compiled")
-_mode = os.environ.get("QATKIT_KERNELS", "auto")
+from qatkit.base.errors import fail
+
+KERNEL_MODES = ("reference", "compiled", "auto")
+DEFAULT_KERNELS = "reference"
 _broken: set[str] = set()  # compiled kernels that failed to compile here (fell back)
 
 
-def set_kernels(mode: str) -> None:
-    """Select the epilogue path process-wide: ``"auto"``, ``"reference"`` or ``"compiled"``."""
-    global _mode
+def _checked(mode: str, where: str) -> str:
     if mode not in KERNEL_MODES:
-        from qatkit.base.errors import fail
-        raise fail("QK000", f"unknown kernel mode {mode!r}.",
+        raise fail("QK000", f"unknown kernel mode {mode!r} ({where}).",
                    f"use one of {', '.join(KERNEL_MODES)}")
-    _mode = mode
+    return mode
+
+
+def set_kernels(mode: str) -> None:
+    """Select the epilogue path process-wide: ``"reference"`` (the default), ``"compiled"`` or
+    ``"auto"``."""
+    global _mode
+    _mode = _checked(mode, "set_kernels")
+
+
+_mode = _checked(os.environ.get("QATKIT_KERNELS", DEFAULT_KERNELS), "QATKIT_KERNELS")
 
 
 def get_kernels() -> str:
@@ -80,10 +91,10 @@ def compile_available() -> bool:
 
 def use_compiled(x: torch.Tensor) -> bool:
     """The compiled path for a kernel input ``x`` under the current mode."""
-    if _mode == "reference":
+    if _mode == "reference" or torch.compiler.is_exporting():
         return False
-    if x.device.type == "cpu":
-        return compile_available()
+    if x.device.type == "cpu":  # "compiled" without a compiler: torch.compile's error
+        return compile_available() or _mode == "compiled"
     return x.device.type == "cuda"  # Triton; other devices take the reference path
 
 

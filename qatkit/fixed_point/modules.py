@@ -424,7 +424,8 @@ class QFunctional(QModule):
             lo, hi = qrange(self.out_dtype)
             q = epilogue.add_requant(
                 a.q, fp.along(pa[0].to(a.q.device), a.axis, a.q.dim()), b.q,
-                fp.along(pb[0].to(b.q.device), b.axis, b.q.dim()), sign, max(lo, 0) if self.relu_after(op) else lo, hi, TORCH_DTYPE[self.out_dtype])
+                fp.along(pb[0].to(b.q.device), b.axis, b.q.dim()), sign,
+                max(lo, 0) if self.relu_after(op) else lo, hi, TORCH_DTYPE[self.out_dtype])
             return self._record(QTensor(q, self.real("out_scale"), self.out_dtype), op, (a, b),
                                 c=c)
         # operands are int8/int16/int32, so their requants are exact in float64; their sum is
