@@ -32,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default) or cuda: models and inputs on that device; CPU-only peers "
+        "(torch.ao int8, pt2e x86) and the memory/accuracy sections are left out on cuda",
+    )
+    parser.add_argument(
         "--sections",
         default=None,
         help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)",
@@ -43,7 +49,19 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.threads < 1:
         print("bench: error: --threads must be >= 1", file=sys.stderr)
         return 2
+    device = getattr(args, "device", "cpu")
+    if device not in ("cpu", "cuda"):
+        print(f"bench: error: --device must be cpu or cuda, not {device!r}", file=sys.stderr)
+        return 2
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("bench: error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+            return 2
     cfg = Config.quick_config(args.threads) if args.quick else Config.full(args.threads)
+    if device == "cuda":
+        cfg = dataclasses.replace(cfg, device="cuda", sections=("models", "speed"))
     if args.sections:
         wanted = tuple(s.strip() for s in args.sections.split(",") if s.strip())
         unknown = [s for s in wanted if s not in SECTIONS]

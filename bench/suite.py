@@ -33,7 +33,9 @@ from torch import nn
 
 import qatkit as qk
 from qatkit.demo.data import Split, batches, load_digits, load_fashion_mnist
+from qatkit.fixed_point import epilogue
 
+from . import pt2e_flow
 from .models import MODELS, count_macs, count_params
 from .timing import measure_interleaved, peak_memory
 from .torchao_flow import (
@@ -89,6 +91,11 @@ class Config:
     qat_images: int | None = 20000
     qat_lr: float = 0.002
     sections: tuple[str, ...] = ("models", "speed", "memory", "accuracy")
+    #: torch.compile the peers and compiled entries that need it (pt2e int8, compiled QAT
+    #: steps); quick mode runs them eagerly, since Inductor compiles take 10-30 s each.
+    compile: bool = True
+    #: "cpu" or "cuda" (models and inputs there; CPU-only peers are left out on cuda).
+    device: str = "cpu"
 
     @classmethod
     def full(cls, threads: int) -> Config:
@@ -96,14 +103,15 @@ class Config:
 
     @classmethod
     def quick_config(cls, threads: int) -> Config:
-        """Seconds-long smoke run: small inputs, one timed call, digits instead of Fashion-MNIST."""
+        """Seconds-long smoke run: small inputs, one batch size, one timed call, digits instead of
+        Fashion-MNIST, nothing compiled (peers that need torch.compile run eagerly)."""
         shapes = {k: v[1] for k, v in MODELS.items()}
-        shapes["resnet18_like"] = (3, 64, 64)  # layer4 stays 2x2, so batch-1 BatchNorm trains
+        shapes["resnet18_like"] = (3, 32, 32)  # layer4 is 1x1: BatchNorm trains on batch 2
         return cls(
             quick=True,
             threads=threads,
             input_shapes=shapes,
-            batch_sizes=(1, 2),
+            batch_sizes=(2,),
             warmup=1,
             rounds=1,
             min_time_s=0.0,
@@ -113,6 +121,7 @@ class Config:
             epochs=2,
             calib_images=256,
             qat_images=512,
+            compile=False,
         )
 
 
@@ -135,6 +144,9 @@ class Case:
     lr: float = 0.01
     #: per-case cache for expensive setup shared by several SPEED entries (e.g. calibration).
     cache: dict[str, Any] = field(default_factory=dict)
+    #: see :attr:`Config.compile`.
+    compile: bool = True
+    device: str = "cpu"
 
     def fresh_model(self) -> nn.Module:
         return copy.deepcopy(self.float_model)
@@ -150,7 +162,13 @@ def _model(name: str, seed: int) -> tuple[nn.Module, int]:
 
 
 def make_case(
-    model_name: str, batch: int, image_shape: tuple[int, int, int], seed: int, calib_batches: int
+    model_name: str,
+    batch: int,
+    image_shape: tuple[int, int, int],
+    seed: int,
+    calib_batches: int,
+    compile: bool = True,
+    device: str = "cpu",
 ) -> Case:
     """Seeded model and inputs in ``[0, 1)`` (the range of :mod:`qatkit.demo.data` images)."""
     model, num_classes = _model(model_name, seed)
@@ -158,7 +176,13 @@ def make_case(
     x = torch.rand(batch, *image_shape, generator=g)
     y = torch.randint(0, num_classes, (batch,), generator=g)
     calib = [torch.rand(batch, *image_shape, generator=g) for _ in range(calib_batches)]
-    return Case(model_name, batch, tuple(image_shape), num_classes, model, x, y, calib)
+    if device != "cpu":
+        model, x, y = model.to(device), x.to(device), y.to(device)
+        calib = [c.to(device) for c in calib]
+    return Case(
+        model_name, batch, tuple(image_shape), num_classes, model, x, y, calib, compile=compile,
+        device=device,
+    )
 
 
 # ----------------------------------------------------------------------------- speed registry
@@ -190,7 +214,8 @@ def setup_torchao_int8_forward(case: Case) -> Callable[[], object]:
     return lambda: int8_forward(model, case.x)
 
 
-SPEED: list[tuple[str, Callable[[Case], Callable[[], object]]]] = [
+#: ``setup(case)`` may return None: the entry does not apply to that case (left out).
+SPEED: list[tuple[str, Callable[[Case], Callable[[], object] | None]]] = [
     ("float_forward", setup_float_forward),
     ("float_train_step", setup_float_train_step),
     ("torchao_qat_train_step", setup_torchao_qat_train_step),
@@ -201,6 +226,33 @@ RATIOS: list[tuple[str, str, str]] = [
     ("torchao_qat_step_over_float", "torchao_qat_train_step", "float_train_step"),
     ("torchao_int8_forward_over_float", "torchao_int8_forward", "float_forward"),
 ]
+
+
+def setup_pt2e_int8_forward(case: Case) -> Callable[[], object]:
+    """torchao pt2e int8 model (export, X86InductorQuantizer, PTQ-calibrated on ``case.calib``,
+    convert_pt2e, torch.compile with freezing) forward; eager q/dq graph when not compiling.
+    The compile happens in the first (warm-up) call."""
+    run = pt2e_flow.pt2e_int8_model(case.float_model, case.calib, case.x, compile=case.compile)
+    return lambda: run(case.x)
+
+
+def setup_pt2e_qat_train_step(case: Case) -> Callable[[], object]:
+    """torchao pt2e QAT step: exported train model, prepare_qat_pt2e (x86 Inductor QAT
+    config), eager forward + backward + SGD on the GraphModule."""
+    model = pt2e_flow.pt2e_qat_model(case.float_model, case.x)
+    opt = case.optimizer(model)
+    return lambda: train_step(model, opt, case.x, case.y)
+
+
+if pt2e_flow.available():  # the optional ``bench`` extra
+    SPEED += [
+        ("pt2e_int8_forward", setup_pt2e_int8_forward),
+        ("pt2e_qat_train_step", setup_pt2e_qat_train_step),
+    ]
+    RATIOS += [
+        ("pt2e_int8_forward_over_float", "pt2e_int8_forward", "float_forward"),
+        ("pt2e_qat_step_over_float", "pt2e_qat_train_step", "float_train_step"),
+    ]
 
 
 # ----------------------------------------------------------------------------- qatkit entries
@@ -224,33 +276,70 @@ def qatkit_calibrated(case: Case, observer: str = "mse") -> nn.Module:
     return copy.deepcopy(case.cache[key])
 
 
-def setup_qatkit_fixedpoint_forward(case: Case) -> Callable[[], object]:
-    """qatkit fixed-point (bit-exact integer) model forward. The FIRST call converts the
-    calibrated model in place (``qk.convert(inplace=True)``) and runs it, so the memory section
-    measures convert + fixed-point inference; the timed calls (after warm-up) are forwards."""
+def _fixedpoint_forward(case: Case, kernels: str) -> Callable[[], object]:
     calib = qatkit_calibrated(case)
     state: dict[str, nn.Module] = {}
 
     def run() -> torch.Tensor:
         if "fx" not in state:
             state["fx"] = qk.convert(calib, inplace=True)
-        with torch.inference_mode():
+        with torch.inference_mode(), epilogue.kernels(kernels):
             return state["fx"](case.x)
 
     return run
 
 
-def setup_qatkit_qat_train_step(case: Case) -> Callable[[], object]:
-    """qatkit QAT step: prepare(default_qat_qconfig) (BN folded, the vendor's fuse_bn mode),
-    calibrated scales loaded, train(), QAT state, SGD step."""
+def setup_qatkit_fixedpoint_forward(case: Case) -> Callable[[], object]:
+    """qatkit fixed-point (bit-exact integer) model forward on the default (reference)
+    epilogues. The FIRST call converts the calibrated model in place
+    (``qk.convert(inplace=True)``) and runs it, so the memory section measures convert +
+    fixed-point inference; the timed calls (after warm-up) are forwards."""
+    return _fixedpoint_forward(case, "reference")
+
+
+def setup_qatkit_fixedpoint_forward_compiled(case: Case) -> Callable[[], object] | None:
+    """:func:`setup_qatkit_fixedpoint_forward` on the opt-in compiled epilogues
+    (``QATKIT_KERNELS=compiled``; compiled in the warm-up calls). None (left out) when the run
+    does not compile (quick mode) or Inductor cannot generate CPU code here."""
+    if not case.compile or (case.x.device.type == "cpu" and not epilogue.compile_available()):
+        return None
+    return _fixedpoint_forward(case, "compiled")
+
+
+def _qatkit_qat_model(case: Case) -> nn.Module:
     calib = qatkit_calibrated(case)
     with qk.set_march(MARCH):
         model = qk.prepare(case.float_model, case.x[:1], qconfig=qk.default_qat_qconfig())
     model.load_state_dict(calib.state_dict())
     model.train()
     qk.set_fake_quantize(model, qk.FakeQuantState.QAT)
+    return model
+
+
+def setup_qatkit_qat_train_step(case: Case) -> Callable[[], object]:
+    """qatkit QAT step: prepare(default_qat_qconfig) (BN folded, the vendor's fuse_bn mode),
+    calibrated scales loaded, train(), QAT state, SGD step."""
+    model = _qatkit_qat_model(case)
     opt = case.optimizer(model)
     return lambda: train_step(model, opt, case.x, case.y)
+
+
+#: models whose QAT step is also timed under torch.compile: each fake quant still breaks the
+#: graph (``bool(buffer)`` guards), and compiling ResNet's 40-odd graphs forward and backward
+#: takes minutes on 2 cores, past the bench's budget.
+COMPILED_QAT_MODELS = ("small_cnn",)
+
+
+def setup_qatkit_qat_train_step_compiled(case: Case) -> Callable[[], object] | None:
+    """:func:`setup_qatkit_qat_train_step` with ``torch.compile(model)`` (Inductor; compiled in
+    the warm-up calls). None (left out) when the run does not compile (quick mode) and for
+    models not in :data:`COMPILED_QAT_MODELS`."""
+    if not case.compile or case.model_name not in COMPILED_QAT_MODELS:
+        return None
+    model = _qatkit_qat_model(case)
+    opt = case.optimizer(model)
+    run = torch.compile(model)
+    return lambda: train_step(run, opt, case.x, case.y)
 
 
 def _calibration_forward(case: Case, observer: str) -> Callable[[], object]:
@@ -301,7 +390,9 @@ def setup_qatkit_doctor_check(case: Case) -> Callable[[], object]:
 SPEED += [
     ("float_eval_no_grad", setup_float_eval_no_grad),
     ("qatkit_fixedpoint_forward", setup_qatkit_fixedpoint_forward),
+    ("qatkit_fixedpoint_forward_compiled", setup_qatkit_fixedpoint_forward_compiled),
     ("qatkit_qat_train_step", setup_qatkit_qat_train_step),
+    ("qatkit_qat_train_step_compiled", setup_qatkit_qat_train_step_compiled),
     ("qatkit_calibration_forward", setup_qatkit_calibration_forward),
     ("qatkit_calibration_minmax_forward", setup_qatkit_calibration_minmax_forward),
     ("qatkit_doctor_check", setup_qatkit_doctor_check),
@@ -309,8 +400,17 @@ SPEED += [
 RATIOS += [
     ("fixedpoint_over_float", "qatkit_fixedpoint_forward", "float_forward"),
     ("fixedpoint_over_torchao_int8", "qatkit_fixedpoint_forward", "torchao_int8_forward"),
+    ("fixedpoint_compiled_over_float", "qatkit_fixedpoint_forward_compiled", "float_forward"),
+    ("fixedpoint_compiled_over_reference", "qatkit_fixedpoint_forward_compiled",
+     "qatkit_fixedpoint_forward"),
+    ("fixedpoint_compiled_over_pt2e_int8", "qatkit_fixedpoint_forward_compiled",
+     "pt2e_int8_forward"),
     ("qat_step_over_float", "qatkit_qat_train_step", "float_train_step"),
     ("qat_step_over_torchao_qat_step", "qatkit_qat_train_step", "torchao_qat_train_step"),
+    ("compiled_qat_step_over_float", "qatkit_qat_train_step_compiled", "float_train_step"),
+    ("compiled_qat_step_over_eager", "qatkit_qat_train_step_compiled", "qatkit_qat_train_step"),
+    ("fixedpoint_over_pt2e_int8", "qatkit_fixedpoint_forward", "pt2e_int8_forward"),
+    ("qat_step_over_pt2e_qat_step", "qatkit_qat_train_step", "pt2e_qat_train_step"),
     # throughput ratio = time of float eval / time of calibration
     ("calibration_over_float_eval", "float_eval_no_grad", "qatkit_calibration_forward"),
     ("calibration_minmax_over_float_eval", "float_eval_no_grad",
@@ -324,21 +424,33 @@ MEMORY_SKIP = {
     "qatkit_calibration_forward",
     "qatkit_calibration_minmax_forward",
     "qatkit_doctor_check",
+    "qatkit_qat_train_step_compiled",
+    "qatkit_fixedpoint_forward_compiled",
+    # peers compiled by Inductor: the compiler's own memory would dominate a first-call figure
+    "pt2e_int8_forward",
+    "pt2e_qat_train_step",
 }
 #: memory-section ratio names (peak MiB) that differ from the speed ratio of the same pair.
 MEMORY_RATIO_NAMES = {"fixedpoint_over_float": "memory_fixedpoint_over_float"}
 
-#: headline figures: JSON key -> (section, ratio name, target as (op, bound))
-HEADLINE: dict[str, tuple[str, str, tuple[str, float]]] = {
-    "fixedpoint_over_float": ("speed", "fixedpoint_over_float", ("<=", 0.7)),
+#: headline figures: JSON key -> (section, ratio name, target as (op, bound), or None for a
+#: figure reported beside the targets)
+HEADLINE: dict[str, tuple[str, str, tuple[str, float] | None]] = {
+    "fixedpoint_over_float": ("speed", "fixedpoint_over_float", ("<=", 0.5)),
     "fixedpoint_over_torchao_int8": ("speed", "fixedpoint_over_torchao_int8", ("<=", 1.0)),
+    "fixedpoint_over_pt2e_int8": ("speed", "fixedpoint_over_pt2e_int8", ("<=", 1.0)),
+    # the opt-in compiled epilogues (QATKIT_KERNELS=compiled), beside the default path's
+    "fixedpoint_compiled_over_float": ("speed", "fixedpoint_compiled_over_float", None),
+    "fixedpoint_compiled_over_reference": (
+        "speed", "fixedpoint_compiled_over_reference", None),
     "qat_step_over_float": ("speed", "qat_step_over_float", ("<=", 1.15)),
-    "torchao_qat_step_over_float": ("speed", "torchao_qat_step_over_float", ("<=", 1.15)),
+    "qat_step_over_pt2e_qat_step": ("speed", "qat_step_over_pt2e_qat_step", None),
+    "torchao_qat_step_over_float": ("speed", "torchao_qat_step_over_float", None),
     "calibration_over_float_eval": ("speed", "calibration_over_float_eval", (">=", 0.9)),
     "calibration_minmax_over_float_eval": (
         "speed", "calibration_minmax_over_float_eval", (">=", 0.9)),
     "doctor_over_forward": ("speed", "doctor_over_forward", ("<=", 3.0)),
-    "memory_fixedpoint_over_float": ("memory", "memory_fixedpoint_over_float", ("<=", 1.0)),
+    "memory_fixedpoint_over_float": ("memory", "memory_fixedpoint_over_float", ("<=", 0.75)),
 }
 
 
@@ -388,11 +500,19 @@ def section_speed(cfg: Config) -> dict[str, Any]:
     for name in cfg.models:
         out[name] = {}
         for batch in cfg.batch_sizes:
-            case = make_case(name, batch, cfg.input_shapes[name], cfg.seed, cfg.calib_batches)
+            case = make_case(
+                name, batch, cfg.input_shapes[name], cfg.seed, cfg.calib_batches, cfg.compile,
+                cfg.device,
+            )
             fns = {}
             for mname, setup in SPEED:
+                if cfg.device != "cpu" and mname in CPU_ONLY:
+                    continue
                 _log(f"speed {name} batch {batch}: set up {mname}")
-                fns[mname] = setup(case)
+                fn = setup(case)
+                if fn is None:  # this entry does not apply to this case
+                    continue
+                fns[mname] = _synchronized(fn) if cfg.device == "cuda" else fn
             _log(f"speed {name} batch {batch}: timing {len(fns)} functions interleaved")
             timed = measure_interleaved(
                 fns,
@@ -420,6 +540,22 @@ def section_speed(cfg: Config) -> dict[str, Any]:
             }
             out[name][f"batch_{batch}"] = res
     return out
+
+
+#: SPEED entries with CPU kernels only (x86 quantized engines), left out on other devices.
+CPU_ONLY = {"torchao_qat_train_step", "torchao_int8_forward", "pt2e_int8_forward",
+            "pt2e_qat_train_step"}
+
+
+def _synchronized(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` that waits for the CUDA stream: the timed interval is the work, not the launch."""
+
+    def run() -> object:
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
 
 
 def memory_factory(
@@ -511,6 +647,15 @@ def build_torchao_int8(
     return torchao_int8_model(model, calibration_batches(split, cfg))
 
 
+def build_pt2e_int8(model: nn.Module, split: Split, cfg: Config) -> Callable[[torch.Tensor], Any]:
+    """torchao pt2e PTQ (x86 Inductor quantizer): export with a symbolic batch, calibrate on the
+    same ``cfg.calib_images`` training images as torch.ao and qatkit, convert, compile."""
+    calib = calibration_batches(split, cfg)
+    return pt2e_flow.pt2e_int8_model(
+        model, calib, calib[0], compile=cfg.compile, dynamic_batch=True
+    )
+
+
 def _qatkit_calibrated_on(model: nn.Module, split: Split, cfg: Config) -> nn.Module:
     with qk.set_march(MARCH):
         calib = qk.prepare(model, split.x_train[:2], qconfig=qk.default_calibration_qconfig())
@@ -553,6 +698,8 @@ ACCURACY: list[tuple[str, Callable[[nn.Module, Split, Config], Callable[[torch.T
     ("qat", build_qatkit_qat),
     ("torchao_int8", build_torchao_int8),
 ]
+if pt2e_flow.available():
+    ACCURACY.append(("pt2e_int8", build_pt2e_int8))
 
 
 def _predict(predictor: Callable[[torch.Tensor], Any], x: torch.Tensor) -> torch.Tensor:
@@ -647,7 +794,7 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
     """Top-level figures: the value for the large model at batch 8 (the largest batch in quick
     mode), its target and whether it is met, and ``details`` for every model and batch."""
     out: dict[str, Any] = {}
-    for key, (section, ratio, (op, bound)) in HEADLINE.items():
+    for key, (section, ratio, target) in HEADLINE.items():
         sec = report.get(section)
         details: dict[str, Any] = {}
         value = None
@@ -667,13 +814,14 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
             if HEADLINE_MODEL in details:
                 value = details[HEADLINE_MODEL][batch_used]
         met = None
-        if value is not None:
+        if value is not None and target is not None:
+            op, bound = target
             met = value <= bound if op == "<=" else value >= bound
         out[key] = {
             "value": value,
             "model": HEADLINE_MODEL,
             "batch": batch_used,
-            "target": f"{op} {bound}",
+            "target": None if target is None else f"{target[0]} {target[1]}",
             "met": met,
             "details": details,
         }
@@ -731,6 +879,15 @@ def run(cfg: Config) -> dict[str, Any]:
             "loadavg_1min_start": _loadavg(),
             "quantized_engine": BACKEND,
             "quick": cfg.quick,
+            "compile": cfg.compile,
+            "device": cfg.device,
+            "device_name": torch.cuda.get_device_name() if cfg.device == "cuda" else None,
+            # the fixed-point model's requantization epilogues (qatkit.epilogue): each entry
+            # selects its own path, whatever QATKIT_KERNELS says
+            "qatkit_kernels": {"qatkit_fixedpoint_forward": "reference",
+                               "qatkit_fixedpoint_forward_compiled": "compiled"
+                               if cfg.compile else None},
+            "pt2e_available": pt2e_flow.available(),
             "timing": {
                 "warmup": cfg.warmup,
                 "rounds": cfg.rounds,

@@ -1,3 +1,10 @@
+import os
+
+# The suite runs the fixed-point epilogues on the plain reference path (the default; compiling
+# costs seconds per kernel) unless QATKIT_KERNELS asks otherwise; tests/test_epilogue.py checks
+# the compiled path against it. Child processes (multi-process tests, CLI runs) inherit it.
+os.environ.setdefault("QATKIT_KERNELS", "reference")
+
 import pytest
 import torch
 

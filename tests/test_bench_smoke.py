@@ -29,6 +29,8 @@ SPEED_KEYS = (
     "qatkit_calibration_forward",
     "qatkit_calibration_minmax_forward",
     "qatkit_doctor_check",
+    "pt2e_int8_forward",
+    "pt2e_qat_train_step",
 )
 RATIO_KEYS = (
     "torchao_qat_step_over_float",
@@ -39,16 +41,21 @@ RATIO_KEYS = (
     "calibration_over_float_eval",
     "calibration_minmax_over_float_eval",
     "doctor_over_forward",
+    "fixedpoint_over_pt2e_int8",
+    "qat_step_over_pt2e_qat_step",
 )
+#: the issue's headline figures (JSON keys exactly so), each with a target
 HEADLINE_KEYS = (
     "fixedpoint_over_float",
     "fixedpoint_over_torchao_int8",
+    "fixedpoint_over_pt2e_int8",
     "qat_step_over_float",
-    "torchao_qat_step_over_float",
     "calibration_over_float_eval",
     "doctor_over_forward",
 )
-ACCURACY_KEYS = ("float", "calibrated", "qat", "torchao_int8")
+#: reported beside the targets, without one
+PEER_HEADLINE_KEYS = ("qat_step_over_pt2e_qat_step", "torchao_qat_step_over_float")
+ACCURACY_KEYS = ("float", "calibrated", "qat", "torchao_int8", "pt2e_int8")
 
 
 def _positive_finite(value: object) -> bool:
@@ -74,6 +81,10 @@ def test_meta(quick_report):
     meta = quick_report["meta"]
     assert meta["quick"] is True and meta["threads"] == 1
     assert meta["torch"] and meta["quantized_engine"] == "x86"
+    assert meta["compile"] is False and meta["pt2e_available"] is True
+    # quick mode compiles nothing: the compiled-epilogue entry is left out
+    assert meta["qatkit_kernels"] == {"qatkit_fixedpoint_forward": "reference",
+                                      "qatkit_fixedpoint_forward_compiled": None}
     assert _positive_finite(meta["total_s"])
 
 
@@ -88,7 +99,7 @@ def test_model_sizes(quick_report):
 def test_speed_figures_and_ratios(quick_report):
     speed = quick_report["speed"]
     for name in MODELS:
-        assert set(speed[name]) == {"batch_1", "batch_2"}
+        assert set(speed[name]) == {"batch_2"}
         for case in speed[name].values():
             for key in SPEED_KEYS:
                 assert _positive_finite(case[key]["median_s"]), (name, key)
@@ -118,8 +129,14 @@ def test_headline_figures(quick_report):
         assert fig["met"] in (True, False) and fig["target"].startswith(("<=", ">=")), key
         assert set(fig["details"]) == set(MODELS), key
         for per_batch in fig["details"].values():
-            assert set(per_batch) == {"batch_1", "batch_2"}, key
+            assert set(per_batch) == {"batch_2"}, key
             assert all(_positive_finite(v) for v in per_batch.values()), key
+    for key in PEER_HEADLINE_KEYS:
+        fig = quick_report[key]
+        assert _positive_finite(fig["value"]) and fig["target"] is None and fig["met"] is None
+    for key in ("fixedpoint_compiled_over_float", "fixedpoint_compiled_over_reference"):
+        fig = quick_report[key]  # the compiled entry is left out in quick mode
+        assert fig["value"] is None and fig["target"] is None and fig["met"] is None, key
     mem = quick_report["memory_fixedpoint_over_float"]
     assert mem["value"] is None and mem["met"] is None and mem["details"] == {}
 
@@ -130,7 +147,7 @@ def test_cost_per_mac(quick_report):
         for case in cpm[name].values():
             assert all(_positive_finite(case[key]) for key in SPEED_KEYS)
     growth = cpm["large_over_small_per_mac"]
-    assert set(growth) == {"batch_1", "batch_2"}
+    assert set(growth) == {"batch_2"}
     assert all(_positive_finite(v) for v in growth["batch_2"].values())
 
 

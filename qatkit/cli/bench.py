@@ -56,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--sections", default=None,
                    help="comma-separated subset of models,speed,memory,accuracy (default: all)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda: models and inputs on that device")
 
 
 def run(args: argparse.Namespace) -> int:

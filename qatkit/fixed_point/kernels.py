@@ -12,12 +12,15 @@ multipliers made from them. Speed comes from choosing, per layer, an arithmetic 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from qatkit.base.quant_math import along, qrange
+from qatkit.fixed_point import epilogue
 
 F32_EXACT = 2**24
 
@@ -82,7 +85,7 @@ def requant_float_plan(v: torch.Tensor, plan: tuple[torch.Tensor | None, torch.T
     if mult is None:
         return requant_mn(v, m, n, axis).to(torch.float64)
     t = v.to(torch.float64, copy=True)
-    return t.mul_(along(mult, axis, v.dim())).add_(0.5).floor_()
+    return t.mul_(along(mult.to(v.device), axis, v.dim())).add_(0.5).floor_()
 
 
 def requant_plan(m: torch.Tensor, n: torch.Tensor, q_b: torch.Tensor, acc_bound: int
@@ -125,6 +128,12 @@ def _requant_f64_block(acc: torch.Tensor, mult: torch.Tensor, addend: torch.Tens
     t = acc.to(torch.float64, copy=True)
     t.mul_(mult).add_(addend)
     return t.floor_().clamp_(lo, hi).to(out_dtype)
+
+
+def float_multiplier(M: torch.Tensor | float) -> torch.Tensor | None:
+    """``m * 2^-n`` (float64, exact) of the encoding of ``M``, or None when ``n > 52`` (then
+    the float64 form of :func:`requant_float` is not proven exact)."""
+    return float_plan(M)[0]
 
 
 def requant_float(v: torch.Tensor, M: torch.Tensor | float, axis: int | None = None
@@ -200,10 +209,42 @@ def conv2d(q: torch.Tensor, q_w: torch.Tensor, stride: tuple[int, int], padding:
         return _conv2d_int_mm(q, q_w, stride, padding, dilation, w_cols)
     ft = FLOAT_METHODS[method]
     w = w_cols if w_cols is not None else q_w.to(ft)
-    return F.conv2d(q.to(ft), w, None, stride, padding, dilation, groups)
+    with no_tf32():
+        return F.conv2d(q.to(ft), w, None, stride, padding, dilation, groups)
 
 
 FLOAT_METHODS = {"float32": torch.float32, "float64": torch.float64}
+
+
+@contextlib.contextmanager
+def no_tf32() -> Iterator[None]:
+    """float32 convolutions and matmuls in full float32 on CUDA: TF32 (cuDNN's default for
+    convolutions) keeps 10 mantissa bits, which breaks the exactness bound of section 12."""
+    mm = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = mm
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor, cuda_rules: bool | None = None) -> torch.Tensor:
+    """``torch._int_mm`` (int8 x int8 -> int32, exact) under its CUDA shape rules (more than
+    16 rows, both other sizes multiples of 8): on CUDA, zero rows/columns pad the operands
+    (zeros add nothing to a sum) and the padding is cut off the result. ``cuda_rules``
+    forces the padding on or off (default: on for CUDA tensors)."""
+    if not (a.device.type == "cuda" if cuda_rules is None else cuda_rules):
+        return torch._int_mm(a, b)
+    m, k = a.shape
+    n = b.shape[1]
+    pm, pk, pn = max(0, 17 - m), -k % 8, -n % 8
+    if pm or pk:
+        a = F.pad(a, (0, pk, 0, pm))
+    if pk or pn:
+        b = F.pad(b, (0, pn, 0, pk))
+    out = torch._int_mm(a.contiguous(), b.contiguous())
+    return canonical(out[:m, :n]) if pm or pn else out
 
 
 def prepared_weight(q_w: torch.Tensor, method: str) -> torch.Tensor:
@@ -220,7 +261,7 @@ def canonical(t: torch.Tensor) -> torch.Tensor:
         acc *= size
     if t.stride() == tuple(reversed(want)):
         return t
-    return torch.empty(t.shape, dtype=t.dtype).copy_(t)
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
 
 
 def weight_columns(q_w: torch.Tensor) -> torch.Tensor:
@@ -234,6 +275,18 @@ def _conv2d_int_mm(q: torch.Tensor, q_w: torch.Tensor, stride: tuple[int, int],
     n, c = q.shape[:2]
     o, _, kh, kw = q_w.shape
     x = q.to(torch.int8).permute(0, 2, 3, 1)  # NHWC view
+    if w_cols is None:
+        w_cols = weight_columns(q_w)
+    if kh == kw == 1 and stride == (1, 1) and padding == (0, 0) and x.is_contiguous():
+        # a 1x1 conv of an NHWC tensor is a plain matmul: no im2col copy at all
+        acc = int_mm(canonical(x.reshape(-1, c)), w_cols)
+        return acc.view(n, x.shape[1], x.shape[2], o).permute(0, 3, 1, 2)
+    if dilation == (1, 1) and epilogue.use_compiled(x):  # pad + im2col in one pass
+        a = canonical(epilogue.im2col(x, (kh, kw), stride, padding, dilation))
+        hp, wp = x.shape[1] + 2 * padding[0], x.shape[2] + 2 * padding[1]
+        ho = (hp - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        wo = (wp - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        return int_mm(a, w_cols).view(n, ho, wo, o).permute(0, 3, 1, 2)
     if padding[0] or padding[1]:
         x = F.pad(x, (0, 0, padding[1], padding[1], padding[0], padding[0]))
     hp, wp = x.shape[1], x.shape[2]
@@ -244,9 +297,7 @@ def _conv2d_int_mm(q: torch.Tensor, q_w: torch.Tensor, stride: tuple[int, int],
                         (sn, sh * stride[0], sw * stride[1], sh * dilation[0], sw * dilation[1],
                          sc))
     a = canonical(cols.reshape(n * ho * wo, kh * kw * c))
-    if w_cols is None:
-        w_cols = weight_columns(q_w)
-    acc = torch._int_mm(a, w_cols)  # int32, exact
+    acc = int_mm(a, w_cols)  # int32, exact
     return acc.view(n, ho, wo, o).permute(0, 3, 1, 2)
 
 
@@ -255,10 +306,11 @@ def linear(q: torch.Tensor, q_w_t: torch.Tensor, method: str) -> torch.Tensor:
     lead = q.shape[:-1]
     a = q.reshape(-1, q.shape[-1])
     if method == "int_mm":
-        acc = torch._int_mm(canonical(a.to(torch.int8)), canonical(q_w_t))
+        acc = int_mm(canonical(a.to(torch.int8)), canonical(q_w_t))
     else:
         ft = torch.float32 if method == "float32" else torch.float64
-        acc = (a.to(ft) @ q_w_t.to(ft)).to(torch.int64)
+        with no_tf32():
+            acc = (a.to(ft) @ q_w_t.to(ft)).to(torch.int64)
     return acc.reshape(*lead, q_w_t.shape[1])
 
 
@@ -274,7 +326,7 @@ def lut_table(fn_name: str, s_in: torch.Tensor, in_dtype: str, s_o: torch.Tensor
               out_dtype: str) -> torch.Tensor:
     """The lookup table of section 10, indexed by ``q - qmin``."""
     qmin, qmax = qrange(in_dtype)
-    x = torch.arange(qmin, qmax + 1, dtype=torch.float64) * float(s_in)
+    x = torch.arange(qmin, qmax + 1, dtype=torch.float64, device=s_in.device) * float(s_in)
     y = LUT_FUNCS[fn_name](x)
     return saturate(torch.round(y / float(s_o)).to(torch.int64), out_dtype)
 

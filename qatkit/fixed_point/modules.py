@@ -25,6 +25,7 @@ from qatkit.base import recorder
 from qatkit.base.errors import fail
 from qatkit.base.qtensor import QTensor
 from qatkit.base.quant_math import TORCH_DTYPE, qrange, quantize
+from qatkit.fixed_point import epilogue
 from qatkit.fixed_point import kernels as fp
 
 
@@ -90,6 +91,9 @@ class QModule(nn.Module):
             self._real[name] = value
 
     def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
+        # .to(device) / .cuda(): the cached int32 bias, multipliers and weight matrices were
+        # made on the old device; they are made again from the moved buffers on the next call
+        self._cache = {}
         out = super()._apply(fn, recurse)
         self._real.update(self._buffers)
         return out
@@ -167,7 +171,7 @@ class _QWeighted(QModule):
         s_in = x.scale.detach().to(torch.float32)
         weight, s_w, s_o = self.real("weight"), self.real("weight_scale"), self.real("out_scale")
         bias = self.real("bias")
-        b = bias if bias is not None else torch.zeros(weight.shape[0])
+        b = bias if bias is not None else torch.zeros(weight.shape[0], device=weight.device)
         c = {"q_b": fp.quantize_bias(b, s_in, s_w),
              "method": fp.conv_method(weight, x.dtype, getattr(self, "groups", 1))
              if not isinstance(self, QConvTranspose2d) else "float64"}
@@ -188,7 +192,12 @@ class _QWeighted(QModule):
 
     def _finish(self, acc: torch.Tensor, c: dict[str, Any], axis: int) -> QTensor:
         if self.output_mode == "quantized" and c["f64"] is not None:
-            q = fp.requant_f64(acc, c["f64"], *c["clamp"], self.out_dtype, axis)
+            if epilogue.use_compiled(acc):  # one fused pass, the same integers
+                mult, addend = (fp.along(t, axis, acc.dim()) for t in c["f64"])
+                q = epilogue.conv_requant(acc, mult, addend, *c["clamp"],
+                                          TORCH_DTYPE[self.out_dtype])
+            else:
+                q = fp.requant_f64(acc, c["f64"], *c["clamp"], self.out_dtype, axis)
             return QTensor(q, self.real("out_scale"), self.out_dtype)
         acc = acc.to(torch.int64) + fp.along(c["q_b"], axis, acc.dim())
         if self.output_mode != "quantized":
@@ -364,8 +373,9 @@ class QUpsampleBilinear(QModule):
             oh, ow = int(h * sh), int(w * sw)
             if self.recompute_scale_factor:
                 sh = sw = None
-        y0, y1, wy = fp.bilinear_taps(h, oh, self.align_corners, sh)
-        x0, x1, wx = fp.bilinear_taps(w, ow, self.align_corners, sw)
+        dev = x.q.device
+        y0, y1, wy = (t.to(dev) for t in fp.bilinear_taps(h, oh, self.align_corners, sh))
+        x0, x1, wx = (t.to(dev) for t in fp.bilinear_taps(w, ow, self.align_corners, sw))
         mn = self.cached(_key(x), lambda: _mn(torch.tensor(
             float(x.scale), dtype=torch.float64) / 65536 / float(self.real("out_scale"))))
         return (y0, y1, wy), (x0, x1, wx), mn
@@ -391,6 +401,9 @@ class QFunctional(QModule):
         out = self._out(q)
         if self.relu_after(op):
             out.q.clamp_(min=0)
+        return self._record(out, op, inputs, **arguments)
+
+    def _record(self, out: QTensor, op: str, inputs: tuple, **arguments: Any) -> QTensor:
         rec = recorder.active()
         if rec is not None:  # arguments (dim, scalar...): kept by the trace for exporters
             rec.functional(self, op, tuple(inputs), out, arguments)
@@ -406,6 +419,15 @@ class QFunctional(QModule):
         if b is not None:
             b = _need_q(b, self, per_tensor=False)
         pa, pb = self.add_plans(a, b, c)
+        if b is not None and pa[0] is not None and pb[0] is not None \
+                and epilogue.use_compiled(a.q):  # one fused pass, the same integers
+            lo, hi = qrange(self.out_dtype)
+            q = epilogue.add_requant(
+                a.q, fp.along(pa[0].to(a.q.device), a.axis, a.q.dim()), b.q,
+                fp.along(pb[0].to(b.q.device), b.axis, b.q.dim()), sign,
+                max(lo, 0) if self.relu_after(op) else lo, hi, TORCH_DTYPE[self.out_dtype])
+            return self._record(QTensor(q, self.real("out_scale"), self.out_dtype), op, (a, b),
+                                c=c)
         # operands are int8/int16/int32, so their requants are exact in float64; their sum is
         # below 2^48 and the final requant by 2^-8 is floor(total / 256 + 1/2), exact too
         ai = fp.requant_float_plan(a.q, pa, a.axis)
@@ -467,7 +489,7 @@ class QFunctional(QModule):
         # int8 x int8 -> int32 is exact while k * 128 * 128 < 2^31
         if a.q.dim() == 2 and b.q.dim() == 2 and a.dtype == b.dtype == "qint8" \
                 and a.q.shape[1] * 2**14 < fp.INT32_EXACT:
-            acc = torch._int_mm(fp.canonical(a.q), fp.canonical(b.q))
+            acc = fp.int_mm(fp.canonical(a.q), fp.canonical(b.q))
         else:  # products < 2^31, sums < 2^53: exact in float64
             acc = torch.matmul(a.q.to(torch.float64), b.q.to(torch.float64)).to(torch.int64)
         return self._fin(fp.requant_py(acc, *self.prod_mn(a, b)), "matmul", (a, b))
