@@ -26,6 +26,11 @@ class March:
     weight_dtypes: tuple[str, ...]
     high_precision_output: str  # dtype of a conv/linear output that feeds only DeQuantStubs
     pow2_scales: bool = False
+    # every dtype the GEMM engine can output at high precision (default: high_precision_output)
+    high_precision_dtypes: tuple[str, ...] = ()
+    # consistency levels (0: statistical scales; 1: power-of-two activation scales; 2: and
+    # power-of-two weight scales), see qatkit.base.consistency
+    consistency_levels: tuple[int, ...] = (0,)
     max_rank: int | None = None
     max_add_channels: int | None = None
     notes: str = ""
@@ -33,6 +38,16 @@ class March:
     def supports_dtype(self, dtype: str) -> bool:
         return dtype in self.activation_dtypes
 
+    def supports_weight_dtype(self, dtype: str) -> bool:
+        return dtype in self.weight_dtypes
+
+    @property
+    def high_precision_outputs(self) -> tuple[str, ...]:
+        return self.high_precision_dtypes or (self.high_precision_output,)
+
+
+_INT = ("qint8", "qint16")
+_J6_FLOAT_HP = ("float32", "float16")  # J6B/H/P tensor engine: float outputs
 
 MARCHES: dict[str, March] = {m.name: m for m in (
     March("bernoulli", ("X2", "J2"), ("qint8",), ("qint8",), "qint32", pow2_scales=True,
@@ -41,18 +56,30 @@ MARCHES: dict[str, March] = {m.name: m for m in (
     March("bernoulli2", ("X3", "J3", "RDK X3"), ("qint8",), ("qint8",), "qint32", max_rank=4,
           max_add_channels=2048,
           notes="int8 only (int32 high-precision conv output), 4-D tensors only, no clamp"),
-    March("bayes", ("J5", "RDK Ultra"), ("qint8", "qint16"), ("qint8",), "qint32",
+    March("bayes", ("J5", "RDK Ultra"), _INT, ("qint8",), "qint32",
           notes="int8 and int16 activations; lookup-table nonlinearities"),
-    March("bayes-e", ("RDK X5",), ("qint8", "qint16"), ("qint8",), "qint32",
+    March("bayes-e", ("RDK X5",), _INT, ("qint8",), "qint32",
           notes="int8 and int16 activations; lookup-table nonlinearities"),
-    March("nash-e", ("J6E", "RDK S100"), ("qint8", "qint16"), ("qint8",), "qint32",
-          notes="int8/int16 ops; int32 add only fused into a conv"),
-    March("nash-m", ("J6M", "RDK S100P"), ("qint8", "qint16"), ("qint8",), "qint32",
-          notes="int8/int16 ops; int32 add only fused into a conv"),
-    March("nash-p", ("J6P", "J6H", "RDK S600"), ("qint8", "qint16", "float16"), ("qint8",),
-          "float32", notes="most ops also accept float16; float high-precision output"),
-    March("nash-b", ("J6B",), ("qint8", "qint16"), ("qint8",), "qint32",
-          notes="int8/int16 ops"),
+    March("nash-e", ("J6E", "RDK S100"), _INT, _INT, "qint32", consistency_levels=(0, 1, 2),
+          notes="int8/int16 ops and weights; int32 add only fused into a conv; "
+                "consistency levels 1, 2 (power-of-two scales)"),
+    March("nash-m", ("J6M", "RDK S100P"), _INT, _INT, "qint32", consistency_levels=(0, 1, 2),
+          notes="int8/int16 ops and weights; int32 add only fused into a conv; "
+                "consistency levels 1, 2 (power-of-two scales)"),
+    March("nash-h", ("J6H",), (*_INT, "float16"), _INT, "float32",
+          high_precision_dtypes=_J6_FLOAT_HP,
+          notes="everything but GEMMs may run in float16; float16/float32 GEMM output"),
+    March("nash-p", ("J6P", "RDK S600"), (*_INT, "float16"), _INT, "float32",
+          high_precision_dtypes=_J6_FLOAT_HP,
+          notes="everything but GEMMs may run in float16; float16/float32 GEMM output"),
+    March("nash-b-lite", ("J6B-Lite",), _INT, ("qint8",), "float32",
+          high_precision_dtypes=_J6_FLOAT_HP,
+          notes="int8/int16 ops, int8 weights; float16/float32 GEMM output"),
+    March("nash-b", ("J6B",), _INT, _INT, "float32", high_precision_dtypes=_J6_FLOAT_HP,
+          notes="int8/int16 ops and weights; float16/float32 GEMM output"),
+    March("nash-b-plus", ("J6B-Plus",), _INT, _INT, "float32",
+          high_precision_dtypes=_J6_FLOAT_HP,
+          notes="int8/int16 ops and weights; float16/float32 GEMM output"),
 )}
 
 PROCESSORS: dict[str, str] = {

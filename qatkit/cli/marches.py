@@ -16,7 +16,9 @@ def run(args: argparse.Namespace) -> int:
     rows = [{"march": m.name, "processors": list(m.processors),
              "activation_dtypes": list(m.activation_dtypes),
              "weight_dtypes": list(m.weight_dtypes),
-             "high_precision_output": m.high_precision_output, "pow2_scales": m.pow2_scales,
+             "high_precision_output": m.high_precision_output,
+             "high_precision_dtypes": list(m.high_precision_outputs),
+             "consistency_levels": list(m.consistency_levels), "pow2_scales": m.pow2_scales,
              "max_rank": m.max_rank, "unsupported_ops": sorted(unsupported_ops(m)),
              "notes": m.notes} for m in MARCHES.values()]
     if args.json:
@@ -24,8 +26,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from qatkit.base.table import render
     cells = [[r["march"], ", ".join(r["processors"]), ", ".join(r["activation_dtypes"]),
-              str(r["high_precision_output"]), "yes" if r["pow2_scales"] else "",
+              ", ".join(r["weight_dtypes"]), "/".join(r["high_precision_dtypes"]),
+              ", ".join(map(str, r["consistency_levels"])), "yes" if r["pow2_scales"] else "",
               str(r["max_rank"] or ""), ", ".join(r["unsupported_ops"])] for r in rows]
-    print(render(("march", "processors", "activations", "hp output", "pow2", "rank",
-                  "unsupported ops"), cells, title="marches"))
+    print(render(("march", "processors", "activations", "weights", "hp output", "consistency",
+                  "pow2", "rank", "unsupported ops"), cells, title="marches"))
     return 0
