@@ -160,9 +160,12 @@ def real_multiplier(*scales: torch.Tensor | float, divide_by: torch.Tensor | flo
     return out / torch.as_tensor(divide_by, dtype=torch.float32).to(torch.float64)
 
 
-def quantize_weight(w: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
-    return torch.round(w.to(torch.float32) / along(s_w, 0, w.dim())).clamp_(-128, 127).to(
-        torch.int8)
+def quantize_weight(w: torch.Tensor, s_w: torch.Tensor, dtype: str = "qint8") -> torch.Tensor:
+    """``sat_T(round_half_even(float32(w) / s_w[c]))`` per output channel, ``T`` qint8 or qint16
+    (section 5)."""
+    from qatkit.base.quant_math import TORCH_DTYPE
+    return torch.round(w.to(torch.float32) / along(s_w, 0, w.dim())).clamp_(
+        *qrange(dtype)).to(TORCH_DTYPE[dtype])
 
 
 def quantize_bias(b: torch.Tensor, s_in: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
@@ -185,12 +188,34 @@ def acc_bound(q_w: torch.Tensor, in_dtype: str) -> int:
 
 
 INT32_EXACT = 2**31
+ACC_LIMIT = 2**47  # |acc| below this: requant's int64 product v * m cannot overflow (section 4)
+
+
+def check_accumulator(q_w: torch.Tensor, in_dtype: str, who: str = "conv/linear") -> int:
+    """The static bound of :func:`acc_bound`, refused (QK106) when it reaches 2^47: section 4's
+    int64 requantization (and float64 sums) are exact only below it. int16 x int16 reaches it
+    past 2^17 taps of full-range weights; int8 weights never do."""
+    bound = acc_bound(q_w, in_dtype)
+    if bound >= ACC_LIMIT:
+        from qatkit.base.errors import fail
+        raise fail("QK106", f"{who}: {in_dtype} inputs times its {str(q_w.dtype)[6:]} weights "
+                   f"can sum to {bound} (>= 2^47), which the exact int64 requantization "
+                   "cannot hold.", "use qint8 weights or inputs for this layer, or split it")
+    return bound
+
+
+def transposed_method(q_w: torch.Tensor, in_dtype: str) -> str:
+    """Transposed convs always sum in float64, exact below the bound :func:`check_accumulator`
+    enforces."""
+    check_accumulator(q_w, in_dtype, "ConvTranspose2d")
+    return "float64"
 
 
 def conv_method(q_w: torch.Tensor, in_dtype: str, groups: int) -> str:
-    """Pick an exact arithmetic for a conv from a static bound of its partial sums."""
-    bound = acc_bound(q_w, in_dtype)
-    if in_dtype == "qint8" and groups == 1 and bound < INT32_EXACT:
+    """Pick an exact arithmetic for a conv from a static bound of its partial sums
+    (int16 weights never take the int8 ``_int_mm`` path)."""
+    bound = check_accumulator(q_w, in_dtype)
+    if in_dtype == "qint8" and q_w.dtype == torch.int8 and groups == 1 and bound < INT32_EXACT:
         # exact (the int32 sums cannot overflow: always so below 131072 taps), and faster than
         # float32 convolution on CPU
         return "int_mm"

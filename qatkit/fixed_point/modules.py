@@ -161,7 +161,8 @@ class _QWeighted(QModule):
         s_w, bias = qat.weight_fake_quant.weight_scale(w_oc_first), qat.bias
         self.output_mode, self.activation = qat.output_mode, activation
         self.register_buffer("weight_scale", s_w.detach().clone().to(torch.float32))
-        self.register_buffer("weight", fp.quantize_weight(w_oc_first.detach(), s_w))
+        self.register_buffer("weight", fp.quantize_weight(w_oc_first.detach(), s_w,
+                                                          qat.weight_fake_quant.dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().clone().float())
 
     def _prep(self, x: QTensor) -> dict[str, Any]:
@@ -174,7 +175,7 @@ class _QWeighted(QModule):
         b = bias if bias is not None else torch.zeros(weight.shape[0], device=weight.device)
         c = {"q_b": fp.quantize_bias(b, s_in, s_w),
              "method": fp.conv_method(weight, x.dtype, getattr(self, "groups", 1))
-             if not isinstance(self, QConvTranspose2d) else "float64"}
+             if not isinstance(self, QConvTranspose2d) else fp.transposed_method(weight, x.dtype)}
         if self.output_mode == "quantized":
             c["mn"] = fp.multiplier(fp.real_multiplier(s_in, s_w, divide_by=s_o))
             c["clamp"] = _clamp_bounds(self.activation, float(s_o),

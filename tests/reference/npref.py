@@ -234,8 +234,9 @@ def requant(v: ArrayLike, M: float | ArrayLike, axis: int | None = None) -> np.n
 # ----------------------------------------------------------------------------- §5, §7
 
 
-def quantize_weight(w: ArrayLike, s_w: ArrayLike) -> np.ndarray:
-    """q_w = sat_qint8(round_half_even(float32(w) / s_w[c])), c = axis 0, float32 division (§5)."""
+def quantize_weight(w: ArrayLike, s_w: ArrayLike, dtype: str = "qint8") -> np.ndarray:
+    """q_w = sat_T(round_half_even(float32(w) / s_w[c])), c = axis 0, float32 division, T the
+    weight dtype qint8 or qint16 (§5)."""
     w32 = np.asarray(w, dtype=np.float32)
     sv = _scales64(s_w).astype(np.float32)
     if w32.shape[0] != sv.size:
@@ -244,11 +245,12 @@ def quantize_weight(w: ArrayLike, s_w: ArrayLike) -> np.ndarray:
     for c in range(sv.size):
         with np.errstate(over="ignore"):
             quotient = w32[c] / sv[c]
-        q[c] = _round_sat(quotient.astype(np.float64), "qint8")
+        q[c] = _round_sat(quotient.astype(np.float64), dtype)
     return q
 
 
-def _quantize_weight_transposed(w: np.ndarray, s_w: ArrayLike, groups: int) -> np.ndarray:
+def _quantize_weight_transposed(w: np.ndarray, s_w: ArrayLike, groups: int,
+                                dtype: str = "qint8") -> np.ndarray:
     """ConvTranspose2d weight (Cin, Cout/groups, kh, kw): channel axis 1 (§5).
 
     §5 gives s_w one entry per output channel; with groups, input channel ci of group g and
@@ -266,7 +268,7 @@ def _quantize_weight_transposed(w: np.ndarray, s_w: ArrayLike, groups: int) -> n
         for j in range(cout_g):
             with np.errstate(over="ignore"):
                 quotient = w32[ci, j] / sv[g * cout_g + j]
-            q[ci, j] = _round_sat(quotient.astype(np.float64), "qint8")
+            q[ci, j] = _round_sat(quotient.astype(np.float64), dtype)
     return q
 
 
@@ -418,9 +420,10 @@ def conv2d(
     groups: int = 1,
     activation: Activation = None,
     mode: str = "quantized",
+    w_dtype: str = "qint8",
 ) -> np.ndarray:
     """Quantized Conv2d from float weights (§5); mode "accumulator" is the high-precision output."""
-    q_w = quantize_weight(w, s_w)
+    q_w = quantize_weight(w, s_w, w_dtype)
     q_b = None if b is None else quantize_bias(b, s_in, s_w)
     acc = conv2d_acc(q_in, q_w, q_b, stride, padding, dilation, groups)
     return _finish(acc, s_in, s_w, s_out, out_dtype, 1, activation, mode)
@@ -436,10 +439,11 @@ def linear(
     out_dtype: str,
     activation: Activation = None,
     mode: str = "quantized",
+    w_dtype: str = "qint8",
 ) -> np.ndarray:
     """Quantized Linear (§5): acc[..., o] = q_b[o] + sum_k q_in[..., k] * q_w[o, k]."""
     x = _int64(q_in)
-    q_w = quantize_weight(w, s_w)
+    q_w = quantize_weight(w, s_w, w_dtype)
     acc = np.einsum("...k,ok->...o", x, q_w)  # int64 einsum: exact
     if b is not None:
         acc = acc + quantize_bias(b, s_in, s_w)
@@ -462,10 +466,11 @@ def conv_transpose2d(
     groups: int = 1,
     mode: str = "quantized",
     activation: Activation = None,
+    w_dtype: str = "qint8",
 ) -> np.ndarray:
     """Quantized ConvTranspose2d (§5) by scattering every input sample into the output."""
     x = _int64(q_in)
-    q_w = _quantize_weight_transposed(np.asarray(w), s_w, groups)
+    q_w = _quantize_weight_transposed(np.asarray(w), s_w, groups, w_dtype)
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
     oph, opw = _pair(output_padding)
