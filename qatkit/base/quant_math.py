@@ -39,6 +39,21 @@ def scale_from_amax(amax: torch.Tensor, dtype: str = "qint8", pow2: bool = False
     return s
 
 
+def pow2_ceil(s: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two ``>= s`` (``s > 0``), exactly: with ``s = f * 2^e`` and
+    ``0.5 <= f < 1`` it is ``2^(e-1)`` when ``f == 0.5`` (``s`` is one already), else ``2^e``.
+    Rounding the scale up never clips more than the statistical scale did. Used by the
+    consistency levels 1 and 2 (``qatkit.quantization.consistency``)."""
+    f, e = torch.frexp(s.to(torch.float32))
+    return torch.ldexp(torch.ones_like(f), torch.where(f == 0.5, e - 1, e)).to(torch.float32)
+
+
+def is_pow2(s: torch.Tensor) -> bool:
+    """Every element of ``s`` is a positive power of two."""
+    f, _ = torch.frexp(s.to(torch.float32))
+    return bool(((f == 0.5) & (s > 0)).all())
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: str, axis: int | None = None
              ) -> torch.Tensor:
     """``sat(round_half_even(x / s))`` with the division in float32; returns int64."""

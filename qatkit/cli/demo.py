@@ -14,6 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qat-epochs", type=int, default=None, help="QAT epochs (digits 3, fashion 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", metavar="DIR", help="write float/calibrated/qat/quantized .pt")
+    p.add_argument("--consistency-level", type=int, choices=(0, 1, 2), default=0,
+                   help="nash-e/nash-m: 1 = power-of-two activation scales, 2 = and weights")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (and nothing else: no progress bars)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
@@ -31,12 +33,16 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     from qatkit.demo.recipe import print_table
     from qatkit.demo.recipe import run as run_demo
+    if args.nproc > 1 and args.consistency_level:
+        from qatkit.cli.target import UsageError
+        raise UsageError("--consistency-level is not available with --nproc > 1")
     if args.nproc > 1:
         from qatkit.demo.distributed import run_demo as run_demo_distributed
         result = run_demo_distributed(args)
     else:
         result = run_demo(args.dataset, args.march, args.epochs, args.qat_epochs, args.seed,
-                     args.save, quiet=args.json)
+                     args.save, quiet=args.json,
+                     consistency_level=args.consistency_level)
     if args.json:
         print(json.dumps(result))
     else:

@@ -21,6 +21,7 @@ from qatkit.base.march import resolve, set_march
 from qatkit.demo import data
 from qatkit.quantization import checkpoint
 from qatkit.quantization.calibrate import calibrate
+from qatkit.quantization.consistency import set_consistency_level
 from qatkit.quantization.convert import convert
 from qatkit.quantization.fake_quant import FakeQuantState, set_fake_quantize
 from qatkit.quantization.prepare import prepare
@@ -178,6 +179,18 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(y)
 
 
+@torch.no_grad()
+def agreement(a: nn.Module, b: nn.Module, x: torch.Tensor, batch_size: int = 500) -> float:
+    """The fraction of samples on which models ``a`` and ``b`` predict the same class."""
+    a.eval()
+    b.eval()
+    same = 0
+    for i in range(0, len(x), batch_size):
+        xb = centered(x[i:i + batch_size])
+        same += int((a(xb).argmax(1) == b(xb).argmax(1)).sum())
+    return same / max(len(x), 1)
+
+
 def calibration_batches(split: data.Split, n: int = 1024, batch_size: int = 128
                         ) -> list[torch.Tensor]:
     """The first ``n`` training images in batches (a list: it has a length, for the bar)."""
@@ -207,15 +220,16 @@ def default_epochs(dataset: str, epochs: int | None, qat_epochs: int | None
 
 
 def run(dataset: str = "digits", march: str = "nash-e", epochs: int | None = None,
-        qat_epochs: int | None = None, seed: int = 0, save: str | None = None, quiet: bool = False
-        ) -> dict[str, Any]:
-    """The whole workflow; returns the figures printed by ``qatkit demo``."""
+        qat_epochs: int | None = None, seed: int = 0, save: str | None = None, quiet: bool = False,
+        consistency_level: int = 0) -> dict[str, Any]:
+    """The whole workflow; returns the figures printed by ``qatkit demo``. ``consistency_level``
+    (nash-e/nash-m): power-of-two scales for calibration, QAT and convert."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     split = load(dataset, seed)
     epochs, qat_epochs = default_epochs(dataset, epochs, qat_epochs)
     example = centered(split.x_train[:2])
-    with set_march(march):
+    with set_march(march), set_consistency_level(consistency_level):
         float_model = demo_net(split)
         train_float(float_model, split, epochs, seed, quiet)
         float_acc = accuracy(float_model, split.x_test, split.y_test)
@@ -237,6 +251,7 @@ def run(dataset: str = "digits", march: str = "nash-e", epochs: int | None = Non
         quantized = convert(qat)
         quant_acc = accuracy(quantized, split.x_test, split.y_test)
         saved = []
+        agree = agreement(qat, quantized, split.x_test)
         if save:
             os.makedirs(save, exist_ok=True)
             for name, model, what in (("float.pt", float_model, "float model"),
@@ -251,7 +266,8 @@ def run(dataset: str = "digits", march: str = "nash-e", epochs: int | None = Non
         "dataset": split.name, "march": resolve(march).name,
         "float_accuracy": float_acc, "calibration_accuracy": calib_acc,
         "qat_accuracy": qat_acc, "quantized_accuracy": quant_acc,
-        "quantized_minus_float": quant_acc - float_acc, "epochs": epochs,
+        "quantized_minus_float": quant_acc - float_acc, "consistency_level": consistency_level,
+        "qat_fixed_point_agreement": agree, "epochs": epochs,
         "qat_epochs": qat_epochs, "train_size": len(split.y_train),
         "test_size": len(split.y_test), "seed": seed, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 2),
@@ -271,6 +287,8 @@ def print_table(r: dict[str, Any]) -> None:
     t.add_row("calibrated", "fixed point", f"{r['calibration_accuracy']:.2%}")
     t.add_row("QAT", "fake quant", f"{r['qat_accuracy']:.2%}")
     t.add_row("QAT -> convert", "fixed point", f"{r['quantized_accuracy']:.2%}")
+    if "qat_fixed_point_agreement" in r:
+        t.add_row("QAT vs fixed point", "same top-1", f"{r['qat_fixed_point_agreement']:.2%}")
     Console().print(t)
     if r.get("nproc", 1) > 1:
         print(f"calibration and QAT ran on {r['nproc']} processes ({r.get('backend', 'gloo')}); "

@@ -39,8 +39,32 @@ def multiplier(M: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def requant(v: torch.Tensor, M: torch.Tensor | float, axis: int | None = None) -> torch.Tensor:
-    """``floor(v * m / 2^n + 1/2)`` in int64 (section 4); no saturation."""
+    """``floor(v * m / 2^n + 1/2)`` in int64 (section 4); no saturation. A per-tensor ``M``
+    that is a power of two (power-of-two scales) takes the shift form of section 18."""
+    k = pow2_shift(M)
+    if k is not None:
+        return requant_shift(v, k)
     return requant_mn(v, *multiplier(M), axis=axis)
+
+
+def pow2_shift(M: torch.Tensor | float) -> int | None:
+    """``k`` when the one multiplier ``M`` is exactly ``2^-k`` (else None)."""
+    if isinstance(M, torch.Tensor):
+        if M.numel() != 1:
+            return None
+        M = float(M)
+    f, e = math.frexp(float(M))
+    return 1 - e if f == 0.5 else None
+
+
+def requant_shift(v: torch.Tensor, k: int) -> torch.Tensor:
+    """section 4 for ``M = 2^-k`` (``m = 2^14``, ``n = k + 14``): ``(v + 2^(k-1)) >> k`` for
+    ``k >= 1``, ``v * 2^-k`` for ``k <= 0``, in int64 (section 18)."""
+    v = v.to(torch.int64)
+    if k >= 1:
+        k = min(k, 62)  # |v| < 2^47: any k >= 48 gives 0, as 62 does
+        return (v + (1 << (k - 1))) >> k
+    return v << -k
 
 
 def requant_mn(v: torch.Tensor, m: torch.Tensor, n: torch.Tensor, axis: int | None = None

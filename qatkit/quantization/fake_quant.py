@@ -32,7 +32,7 @@ import torch.nn as nn
 from qatkit.base import hooks, recorder
 from qatkit.base.errors import fail
 from qatkit.base.modules import unwrap, world_size
-from qatkit.base.quant_math import fake_quantize, scale_from_amax
+from qatkit.base.quant_math import fake_quantize, is_pow2, pow2_ceil, scale_from_amax
 from qatkit.quantization.observers import FixedScaleObserver, Observer
 from qatkit.quantization.qconfig import QuantSpec
 
@@ -64,6 +64,7 @@ class FakeQuantize(nn.Module):
                        f"min/max; observer {spec.observer!r} is not available for weights.",
                        "use QuantSpec(per_channel=True) for weights")
         self.dtype, self.pow2, self.is_weight = spec.dtype, pow2, is_weight
+        self.pow2_scale = spec.pow2 and not pow2  # consistency level (pow2: the march's rule)
         self.ch_axis = 0 if spec.per_channel else None
         self.observer: Observer = spec.make_observer()
         self.state = FakeQuantState.QAT
@@ -73,8 +74,12 @@ class FakeQuantize(nn.Module):
         self.calibration_world = 1  # the torch.distributed world size the state was set in
         self._pending = False  # observer saw calibration data its scale does not hold yet
         if isinstance(self.observer, FixedScaleObserver):
-            self.scale.fill_(float(scale_from_amax(torch.tensor(
-                self.observer.fixed_scale * _half_range(self.dtype)), self.dtype, pow2)))
+            if self.pow2_scale and not is_pow2(torch.tensor(self.observer.fixed_scale)):
+                raise fail("QK000", f"fixed scale {self.observer.fixed_scale!r} is not a power "
+                           "of two, which the consistency level (power-of-two scales) needs.",
+                           "use a power-of-two fixed scale (e.g. 1/128), or consistency level 0")
+            self.scale.fill_(float(self.scale_for(torch.tensor(
+                self.observer.fixed_scale * _half_range(self.dtype)))))
             self.initialized.fill_(1)
 
     @property
@@ -112,7 +117,7 @@ class FakeQuantize(nn.Module):
         if self.fixed or not self.observer.seen:
             self._pending = False
             return
-        s = scale_from_amax(self.observer.amax(), self.dtype, self.pow2)
+        s = self.scale_for(self.observer.amax())
         if self.scale.shape != s.shape:
             self.scale = s.clone()
         else:
@@ -122,7 +127,12 @@ class FakeQuantize(nn.Module):
 
     def weight_scale(self, w: torch.Tensor) -> torch.Tensor:
         amax = w.detach().abs().flatten(1).amax(1) if self.ch_axis == 0 else w.detach().abs().max()
-        return scale_from_amax(amax, self.dtype, self.pow2)
+        return self.scale_for(amax)
+
+    def scale_for(self, amax: torch.Tensor) -> torch.Tensor:
+        """The scale of a range ``amax`` under this fake quant's dtype and scale rule."""
+        s = scale_from_amax(amax, self.dtype, self.pow2)
+        return pow2_ceil(s) if self.pow2_scale else s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in _LOW_PRECISION:
@@ -180,6 +190,12 @@ class FakeQuantize(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         key = prefix + "scale"
+        if key in state_dict and self.pow2_scale and not self.is_weight and \
+                not is_pow2(state_dict[key]) and bool(state_dict.get(prefix + "initialized", 1)):
+            raise fail("QK000", f"{prefix.rstrip('.') or 'a fake quant'}: the loaded scale "
+                       f"{float(state_dict[key].reshape(-1)[0]):.6g} is not a power of two, "
+                       "but this model was prepared at a consistency level that needs one.",
+                       "calibrate (and train) at the same consistency level as this model")
         if key in state_dict and state_dict[key].shape != self.scale.shape:
             self.scale = torch.empty_like(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

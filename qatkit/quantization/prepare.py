@@ -25,7 +25,7 @@ from qatkit.base import hooks
 from qatkit.base.errors import QatkitWarning
 from qatkit.base.march import get_march
 from qatkit.base.modules import set_submodule
-from qatkit.quantization import forwards, meta
+from qatkit.quantization import consistency, forwards, meta
 from qatkit.quantization import trace as tr
 from qatkit.quantization.compat import from_torch_ao
 from qatkit.quantization.fake_quant import FakeQuantize
@@ -75,7 +75,7 @@ def prepare(model: nn.Module, example_inputs: Any,
     if fuse:
         model = fuse_model(model, example_inputs, inplace=True)
     mapping = as_mapping(qconfig)
-    qconfigs = mapping.resolve(model)
+    qconfigs = consistency.apply(mapping.resolve(model), march)  # power-of-two scales, if set
     g = tr.trace(model, example_inputs)
     with _once_per_model(original):
         hooks.emit("prepare", model=model, march=march, graph=g, example_inputs=example_inputs,

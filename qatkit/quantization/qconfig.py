@@ -23,13 +23,16 @@ _UNSET = object()
 @dataclass(frozen=True)
 class QuantSpec:
     """How one tensor is quantized: dtype, observer (name in ``observers.OBSERVERS`` or a
-    class), per-channel (weights, axis 0) or per-tensor, or a fixed scale."""
+    class), per-channel (weights, axis 0) or per-tensor, or a fixed scale. ``pow2``: the
+    scale is rounded up to a power of two (consistency levels 1 and 2, see
+    ``qatkit.quantization.consistency``)."""
 
     dtype: str = "qint8"
     observer: str | type[Observer] = "minmax"
     per_channel: bool = False
     fixed_scale: float | None = None
     observer_kwargs: tuple[tuple[str, Any], ...] = ()
+    pow2: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in QRANGE and self.dtype != "float16":

@@ -46,8 +46,7 @@ def effective_scale(fq: FakeQuantize, ctx: Context | None = None) -> torch.Tenso
     cache = ctx.extra.setdefault("_qk1_scales", {}) if ctx is not None else {}
     key = (id(fq), int(fq.observer.count))
     if key not in cache:
-        from qatkit.base.quant_math import scale_from_amax
-        cache[key] = scale_from_amax(fq.observer.amax(), fq.dtype, fq.pow2)
+        cache[key] = fq.scale_for(fq.observer.amax())
     return cache[key]
 
 
