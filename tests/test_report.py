@@ -88,7 +88,7 @@ def test_page_has_every_section_and_plot(damaged_report):
                  "sensitivity-sqnr"):
         assert f"data-plot='{kind}'" in page
     assert page.count("data-plot='error-histogram'") == 6
-    assert page.count('<table class="data sortable"') == 3 + 1 + 1 + 1  # layers, stats...
+    assert page.count('<table class="data sortable"') == 3 + 1 + 1 + 1 + 1  # + change log
 
 
 def test_fixed_point_only_and_unlabelled_data(tmp_path):

@@ -43,8 +43,8 @@ from qatkit.analysis.sensitivity import (
     float_copy,
     sensitivity,
     targets,
-    try_int16,
 )
+from qatkit.analysis.sensitivity_qconfig import sensitivity_qconfig, try_sensitivity_qconfig
 from qatkit.base.errors import QatkitError, QatkitWarning, fail, strict
 from qatkit.base.march import March, get_march, resolve, set_march
 from qatkit.quantization.registry import unsupported_ops
@@ -247,11 +247,16 @@ def build(model_float: nn.Module, model_quant: nn.Module, example_inputs: Any,
             sens = sensitivity(prepared, x, y, metric, metric_name=name, march=the_march,
                                budget=budget, batch_size=batch_size, min_drop=min_drop,
                                max_output_sqnr_db=min_sqnr_db)
+            if budget > 0:  # int16 outputs and weights of the sensitive layers, logged
+                plan = sensitivity_qconfig(sens, prepared, budget=budget, march=the_march,
+                                           min_drop=min_drop, max_output_sqnr_db=min_sqnr_db)
+                sens.changes = [c.to_dict() for c in plan.changes]
+                sens.suggestion = plan.changed_layers
             if sens.suggestion:
                 try:
                     with _quiet():
-                        sens.applied = try_int16(
-                            model_float, prepared, sens.suggestion, example_inputs,
+                        sens.applied = try_sensitivity_qconfig(
+                            model_float, prepared, plan, example_inputs,
                             calibration if calibration is not None else _batches(
                                 x, batch_size), x, y, metric, batch_size)
                 except QatkitError as e:

@@ -165,6 +165,8 @@ class Sensitivity:
     suggestion: list[str] = field(default_factory=list)
     applied: dict[str, Any] | None = None  # try_int16's before/after
     notes: list[str] = field(default_factory=list)
+    # the automatic dtype changes and fallbacks (qatkit.analysis.sensitivity_qconfig)
+    changes: list[dict[str, Any]] = field(default_factory=list)
 
     def ranking(self) -> list[str]:
         return [s.name for s in self.layers]
@@ -181,7 +183,8 @@ class Sensitivity:
                 "march": self.march, "int16_allowed": self.int16_allowed,
                 "budget": self.budget, "suggestion": list(self.suggestion),
                 "applied": dict(self.applied) if self.applied is not None else None,
-                "layers": [s.to_dict() for s in self.layers], "notes": list(self.notes)}
+                "layers": [s.to_dict() for s in self.layers], "notes": list(self.notes),
+                "changes": [dict(c) for c in self.changes]}
 
 
 def _march_of(model: nn.Module, march: str | March | None) -> March | None:
@@ -301,13 +304,8 @@ def apply_int16(model_float: nn.Module, model_quant: nn.Module, layers: Iterable
     with the same qconfigs except those outputs, ``model_quant``'s state (weights, scales)
     loaded, then only the int16 outputs calibrated on ``calibration`` (input batches) with
     every other layer quantized as before. Returns the prepared model in VALIDATION state."""
-    import warnings
 
-    from qatkit.base.errors import QatkitWarning, strict
-    from qatkit.base.march import set_march
-    from qatkit.quantization.calibrate import _inputs
     from qatkit.quantization.meta import get as get_meta
-    from qatkit.quantization.prepare import prepare
     layers = list(layers)
     m = get_meta(model_quant)
     if m is None or stage(model_quant) == "converted":
@@ -317,6 +315,32 @@ def apply_int16(model_float: nn.Module, model_quant: nn.Module, layers: Iterable
         raise fail("QK002", f"march {the_march.name} has no int16 activations.",
                    "keep int8, or target a march with qint16 (bayes, nash-*)")
     mapping = int16_mapping(model_quant, layers)
+    new = apply_mapping(model_float, model_quant, mapping, example_inputs, calibration)
+    for name in layers:
+        fq = getattr(new.get_submodule(name), "activation_post_process", None)
+        if not isinstance(fq, FakeQuantize) or fq.dtype != "qint16":
+            raise fail("QK000", f"layer {name!r} got no int16 output fake quant.")
+    return new
+
+
+def apply_mapping(model_float: nn.Module, model_quant: nn.Module, mapping: Any,
+                  example_inputs: Any, calibration: Iterable[Any]) -> nn.Module:
+    """``model_float`` re-prepared with ``mapping`` under ``model_quant``'s march, with
+    ``model_quant``'s state (weights, scales) loaded; every output fake quant whose dtype
+    differs from ``model_quant``'s is calibrated afresh on ``calibration`` (input batches) with
+    every other layer quantized as before (weight scales follow the weights). Returns the
+    prepared model in VALIDATION state."""
+    import warnings
+
+    from qatkit.base.errors import QatkitWarning, strict
+    from qatkit.base.march import set_march
+    from qatkit.quantization.calibrate import _inputs
+    from qatkit.quantization.meta import get as get_meta
+    from qatkit.quantization.prepare import prepare
+    m = get_meta(model_quant)
+    if m is None or stage(model_quant) == "converted":
+        raise fail("QK000", "applying a qconfig needs the prepared (calibrated or QAT) model.")
+    the_march = resolve(m.march)
     with set_march(the_march), strict(False), warnings.catch_warnings():
         warnings.simplefilter("ignore", QatkitWarning)  # the doctor reports them
         new = prepare(model_float, example_inputs, mapping)
@@ -327,13 +351,14 @@ def apply_int16(model_float: nn.Module, model_quant: nn.Module, layers: Iterable
                    f"re-prepared with the same qconfigs: {' '.join(str(e).split())[:300]}",
                    "pass the float model the quantized model was prepared from, and prepare "
                    "it with the default fusion") from None
+    old = dict(fake_quants(model_quant))
     targets = {}
-    for name in layers:
-        fq = getattr(new.get_submodule(name), "activation_post_process", None)
-        if not isinstance(fq, FakeQuantize) or fq.dtype != "qint16":
-            raise fail("QK000", f"layer {name!r} got no int16 output fake quant.")
-        q = new.get_submodule(name).qconfig
-        fq.observer = q.activation.make_observer()  # int8 statistics do not carry over
+    for name, fq in fake_quants(new):
+        was = old.get(name)
+        if fq.is_weight or fq.fixed or (was is not None and was.dtype == fq.dtype):
+            continue
+        owner_q = new.get_submodule(owner(name)).qconfig
+        fq.observer = owner_q.activation.make_observer()  # int8 statistics do not carry over
         targets[id(fq)] = fq
     new.eval()
     for _, fq in fake_quants(new):
@@ -344,8 +369,8 @@ def apply_int16(model_float: nn.Module, model_quant: nn.Module, layers: Iterable
         for batch in calibration:
             new(*_inputs(new, batch))
             batches += 1
-    if batches == 0:
-        raise fail("QK008", "apply_int16 received no calibration data.",
+    if batches == 0 and targets:
+        raise fail("QK008", "no calibration data for the outputs that changed dtype.",
                    "pass a non-empty iterable of input batches")
     for fq in targets.values():
         fq.update_scale()
@@ -380,6 +405,6 @@ def try_int16(model_float: nn.Module, model_quant: nn.Module, layers: Iterable[s
             "gain": _num(after - before, 6), "model": "fixed point"}
 
 
-__all__ = ["LayerSensitivity", "Sensitivity", "apply_int16", "float_copy", "int16_mapping",
-           "output_sqnr", "quantizable_layers", "quantize_only", "sensitivity", "suggest_int16",
-           "targets", "try_int16"]
+__all__ = ["LayerSensitivity", "Sensitivity", "apply_int16", "apply_mapping", "float_copy",
+           "int16_mapping", "output_sqnr", "quantizable_layers", "quantize_only", "sensitivity",
+           "suggest_int16", "targets", "try_int16"]
