@@ -57,6 +57,7 @@ def set_consistency_level(level: int) -> _LevelSetting:
 
 
 def get_consistency_level() -> int:
+    """The consistency level later ``prepare`` calls apply (0 unless set)."""
     return _level
 
 
