@@ -177,3 +177,32 @@ def test_converted_checkpoint_keeps_int16_weights(tmp_path) -> None:
     with pytest.raises(qk.QatkitError, match=r"\[QK000\].*torch.int16 but the model holds "
                                              r"torch.int8"):
         qk.checkpoint.load(c8, tmp_path / "w16.pt")
+
+
+def test_qat_with_int16_weights_trains_and_converts_to_the_weights_it_used() -> None:
+    """QAT fake-quantizes weights on the int16 grid (|q_w| up to 32767, not 127), and
+    convert quantizes the final weights to exactly that grid."""
+    torch.manual_seed(0)
+    model = B.Chain(nn.Conv2d(2, 3, 3), nn.ReLU()).train()
+    x = torch.randn(8, 2, 6, 6)
+    with qk.set_march("nash-e"):
+        qat = qk.prepare(model.eval(), x[:2], qconfig=qk.default_qat_qconfig(
+            weight_dtype="qint16"))
+        qat.train()
+        qk.set_fake_quantize(qat, qk.FakeQuantState.QAT)
+        opt = torch.optim.SGD(qat.parameters(), lr=0.01)
+        for _ in range(2):
+            opt.zero_grad()
+            qat(x).square().mean().backward()
+            opt.step()
+        qat.eval()
+        qk.set_fake_quantize(qat, qk.FakeQuantState.VALIDATION)
+        conv = qat.ops[0]
+        wq = conv.weight_fake_quant(conv.weight).detach()
+        fixed = qk.convert(qat)
+    qc = fixed.ops[0]
+    assert qc.weight.dtype == torch.int16
+    s_w = qc.weight_scale.reshape(-1, 1, 1, 1)
+    assert torch.equal(qc.weight.double() * s_w.double(), (wq.double() / s_w.double()).round()
+                       * s_w.double())
+    assert len(torch.unique(qc.weight[0])) > 16 and int(qc.weight.abs().max()) > 127

@@ -65,15 +65,18 @@ class QConfig:
     high_precision_output: bool = True
 
 
-def default_calibration_qconfig(dtype: str = "qint8", observer: str = "mse") -> QConfig:
-    """Calibration: MSE-searched activation thresholds, per-channel min/max weights."""
-    return QConfig(QuantSpec(dtype, observer), QuantSpec(per_channel=True))
+def default_calibration_qconfig(dtype: str = "qint8", observer: str = "mse",
+                                weight_dtype: str = "qint8") -> QConfig:
+    """Calibration: MSE-searched activation thresholds, per-channel min/max weights
+    (``weight_dtype="qint16"`` on marches with int16 weights)."""
+    return QConfig(QuantSpec(dtype, observer), QuantSpec(weight_dtype, per_channel=True))
 
 
-def default_qat_qconfig(dtype: str = "qint8") -> QConfig:
+def default_qat_qconfig(dtype: str = "qint8", weight_dtype: str = "qint8") -> QConfig:
     """QAT: moving-average min/max activations (constant 0.01), per-channel min/max weights.
     Activation scales loaded from a calibration checkpoint stay fixed during QAT."""
-    return QConfig(QuantSpec(dtype, "moving_average"), QuantSpec(per_channel=True))
+    return QConfig(QuantSpec(dtype, "moving_average"),
+                   QuantSpec(weight_dtype, per_channel=True))
 
 
 def fixed_scale_qconfig(scale: float = 1.0 / 128, dtype: str = "qint8") -> QConfig:
