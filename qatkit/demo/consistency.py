@@ -49,7 +49,7 @@ def run(dataset: str = "fashion", march: str = "nash-e", levels: tuple[int, ...]
     rows = []
     with set_march(march), warnings.catch_warnings():
         warnings.simplefilter("ignore", QatkitWarning)
-        float_model = recipe.DemoNet(split.num_classes)
+        float_model = recipe.demo_net(split)
         recipe.train_float(float_model, split, epochs, seed, True)
         float_acc = recipe.accuracy(float_model, split.x_test, split.y_test)
         for level in levels:

@@ -42,7 +42,7 @@ def run(dataset: str = "fashion", march: str = "nash-e", ks: tuple[int, ...] = (
     example = recipe.centered(split.x_train[:2])
     with set_march(march), warnings.catch_warnings():
         warnings.simplefilter("ignore", QatkitWarning)
-        float_model = recipe.DemoNet(split.num_classes)
+        float_model = recipe.demo_net(split)
         if float_checkpoint:
             checkpoint.load(float_model, float_checkpoint)
         else:
