@@ -120,7 +120,7 @@ def test_full_range_int16_accumulator_past_int32_is_exact(xfill: str) -> None:
     qc = c.ops[0]
     assert int(qc.weight.abs().max()) >= 32767
     assert fp.acc_bound(qc.weight, "qint16") > 2**38
-    assert qc._method("qint16") == "float64"
+    assert fp.conv_method(qc.weight, "qint16", 1) == "float64"
     got = B.run_ops(c, B.qtensor(q, s_in, "qint16"))
     s_w = qc.weight_scale.numpy()
     acc = R.conv2d_acc(q, R.quantize_weight(w, s_w, "qint16"), None, padding=1)
