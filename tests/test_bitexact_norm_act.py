@@ -99,9 +99,16 @@ def test_softmax(seed: int, in_dtype: str, out_dtype: str, s_in: float, fill: st
     assert (_float_err(B.as_np(got.q), p, s_out, out_dtype) <= bound).all()
 
 
-def test_softmax_refusals() -> None:
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch: implicit softmax dim
+def test_softmax_without_dim_is_refused() -> None:
+    """At prepare (QK106); as a head before the DeQuantStub, QK003 speaks at prepare and
+    convert refuses it."""
     with qk.set_march("nash-e"), pytest.raises(qk.QatkitError, match=r"QK106.*dim"):
-        qk.prepare(B.Chain(nn.Softmax()), torch.randn(2, 3), qconfig=qk.default_qat_qconfig())
+        qk.prepare(B.Chain(nn.Softmax(), nn.Linear(3, 3)), torch.randn(2, 3),
+                   qconfig=qk.default_qat_qconfig())
+    with pytest.raises(qk.QatkitError, match=r"QK106.*dim"):
+        B.build(B.Chain(nn.Softmax()), torch.randn(2, 3), {"quant": 0.1, "ops.0": 0.01},
+                B.qconfig())
 
 
 # ------------------------------------------------------------------------------ §10 GELU
