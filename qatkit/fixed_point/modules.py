@@ -93,7 +93,9 @@ class _QWeighted(QModule):
         app = qat.activation_post_process
         super().__init__(None if app is None else app.scale,
                          "qint32" if app is None else app.dtype)
-        s_w, bias = qat.weight_fake_quant.weight_scale(w_oc_first), qat.bias
+        bias = qat.bias
+        s_w = qat.weight_fake_quant.weight_scale(w_oc_first, bias)  # zero channels: section 5
+        self.qualified_name = ""  # convert names it, for errors about this module
         self.output_mode, self.activation = qat.output_mode, activation
         self.register_buffer("weight_scale", s_w.detach().clone().to(torch.float32))
         self.register_buffer("weight", fp.quantize_weight(w_oc_first.detach(), s_w))
@@ -106,7 +108,7 @@ class _QWeighted(QModule):
             s_in = x.scale.detach().to(torch.float32)
             n_out = self.weight.shape[0]
             b = self.bias if self.bias is not None else torch.zeros(n_out)
-            c = {"q_b": fp.quantize_bias(b, s_in, self.weight_scale),
+            c = {"q_b": fp.quantize_bias(b, s_in, self.weight_scale, self._who()),
                  "method": self._method(x.dtype)}
             if self.output_mode == "quantized":
                 c["mn"] = fp.multiplier(fp.real_multiplier(s_in, self.weight_scale,
@@ -118,11 +120,18 @@ class _QWeighted(QModule):
                                            fp.acc_bound(self.weight, x.dtype))
             else:
                 c["acc_scale"] = fp.accumulator_scale(s_in, self.weight_scale)
+                # int32 output: checked on every call unless a static bound proves it fits
+                c["check"] = fp.acc_bound(self.weight, x.dtype) + int(
+                    c["q_b"].abs().max()) >= fp.INT32_EXACT
             self._cache[key] = c
         return c
 
     def _method(self, in_dtype: str) -> str:
         return fp.conv_method(self.weight, in_dtype, getattr(self, "groups", 1))
+
+    def _who(self) -> str:
+        name = getattr(self, "qualified_name", "")
+        return f"{type(self).__name__} {name!r}" if name else type(self).__name__
 
     def _finish(self, acc: torch.Tensor, c: dict[str, Any], axis: int) -> QTensor:
         if self.output_mode == "quantized" and c["f64"] is not None:
@@ -130,7 +139,9 @@ class _QWeighted(QModule):
             return QTensor(q, self.out_scale, self.out_dtype)
         acc = acc.to(torch.int64) + fp.along(c["q_b"], axis, acc.dim())
         if self.output_mode != "quantized":
-            q = acc.clamp(*qrange("qint32")).to(torch.int32)
+            if c["check"]:
+                fp.check_int32(acc, self._who())
+            q = acc.to(torch.int32)
             return QTensor(q, c["acc_scale"], "qint32", axis=axis)
         q = fp.requant_mn(acc, *c["mn"], axis=axis).clamp(*c["clamp"])
         return self._out(q)

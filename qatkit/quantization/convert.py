@@ -37,6 +37,8 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     for name, mod in list(model.named_modules()):
         new = to_fixed_point(mod)  # the registry row's fixed-point form
         if new is not None and name:
+            if hasattr(new, "qualified_name"):  # named in its errors (QK105)
+                new.qualified_name = name
             set_submodule(model, name, new)  # qconfig and silencing travel with it
     meta.attach(model, m.march, "converted")
     model.eval()

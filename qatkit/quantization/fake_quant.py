@@ -102,8 +102,13 @@ class FakeQuantize(nn.Module):
         self.initialized.fill_(1)
         self._pending = False
 
-    def weight_scale(self, w: torch.Tensor) -> torch.Tensor:
+    def weight_scale(self, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-channel scales from the weights' ranges. ``bias`` (convert passes it): a channel
+        whose weights are all zero takes its range from its bias instead (spec section 5), so
+        the bias stays representable at ``s_in * s_w``; its weights are 0 at any scale."""
         amax = w.detach().abs().flatten(1).amax(1) if self.ch_axis == 0 else w.detach().abs().max()
+        if bias is not None and self.ch_axis == 0:
+            amax = torch.where(amax == 0, bias.detach().abs().to(amax.dtype), amax)
         return scale_from_amax(amax, self.dtype, self.pow2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
