@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -176,12 +177,12 @@ def run(dataset: str = "digits", march: str = "nash-e", epochs: int | None = Non
         qat_acc = accuracy(qat, split.x_test, split.y_test)
         quantized = convert(qat)
         quant_acc = accuracy(quantized, split.x_test, split.y_test)
-        if save:
+        if save:  # each file atomic, all marked with this run's id (checkpoint.load_run)
             os.makedirs(save, exist_ok=True)
-            checkpoint.save(float_model, os.path.join(save, "float.pt"))
-            checkpoint.save(calib, os.path.join(save, "calibrated.pt"))
-            checkpoint.save(qat, os.path.join(save, "qat.pt"))
-            checkpoint.save(quantized, os.path.join(save, "quantized.pt"))
+            run_id = uuid.uuid4().hex
+            for name, m in (("float", float_model), ("calibrated", calib), ("qat", qat),
+                            ("quantized", quantized)):
+                checkpoint.save(m, os.path.join(save, name + ".pt"), run=run_id)
     return {
         "dataset": split.name, "march": resolve(march).name,
         "float_accuracy": float_acc, "calibration_accuracy": calib_acc,
