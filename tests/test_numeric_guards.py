@@ -32,20 +32,18 @@ PRUNED = 8
 
 @pytest.fixture(scope="module")
 def pruned_digits() -> dict:
-    """The demo net trained on digits, then 8 of conv1's 32 channels pruned and fine-tuned
-    (weights held at zero: each folded conv1+bn1 channel is a bias alone)."""
+    """The demo net trained on digits, then 8 of conv1's 32 channels pruned (weights zeroed,
+    no fine-tuning: bn1 keeps its statistics, so each folded channel is a large bias alone;
+    the float model loses accuracy, which is beside the point: the fixed-point model must
+    track the fake-quant model)."""
     torch.manual_seed(0)
     split = recipe.load("digits")
     net = recipe.DemoNet(split.num_classes)
-    recipe.train(net, split, 6, lr=3e-3, seed=0, quiet=True)
-
-    def prune() -> None:
-        with torch.no_grad():
-            net.conv1.weight[:PRUNED] = 0.0
-
-    prune()  # then fine-tune with the pruned weights held at zero
-    recipe.train(net, split, 2, lr=1e-3, seed=1, quiet=True, step_hook=prune)
-    return {"net": net, "split": split}
+    recipe.train(net, split, 8, lr=3e-3, seed=0, quiet=True)
+    pruned = torch.arange(PRUNED)
+    with torch.no_grad():
+        net.conv1.weight[pruned] = 0.0
+    return {"net": net, "split": split, "pruned": pruned}
 
 
 def test_pruned_channels_keep_their_bias_in_fixed_point(pruned_digits: dict) -> None:
@@ -58,15 +56,17 @@ def test_pruned_channels_keep_their_bias_in_fixed_point(pruned_digits: dict) -> 
         fq_acc = recipe.accuracy(calib, split.x_test, split.y_test)
         fixed = qk.convert(calib)
     conv1 = fixed.get_submodule("conv1")
-    assert (conv1.weight[:PRUNED] == 0).all() and conv1.bias[:PRUNED].abs().min() > 0
+    pruned = pruned_digits["pruned"]
+    assert (conv1.weight[pruned] == 0).all() and conv1.bias[pruned].abs().min() > 0
     s_w = conv1.weight_scale.numpy()
     fixed_acc = recipe.accuracy(fixed, split.x_test, split.y_test)
     print(f"pruned digits: float {float_acc:.4f}, fake quant {fq_acc:.4f}, fixed {fixed_acc:.4f}")
-    assert float_acc > 0.9, float_acc
-    assert abs(fixed_acc - fq_acc) <= 0.01, (float_acc, fq_acc, fixed_acc)
-    assert fixed_acc >= float_acc - 0.02, (float_acc, fq_acc, fixed_acc)
+    # measured: float 75.6 %, fake quant 74.7 %, fixed point 74.4 % (63.8 % with the 2^-40
+    # floor, which saturated the pruned channels' biases)
+    assert float_acc > 0.7, float_acc
+    assert abs(fixed_acc - fq_acc) <= 0.015, (float_acc, fq_acc, fixed_acc)
     # the pruned channels' scales come from their biases, not the 2^-40 floor
-    assert s_w[:PRUNED].min() > 2.0**-30
+    assert s_w[pruned.numpy()].min() > 2.0**-30
 
 
 # ------------------------------------------------------------------------------ refusals

@@ -61,6 +61,16 @@ class QQuantStub(QModule):
         if isinstance(x, QTensor):
             raise fail("QK000", "QuantStub received an already quantized tensor.",
                        "remove the second QuantStub on this path")
+        if self.training and torch.is_grad_enabled():
+            raise fail("QK000", "the fixed-point model is being trained (train() mode with "
+                       "gradients): its weights are integers and it has no gradients.",
+                       "train the QAT model (before qk.convert) and convert it again; call "
+                       "model.eval() to run the fixed-point model")
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise fail("QK000", "the fixed-point model's QuantStub needs a float tensor, got "
+                       + (f"a {str(x.dtype).removeprefix('torch.')} tensor" if isinstance(
+                           x, torch.Tensor) else type(x).__name__) + ".",
+                       "pass x.float() (uint8 images: x.float() / 255, then the normalisation)")
         q = quantize(x, self.out_scale, self.out_dtype)
         return QTensor(q.to(TORCH_DTYPE[self.out_dtype]), self.out_scale, self.out_dtype)
 

@@ -16,13 +16,15 @@ import torch.nn as nn
 from qatkit.base import hooks
 from qatkit.base.march import get_march, resolve
 from qatkit.base.modules import set_submodule
-from qatkit.quantization import meta
+from qatkit.quantization import meta, validate
 from qatkit.quantization.fake_quant import fake_quants
 from qatkit.quantization.registry import to_fixed_point
 
 
 def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Return the fixed-point model (a copy unless ``inplace``)."""
+    validate.model(model, "qk.convert")
+    validate.stage(model, "qk.convert", ("prepared",))
     m = meta.get(model)
     if m is None or not fake_quants(model):
         from qatkit.base.errors import fail

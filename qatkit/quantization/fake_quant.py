@@ -25,6 +25,7 @@ from qatkit.base import hooks, recorder
 from qatkit.base.errors import fail
 from qatkit.base.modules import unwrap, world_size
 from qatkit.base.quant_math import fake_quantize, scale_from_amax
+from qatkit.fixed_point.modules import QModule
 from qatkit.quantization.observers import FixedScaleObserver, Observer
 from qatkit.quantization.qconfig import QuantSpec
 
@@ -192,7 +193,14 @@ def set_fake_quantize(model: nn.Module, state: FakeQuantState) -> nn.Module:
     if not isinstance(state, FakeQuantState):
         raise fail("QK000", f"unknown fake-quant state {state!r}.",
                    "use qk.FakeQuantState.CALIBRATION, QAT or VALIDATION")
+    if not isinstance(model, nn.Module):
+        raise fail("QK000", "qk.set_fake_quantize needs a torch.nn.Module, got "
+                   f"{type(model).__name__}.", "pass the prepared model")
     inner = unwrap(model)
+    if any(isinstance(m, QModule) for m in inner.modules()):
+        raise fail("QK000", "qk.set_fake_quantize got a converted (fixed-point) model: it has "
+                   "no fake quants, its scales are frozen integers.",
+                   "use the prepared (calibrated/QAT) model it was converted from")
     fqs = prepared_fake_quants(inner)
     world = world_size()
     # Listeners: distributed calibration merges the ranks' statistics first (answering True

@@ -20,9 +20,10 @@ from typing import Any
 import torch.nn as nn
 
 from qatkit.base import hooks
+from qatkit.base.errors import QatkitError
 from qatkit.base.march import get_march
 from qatkit.base.modules import set_submodule
-from qatkit.quantization import meta
+from qatkit.quantization import meta, validate
 from qatkit.quantization import trace as tr
 from qatkit.quantization.compat import from_torch_ao
 from qatkit.quantization.fake_quant import FakeQuantize
@@ -59,13 +60,22 @@ def prepare(model: nn.Module, example_inputs: Any,
     ``input_source="camera"`` declares centered YUV444 input (checked by QK005);
     ``history`` (per-epoch ``train_loss``/``val_loss``/``train_acc``/``val_acc`` of the float
     training) is checked for overfitting (QK009)."""
+    validate.model(model, "qk.prepare")
+    validate.stage(model, "qk.prepare", ("float", "prepared"))
+    validate.inputs(example_inputs, "qk.prepare")
     march = get_march(required=True)
     model = from_torch_ao(copy.deepcopy(model))
-    if fuse:
-        model = fuse_model(model, example_inputs, inplace=True)
-    mapping = as_mapping(qconfig)
-    qconfigs = mapping.resolve(model)
-    g = tr.trace(model, example_inputs)
+    try:
+        if fuse:
+            model = fuse_model(model, example_inputs, inplace=True)
+        mapping = as_mapping(qconfig)
+        qconfigs = mapping.resolve(model)
+        g = tr.trace(model, example_inputs)
+    except QatkitError:
+        raise
+    except Exception as e:  # the model's own forward: one clear line, the cause chained
+        raise validate.forward_error(e, "example_inputs") from e
+    validate.outputs_dequantized(g)  # else the fixed-point model would return a QTensor
     hooks.emit("prepare", model=model, march=march, graph=g, example_inputs=example_inputs,
                qconfigs=qconfigs, processor=processor, input_source=input_source,
                history=history)  # the doctor's prepare-stage rules: an error raises here
