@@ -61,11 +61,6 @@ class QQuantStub(QModule):
         if isinstance(x, QTensor):
             raise fail("QK000", "QuantStub received an already quantized tensor.",
                        "remove the second QuantStub on this path")
-        if self.training and torch.is_grad_enabled():
-            raise fail("QK000", "the fixed-point model is being trained (train() mode with "
-                       "gradients): its weights are integers and it has no gradients.",
-                       "train the QAT model (before qk.convert) and convert it again; call "
-                       "model.eval() to run the fixed-point model")
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise fail("QK000", "the fixed-point model's QuantStub needs a float tensor, got "
                        + (f"a {str(x.dtype).removeprefix('torch.')} tensor" if isinstance(
@@ -81,6 +76,12 @@ class QDeQuantStub(nn.Module):
     _qatkit_leaf = True
 
     def forward(self, x: Any) -> torch.Tensor:
+        # convert leaves the model in eval(); train() mode with gradients means training
+        if self.training and torch.is_grad_enabled():
+            raise fail("QK000", "the fixed-point model is being trained (train() mode with "
+                       "gradients): its weights are integers and it has no gradients.",
+                       "train the QAT model (before qk.convert) and convert it again; call "
+                       "model.eval() to run the fixed-point model")
         return x.dequantize() if isinstance(x, QTensor) else x
 
 

@@ -42,7 +42,7 @@ def model(m: Any, who: str) -> nn.Module:
                            "(it has no values), so nothing can be calibrated or converted.",
                            "materialise the model first (model.to_empty(device='cpu') and "
                            "load its weights)")
-            if t.is_floating_point() and t.dtype != torch.float32:
+            if kind == "parameter" and t.is_floating_point() and t.dtype != torch.float32:
                 raise fail("QK000", f"{who}: the model's {kind} {name!r} is {_dtype(t)}; "
                            "qatkit quantizes float32 models (fake quant and the fixed-point "
                            "rules are float32 arithmetic).",
@@ -79,16 +79,21 @@ def inputs(x: Any, who: str) -> tuple[Any, ...]:
         raise fail("QK000", f"{who}: example_inputs is empty.",
                    "pass one input batch, e.g. x[:2], or a tuple (x1, x2)")
     for i, a in enumerate(args):
-        tensor(a, who, f"input {i}")
+        tensor(a, who, f"input {i}", dtypes=False)
+        if isinstance(a, torch.Tensor) and a.numel() == 0:  # (an empty calibration shard is fine)
+            raise fail("QK000", f"{who}: input {i} is empty (shape {tuple(a.shape)}).",
+                       "pass at least one sample")
     return args
 
 
-def tensor(t: Any, who: str, what: str) -> None:
-    """Tensors entering the model: floating point, not empty; other leaves (None, numbers,
-    strings) pass, since the model's own signature decides about them."""
+def tensor(t: Any, who: str, what: str, dtypes: bool = False) -> None:
+    """Tensors entering the model: torch tensors with values; with ``dtypes``, float32. Other
+    leaves (None, numbers, strings) pass, since the model's own signature decides about them.
+    Integer inputs that do not enter a QuantStub (indices, masks) are the model's business:
+    a QuantStub itself refuses a non-float tensor."""
     if isinstance(t, (tuple, list)):
         for i, u in enumerate(t):
-            tensor(u, who, f"{what}[{i}]")
+            tensor(u, who, f"{what}[{i}]", dtypes)
         return
     if hasattr(t, "__array__") and not isinstance(t, torch.Tensor):
         raise fail("QK000", f"{who}: {what} is a {type(t).__name__}, not a torch.Tensor.",
@@ -98,6 +103,8 @@ def tensor(t: Any, who: str, what: str) -> None:
     if t.is_meta:
         raise fail("QK000", f"{who}: {what} is on the meta device (no values).",
                    "pass real data")
+    if not dtypes:
+        return
     if not t.is_floating_point():
         hint = ("x.float() / 255 (then your training normalisation)" if t.dtype == torch.uint8
                 else "x.float()")
@@ -106,9 +113,6 @@ def tensor(t: Any, who: str, what: str) -> None:
     if t.dtype != torch.float32:
         raise fail("QK000", f"{who}: {what} is {_dtype(t)}; qatkit models take float32 inputs.",
                    "pass x.float()")
-    if t.numel() == 0:
-        raise fail("QK000", f"{who}: {what} is empty (shape {tuple(t.shape)}).",
-                   "pass at least one sample")
 
 
 def batches(data: Any, who: str) -> Iterable[Any]:
