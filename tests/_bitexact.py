@@ -15,11 +15,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 from hypothesis import strategies as st
 
 import qatkit as qk
+from qatkit.base.errors import QatkitError
 from qatkit.base.qtensor import QTensor
 from qatkit.base.quant_math import TORCH_DTYPE
 from qatkit.quantization.fake_quant import fake_quants
@@ -267,9 +269,21 @@ def assert_floats(got: torch.Tensor, want: np.ndarray, what: str = "") -> None:
         raise AssertionError(f"{what}: {n} of {g.size} float32 values differ in their bits")
 
 
-def weight_scales_from_range(w: np.ndarray, channel_axis: int = 0) -> np.ndarray:
-    """Per-output-channel weight scales made independently by the reference (section 2)."""
-    w = np.moveaxis(np.asarray(w, dtype=np.float32), channel_axis, 0)
-    flat = w.reshape(w.shape[0], -1)
-    return np.array([R.scale_from_range(float(r.min()), float(r.max()), "qint8") for r in flat],
-                    dtype=np.float32)
+def weight_scales_from_range(w: np.ndarray, b: np.ndarray | None = None, channel_axis: int = 0
+                             ) -> np.ndarray:
+    """Per-output-channel weight scales made independently by the reference (sections 2, 5;
+    an all-zero channel takes its range from its bias)."""
+    return R.weight_scales(np.moveaxis(np.asarray(w, dtype=np.float32), channel_axis, 0), b)
+
+
+def agree(run: Any, reference: Any) -> tuple[Any, Any]:
+    """``(run(), reference())``, or ``(None, None)`` when the reference says the spec refuses
+    the case (``R.Refused``): then the fixed-point model must refuse too, with QK105."""
+    try:
+        want = reference()
+    except R.Refused:
+        with pytest.raises(QatkitError) as err:
+            run()
+        assert err.value.code == "QK105", err.value
+        return None, None
+    return run(), want

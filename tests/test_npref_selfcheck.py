@@ -202,8 +202,12 @@ def test_conv2d_quantized_output_and_activations() -> None:
     assert relu6.ravel().tolist() == [0, 0, 0, 2, 6, 10, 24, 24]  # 6 / 0.25 = 24
     ht = R.conv2d(q_in, s_in, w, None, s_w, s_out, "qint16", activation=("hardtanh", -2.0, 100.0))
     assert ht.ravel().tolist() == [-2, -1, 0, 1, 2, 3, 100, 100]
-    acc = R.conv2d(q_in * 2**24, s_in, w, None, s_w, s_out, "qint8", mode="accumulator")
-    assert acc.ravel().tolist()[:3] == [-(2**31), -3 * 2**24, -(2**24)]  # int32 saturation
+    acc = R.conv2d(q_in[..., :7] * 2**21, s_in, w, None, s_w, s_out, "qint8", mode="accumulator")
+    assert acc.ravel().tolist()[:3] == [-300 * 2**21, -3 * 2**21, -(2**21)]
+    with pytest.raises(R.Refused):  # an int32 output int32 cannot hold is refused (§5)
+        R.conv2d(q_in * 2**24, s_in, w, None, s_w, s_out, "qint8", mode="accumulator")
+    with pytest.raises(R.Refused):  # so is a bias beyond int32 at s_in * s_w
+        R.quantize_bias(np.float32([2.0**40]), s_in, s_w)
 
 
 torch = pytest.importorskip("torch")

@@ -45,6 +45,7 @@ from qatkit.analysis.sensitivity import (
     targets,
 )
 from qatkit.analysis.sensitivity_qconfig import sensitivity_qconfig, try_sensitivity_qconfig
+from qatkit.base import files
 from qatkit.base.errors import QatkitError, QatkitWarning, fail, strict
 from qatkit.base.march import March, get_march, resolve, set_march
 from qatkit.quantization.registry import unsupported_ops
@@ -414,16 +415,14 @@ def write_report(path: str | os.PathLike, model_float: nn.Module, model_quant: n
     if os.path.abspath(json_path) == os.path.abspath(path):
         raise fail("QK000", f"the report path {path!r} would be overwritten by its JSON.",
                    "name the report something.html")
+    for p in (path, json_path):  # before the long build, not after it
+        files.check_output(p)
     r = build(model_float, model_quant, example_inputs, data, march, **options)
     r["files"] = {"html": os.path.basename(path), "json": os.path.basename(json_path)}
     page = render_html(r)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    with open(json_path, "w", encoding="utf-8") as fh:
-        json.dump(r, fh, indent=1, allow_nan=False)
-        fh.write("\n")
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(page)
+    text = json.dumps(r, indent=1, allow_nan=False) + "\n"
+    files.write_text(json_path, text)  # each atomic: old or new, never half a file
+    files.write_text(path, page)
     return r
 
 

@@ -4,12 +4,14 @@ Which operators a march lacks is a fact of each operator: ``qatkit.quantization.
 
 A march ("micro-architecture") decides which dtypes and operators compile and whether scales
 must be powers of two. ``set_march`` accepts a march or a processor name and works as a context
-manager; ``prepare`` refuses to run without one (rule QK002).
+manager; ``prepare`` refuses to run without one (rule QK002). The setting is per thread and
+per ``contextvars`` context: two threads preparing for different marches never mix them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -86,7 +88,10 @@ PROCESSORS: dict[str, str] = {
     p.upper(): m.name for m in MARCHES.values() for p in m.processors
 }
 
-_current: March | None = None
+# The march of this thread / asyncio context: threads never see each other's setting (each
+# thread starts with none). A model keeps the march it was prepared for (qatkit_meta).
+_current: contextvars.ContextVar[March | None] = contextvars.ContextVar("qatkit_march",
+                                                                         default=None)
 
 
 def _valid_names() -> str:
@@ -123,35 +128,33 @@ class _MarchSetting(contextlib.AbstractContextManager):
         self.previous = previous
 
     def __exit__(self, *exc: object) -> None:
-        global _current
-        _current = self.previous
+        _current.set(self.previous)
 
 
 def set_march(march: str | March | None = None, *, processor: str | None = None
               ) -> _MarchSetting:
     """Set the target march for prepare/convert: ``set_march("nash-e")`` or
     ``set_march(processor="J6E")``. Also usable as ``with qk.set_march(...):``."""
-    global _current
-    previous = _current
-    _current = resolve(march, processor)
+    previous = _current.get()
+    _current.set(resolve(march, processor))
     return _MarchSetting(previous)
 
 
 def get_march(required: bool = False) -> March | None:
     """The march set by :func:`set_march` (None, or QK002 when ``required``, if none is)."""
-    if required and _current is None:
+    current = _current.get()
+    if required and current is None:
         raise fail("QK002", "no march is set, so qatkit cannot know which dtypes, operators and "
                    "scale rules the target processor has.",
                    "call qk.set_march('nash-e') or qk.set_march(processor='J6E') before prepare")
-    return _current
+    return current
 
 
 @contextlib.contextmanager
 def no_march() -> Iterator[None]:
     """Run with no march set (used by tests and the doctor)."""
-    global _current
-    old, _current = _current, None
+    token = _current.set(None)
     try:
         yield
     finally:
-        _current = old
+        _current.reset(token)

@@ -201,17 +201,19 @@ def _warned(caught: list, func: str) -> list[Any]:
 
 def run(args: argparse.Namespace) -> int:
     """``qatkit doctor``: 0 no error-level finding, 1 at least one, 2 usage error."""
+    from qatkit.base.files import output_problem, write_text
     try:
         if args.input_shape:
             parse_shape(args.input_shape)  # a bad shape is reported before importing FILE
+        if args.output and output_problem(args.output):
+            raise UsageError(f"--output: {output_problem(args.output)}")
         report = _build(args)
         fmt = args.format
         if args.output:
             text = (report.to_json() + "\n" if fmt == "json" else
                     report.to_html() if fmt == "html" else report.to_text())
             try:
-                with open(args.output, "w", encoding="utf-8") as fh:
-                    fh.write(text)
+                write_text(args.output, text)  # atomic
             except OSError as e:
                 raise UsageError(f"cannot write {args.output}: {e.strerror}") from None
         elif fmt == "json":

@@ -43,16 +43,40 @@ def main(argv: list[str] | None = None) -> int:
             continue  # e.g. bench: only where the repository's bench/ is installed
         p = sub.add_parser(name, help=help_text, description=help_text)
         mod.add_arguments(p)
-    args = parser.parse_args(argv)
-    from qatkit.base.errors import QatkitError
     try:
-        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+        args = parser.parse_args(argv)
+        return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C: the conventional 128 + SIGINT, no traceback
+        print("qatkit: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `qatkit marches --json | head -1`: the reader left; be silent
+        _silence_stdout()
+        return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from qatkit.base.errors import QatkitError
+    from qatkit.cli.target import UsageError
+    try:
+        code = int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers
+        return code
     except QatkitError as e:
-        print(f"qatkit {args.command}: {e}", file=sys.stderr)
+        print(f"qatkit {args.command}: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
-    except FileNotFoundError as e:
-        print(f"qatkit {args.command}: {e}", file=sys.stderr)
+    except (UsageError, FileNotFoundError) as e:
+        print(f"qatkit {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush raises nothing."""
+    import os
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from qatkit.cli.target import UsageError, load_target
+from qatkit.cli.target import UsageError, int_at_least, load_target, positive_float
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,13 +28,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="demo dataset")
     p.add_argument("--damage", metavar="LAYER",
                    help="demo: multiply LAYER's output scale by --damage-factor before convert")
-    p.add_argument("--damage-factor", type=float, default=20.0)
-    p.add_argument("--epochs", type=int, default=None, help="demo float epochs")
-    p.add_argument("--qat-epochs", type=int, default=3, help="demo QAT epochs")
+    p.add_argument("--damage-factor", type=positive_float, default=20.0)
+    p.add_argument("--epochs", type=int_at_least(1), default=None, help="demo float epochs")
+    p.add_argument("--qat-epochs", type=int_at_least(0), default=3, help="demo QAT epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--march", help="target march or processor (default: the model's)")
-    p.add_argument("--budget", type=int, default=2, help="layers to suggest for int16")
-    p.add_argument("--samples", type=int, default=256,
+    p.add_argument("--budget", type=int_at_least(0), default=2,
+                   help="layers to suggest for int16")
+    p.add_argument("--samples", type=int_at_least(1), default=256,
                    help="samples in the per-layer comparison batch")
     p.add_argument("--output", "-o", default="qatkit-report.html", metavar="PATH",
                    help="HTML file to write (its data goes to PATH with .json)")
@@ -73,12 +74,20 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from qatkit.analysis.report import write_report
+    from qatkit.base.files import output_problem
     from qatkit.demo.recipe import report_models
     try:
         if args.demo == bool(args.target):
             raise _Usage("give either --demo or FILE.py:FUNC")
         if not args.demo and args.damage:
             raise _Usage("--damage applies to --demo only")
+        json_out = os.path.splitext(args.output)[0] + ".json"
+        for out in (args.output, json_out):  # before the long run, and DIR.json untouched
+            problem = output_problem(out)
+            if problem:
+                raise _Usage(f"--output: {problem}")
+        if os.path.abspath(json_out) == os.path.abspath(args.output):
+            raise _Usage("--output must not end in .json (the JSON goes beside it)")
         threads = args.threads if args.threads is not None else (1 if args.demo else None)
         if threads is not None:
             if threads < 1:

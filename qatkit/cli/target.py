@@ -56,5 +56,33 @@ def load_target(target: str) -> Any:
     return fn
 
 
+def int_at_least(lo: int) -> Any:
+    """An argparse ``type``: an integer ``>= lo`` (else argparse's one-line usage error)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite float ``> 0``."""
+    import argparse
+    import math
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())

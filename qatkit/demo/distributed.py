@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -83,7 +84,8 @@ def train_ddp(model: nn.Module, split: Any, epochs: int, lr: float, seed: int,
 
 
 def _demo_worker(rank: int, world: int, dataset: str, march: str, qat_epochs: int, seed: int,
-                 float_path: str, save_dir: str | None, work: str) -> dict[str, Any]:
+                 float_path: str, save_dir: str | None, work: str, run_id: str = ""
+                 ) -> dict[str, Any]:
     from qatkit.demo import recipe as demo
     torch.manual_seed(seed)
     split = demo.load(dataset, seed)
@@ -117,10 +119,9 @@ def _demo_worker(rank: int, world: int, dataset: str, march: str, qat_epochs: in
         out = save_dir or work
         if rank == 0 and save_dir:
             os.makedirs(save_dir, exist_ok=True)
-        save(float_model, os.path.join(out, "float.pt"))
-        save(calib, os.path.join(out, "calibrated.pt"))
-        save(qat, os.path.join(out, "qat.pt"))
-        save(quantized, os.path.join(out, "quantized.pt"))
+        for name, m in (("float", float_model), ("calibrated", calib), ("qat", qat),
+                        ("quantized", quantized)):  # atomic; the run id marks this run's files
+            save(m, os.path.join(out, name + ".pt"), run=run_id or None)
         back = prepare(float_model, example, qconfig=default_qat_qconfig())
         load(back, os.path.join(out, "qat.pt"))
         mine, ref = back.state_dict(), qat.state_dict()
@@ -153,7 +154,7 @@ def run_demo(args: Any) -> dict[str, Any]:
         float_path = os.path.join(work, "float_weights.pt")
         torch.save(float_model.state_dict(), float_path)
         results = spawn(_demo_worker, nproc, args.dataset, march, qat_epochs, seed,
-                        float_path, args.save, work)
+                        float_path, args.save, work, uuid.uuid4().hex)
     r0 = results[0]
     return {
         "dataset": split.name, "march": march, "float_accuracy": float_acc,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
 from typing import Any
 
 import torch
@@ -252,14 +253,15 @@ def run(dataset: str = "digits", march: str = "nash-e", epochs: int | None = Non
         quant_acc = accuracy(quantized, split.x_test, split.y_test)
         saved = []
         agree = agreement(qat, quantized, split.x_test)
-        if save:
+        if save:  # each file atomic, all marked with this run's id (checkpoint.load_run)
             os.makedirs(save, exist_ok=True)
+            run_id = uuid.uuid4().hex
             for name, model, what in (("float.pt", float_model, "float model"),
                                       ("calibrated.pt", calib, "calibrated (fake quant)"),
                                       ("qat.pt", qat, "after QAT (fake quant)"),
                                       ("quantized.pt", quantized, "fixed point, from QAT")):
                 path = os.path.join(save, name)
-                checkpoint.save(model, path)
+                checkpoint.save(model, path, run=run_id)
                 saved.append({"path": path, "model": what, "bytes": os.path.getsize(path)})
     return {
         "saved": saved,

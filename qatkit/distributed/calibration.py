@@ -32,8 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import re
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -213,6 +217,56 @@ def _split(flat: torch.Tensor, acts: list[tuple[str, FakeQuantize]]) -> list[tor
 class _Session:
     group: Any
     fq_ids: frozenset[int]
+    timeout_s: float = 60.0
+    failed: bool = False  # a rank's failure was announced: no more collectives
+
+
+def sync_timeout_s() -> float:
+    """How long a rank waits at a synchronization point of synchronized calibration for the
+    others (``QATKIT_SYNC_TIMEOUT_S``, default 60 s) before failing, naming the late ranks."""
+    try:
+        return max(0.1, float(os.environ.get("QATKIT_SYNC_TIMEOUT_S", "60")))
+    except ValueError:
+        raise fail("QK000", "QATKIT_SYNC_TIMEOUT_S must be a number of seconds, got "
+                   f"{os.environ['QATKIT_SYNC_TIMEOUT_S']!r}.", "e.g. QATKIT_SYNC_TIMEOUT_S=30"
+                   ) from None
+
+
+def _status(session: _Session, error: BaseException | None = None) -> None:
+    """The rendezvous at each synchronization point: every rank arrives within the session's
+    timeout (a gloo ``monitored_barrier`` that names the late ranks) and says whether it failed.
+    A rank that failed calls this from its error path, meeting the others at their next
+    synchronization point, so that every rank stops at once with an error naming it instead
+    of waiting in a mismatched collective until torch's timeout. Collective."""
+    group, rank = session.group, _rank(session.group)
+    try:
+        if dist.get_backend(group) == "gloo":
+            dist.monitored_barrier(group=group, timeout=timedelta(seconds=session.timeout_s),
+                                   wait_all_ranks=True)
+        else:  # monitored_barrier is gloo's; other backends keep their own timeout
+            dist.barrier(group=group)
+    except RuntimeError as e:
+        session.failed = True
+        late = sorted({int(r) for r in re.findall(r"[Rr]anks?\s*:?\s*\[?([\d, ]+)", str(e))
+                       for r in re.findall(r"\d+", r) if int(r) != rank}) or ["?"]
+        if error is not None:
+            return  # this rank's own error is the one to raise
+        raise fail("QK004", f"synchronized calibration: rank {', '.join(map(str, late))} did not "
+                   f"reach the synchronization point within {session.timeout_s:g} s (it failed, "
+                   "hangs or calibrates far more data); this rank stops too.",
+                   "look at that rank's own error; raise QATKIT_SYNC_TIMEOUT_S if its shard is "
+                   "simply slower") from None
+    mine = "" if error is None else f"{type(error).__name__}: {' '.join(str(error).split())}"
+    every: list[Any] = [None] * world_size(group)
+    dist.all_gather_object(every, mine, group=group)
+    failed = [(r, m) for r, m in enumerate(every) if m]
+    if failed:
+        session.failed = True
+        if error is None:
+            r, m = failed[0]
+            raise fail("QK004", f"synchronized calibration: rank {r} failed ({m[:300]}); every "
+                       "rank stops, since the statistics cannot be merged without it.",
+                       f"fix the error of rank {r} and start all ranks again")
 
 
 _sessions: list[_Session] = []
@@ -232,7 +286,8 @@ def _session_of(fqs: list[FakeQuantize]) -> _Session | None:
 
 
 @contextlib.contextmanager
-def synchronized_calibration(model: nn.Module, group: Any = None) -> Iterator[nn.Module]:
+def synchronized_calibration(model: nn.Module, group: Any = None, timeout_s: float | None = None
+                             ) -> Iterator[nn.Module]:
     """Calibrate ``model`` on every rank of ``group``, each on its own shard; leaving
     CALIBRATION inside the block merges the statistics and shares rank 0's scales.
 
@@ -241,7 +296,11 @@ def synchronized_calibration(model: nn.Module, group: Any = None) -> Iterator[nn
     rank can compute scales from its own shard afterwards. Pass the unwrapped model and call it
     directly: a DistributedDataParallel with ``broadcast_buffers`` copies rank 0's observer
     buffers over the other ranks' before forwards with gradients enabled. Yields the model.
-    In one process the block is plain calibration."""
+    In one process the block is plain calibration.
+
+    A rank that fails inside the block makes every rank fail at its next synchronization point
+    with a QK004 error naming it; a rank that does not arrive within ``timeout_s`` (default
+    :func:`sync_timeout_s`) is named the same way, instead of torch's 30-minute timeout."""
     if isinstance(model, nn.parallel.DistributedDataParallel) and model.broadcast_buffers:
         raise fail("QK004", "synchronized calibration got a DistributedDataParallel with "
                    "broadcast_buffers=True: it copies rank 0's observer buffers over the other "
@@ -253,10 +312,16 @@ def synchronized_calibration(model: nn.Module, group: Any = None) -> Iterator[nn
     if world_size(group) > 1:
         _check_same_setup(inner, fqs, group, "synchronized calibration")
         _check_mergeable(fqs)  # same verdict on every rank: the setups are equal
-    session = _Session(group, frozenset(id(fq) for _, fq in fqs))
+    session = _Session(group, frozenset(id(fq) for _, fq in fqs),
+                       sync_timeout_s() if timeout_s is None else float(timeout_s))
     _sessions.append(session)
     try:
-        yield model
+        try:
+            yield model
+        except BaseException as e:  # tell the other ranks at their next synchronization point
+            if world_size(group) > 1 and not session.failed:
+                _status(session, e)
+            raise
         if any(fq.state is FakeQuantState.CALIBRATION for _, fq in fqs):
             set_fake_quantize(inner, FakeQuantState.VALIDATION)
     finally:
@@ -277,6 +342,7 @@ def on_set_state(model: nn.Module, fqs: list[FakeQuantize], state: FakeQuantStat
     leaving = [fq for fq in fqs if fq.state is FakeQuantState.CALIBRATION and not fq.is_weight]
     synced = False
     if leaving and session is not None:
+        _status(session)
         _synchronize(model, leaving, session.group)
         synced = True
     if state is FakeQuantState.QAT:
@@ -446,12 +512,12 @@ def check_loader(data: Iterable[Any]) -> None:
 
 
 def calibrate(model: nn.Module, data: Iterable[Any], progress: bool = False,
-              group: Any = None) -> nn.Module:
+              group: Any = None, timeout_s: float | None = None) -> nn.Module:
     """``qk.calibrate(model, data, synchronize=True)`` over the ranks of ``group``: each rank
     calibrates on its ``data`` (its shard); the statistics are merged. Takes a DDP model too
     (its ``.module`` is calibrated directly, without DDP's buffer broadcasts)."""
     inner = unwrap(model)
-    with synchronized_calibration(inner, group):
+    with synchronized_calibration(inner, group, timeout_s):
         calibrate_model(inner, data, progress)
     return model
 
@@ -476,6 +542,7 @@ def _calibration_batches(model: nn.Module, batches: int) -> int | None:
     session = _session_of([fq for _, fq in fake_quants(model)])
     if session is None or world_size(session.group) == 1:
         return None
+    _status(session)  # a rank that failed in its calibration loop says so here
     # collective: an empty shard is fine, no data on any rank is not
     t = torch.tensor([batches], dtype=torch.int64, device=_device(session.group))
     dist.all_reduce(t, group=session.group)
@@ -485,8 +552,8 @@ def _calibration_batches(model: nn.Module, batches: int) -> int | None:
 @hooks.on("calibration_stop")
 def _calibration_stop(model: nn.Module) -> None:
     stack = _opened.pop(id(model), None)
-    if stack is not None:
-        stack.close()
+    if stack is not None:  # called from calibrate's finally: pass on the error, if any
+        stack.__exit__(*sys.exc_info())
 
 
 @hooks.on("fake_quant_state")

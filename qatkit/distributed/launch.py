@@ -49,7 +49,8 @@ def ddp(model: nn.Module, group: Any = None, **kwargs: Any
     return nn.parallel.DistributedDataParallel(inner, process_group=group, **kwargs)
 
 
-def save(model: nn.Module, path: str | os.PathLike, group: Any = None) -> None:
+def save(model: nn.Module, path: str | os.PathLike, group: Any = None, run: str | None = None
+         ) -> None:
     """Rank 0 writes ``qatkit.quantization.checkpoint.save(unwrap(model))`` (atomically); every
     rank waits, so all can :func:`load` it right after. Refused while still calibrating: the scales
     are not merged yet."""
@@ -62,9 +63,7 @@ def save(model: nn.Module, path: str | os.PathLike, group: Any = None) -> None:
                    "leave calibration first (qk.set_fake_quantize(model, VALIDATION) inside the "
                    "synchronized calibration) and save then")
     if _rank(group) == 0:
-        tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-        checkpoint.save(inner, tmp)
-        os.replace(tmp, path)
+        checkpoint.save(inner, path, run=run)  # atomic
     if world_size(group) > 1:
         dist.barrier(group=group)
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from qatkit.base.errors import fail
 from qatkit.base.quant_math import along, qrange
 from qatkit.fixed_point import epilogue
 
@@ -192,10 +193,39 @@ def quantize_weight(w: torch.Tensor, s_w: torch.Tensor, dtype: str = "qint8") ->
         *qrange(dtype)).to(TORCH_DTYPE[dtype])
 
 
-def quantize_bias(b: torch.Tensor, s_in: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
+def quantize_bias(b: torch.Tensor, s_in: torch.Tensor, s_w: torch.Tensor, who: str = "a layer"
+                  ) -> torch.Tensor:
+    """``round_half_even(b / (s_in * s_w))`` (section 5). A bias int32 cannot hold at that
+    scale is refused (QK105), never clipped: clipping would change the channel's output."""
     acc_scale = s_in.to(torch.float32).to(torch.float64) * s_w.to(torch.float64)
     q = torch.round(b.to(torch.float32).to(torch.float64) / acc_scale)
-    return q.clamp(*qrange("qint32")).to(torch.int64)
+    lo, hi = qrange("qint32")
+    bad = ~((q >= lo) & (q <= hi))  # NaN counts as bad
+    if bool(bad.any()):
+        c = int(bad.nonzero()[0, 0])
+        raise fail("QK105", f"{who}: the bias {float(b[c]):.6g} of output channel {c} is "
+                   f"{float(q[c]):.4g} at the accumulator scale s_in * s_w = "
+                   f"{float(acc_scale[c]):.4g}, beyond int32 [{lo}, {hi}]; the fixed-point "
+                   "model cannot hold it and clipping would change the channel's output.",
+                   "the channel's weights are tiny next to its bias: prune the channel (all-zero "
+                   "weights get a scale from the bias), clip or regularise the bias in training, "
+                   "or use a larger input scale")
+    return q.to(torch.int64)
+
+
+def check_int32(acc: torch.Tensor, who: str) -> None:
+    """Refuse (QK105) an int32 output (high-precision or accumulator, section 5) whose exact
+    value int32 cannot hold: saturating it would be silently wrong."""
+    lo, hi = qrange("qint32")
+    if not acc.numel():
+        return
+    amin, amax = int(acc.min()), int(acc.max())
+    if amin < lo or amax > hi:
+        raise fail("QK105", f"{who}: its int32 output (high-precision or accumulator) needs "
+                   f"{amin if amin < lo else amax}, beyond int32 [{lo}, {hi}]; the fixed-point "
+                   "model would saturate it.",
+                   "give the layer a quantized output (drop high_precision_output), use int8 "
+                   "inputs for it, or reduce the input range")
 
 
 def accumulator_scale(s_in: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:

@@ -125,6 +125,11 @@ class QQuantStub(QModule):
         if isinstance(x, QTensor):
             raise fail("QK000", "QuantStub received an already quantized tensor.",
                        "remove the second QuantStub on this path")
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise fail("QK000", "the fixed-point model's QuantStub needs a float tensor, got "
+                       + (f"a {str(x.dtype).removeprefix('torch.')} tensor" if isinstance(
+                           x, torch.Tensor) else type(x).__name__) + ".",
+                       "pass x.float() (uint8 images: x.float() / 255, then the normalisation)")
         s = self.real("out_scale")
         q = quantize(x, s, self.out_dtype)
         return QTensor(q.to(TORCH_DTYPE[self.out_dtype]), s, self.out_dtype)
@@ -136,6 +141,12 @@ class QDeQuantStub(nn.Module):
     _qatkit_leaf = True
 
     def forward(self, x: Any) -> torch.Tensor:
+        # convert leaves the model in eval(); train() mode with gradients means training
+        if self.training and torch.is_grad_enabled():
+            raise fail("QK000", "the fixed-point model is being trained (train() mode with "
+                       "gradients): its weights are integers and it has no gradients.",
+                       "train the QAT model (before qk.convert) and convert it again; call "
+                       "model.eval() to run the fixed-point model")
         return x.dequantize() if isinstance(x, QTensor) else x
 
 
@@ -158,7 +169,9 @@ class _QWeighted(QModule):
         app = qat.activation_post_process
         super().__init__(None if app is None else app.scale,
                          "qint32" if app is None else app.dtype)
-        s_w, bias = qat.weight_fake_quant.weight_scale(w_oc_first), qat.bias
+        bias = qat.bias
+        s_w = qat.weight_fake_quant.weight_scale(w_oc_first, bias)  # zero channels: section 5
+        self.qualified_name = ""  # convert names it, for errors about this module
         self.output_mode, self.activation = qat.output_mode, activation
         self.register_buffer("weight_scale", s_w.detach().clone().to(torch.float32))
         self.register_buffer("weight", fp.quantize_weight(w_oc_first.detach(), s_w,
@@ -173,7 +186,7 @@ class _QWeighted(QModule):
         weight, s_w, s_o = self.real("weight"), self.real("weight_scale"), self.real("out_scale")
         bias = self.real("bias")
         b = bias if bias is not None else torch.zeros(weight.shape[0], device=weight.device)
-        c = {"q_b": fp.quantize_bias(b, s_in, s_w),
+        c = {"q_b": fp.quantize_bias(b, s_in, s_w, self._who()),
              "method": fp.conv_method(weight, x.dtype, getattr(self, "groups", 1))
              if not isinstance(self, QConvTranspose2d) else fp.transposed_method(weight, x.dtype)}
         if self.output_mode == "quantized":
@@ -184,12 +197,18 @@ class _QWeighted(QModule):
             c["f64"] = fp.requant_plan(*c["mn"], c["q_b"], fp.acc_bound(weight, x.dtype))
         else:
             c["acc_scale"] = fp.accumulator_scale(s_in, s_w)
-        c["w"] = self._prepared_weight(weight, c["method"])
+            # int32 output: checked on every call unless a static bound proves it fits
+            c["check"] = fp.acc_bound(weight, x.dtype) + int(
+                c["q_b"].abs().max()) >= fp.INT32_EXACT
         return c
 
     def _prepared_weight(self, weight: torch.Tensor, method: str) -> torch.Tensor:
         """The weights in the layout the kernel of ``method`` reads."""
         raise NotImplementedError
+
+    def _who(self) -> str:
+        name = getattr(self, "qualified_name", "")
+        return f"{type(self).__name__} {name!r}" if name else type(self).__name__
 
     def _finish(self, acc: torch.Tensor, c: dict[str, Any], axis: int) -> QTensor:
         if self.output_mode == "quantized" and c["f64"] is not None:
@@ -202,7 +221,9 @@ class _QWeighted(QModule):
             return QTensor(q, self.real("out_scale"), self.out_dtype)
         acc = acc.to(torch.int64) + fp.along(c["q_b"], axis, acc.dim())
         if self.output_mode != "quantized":
-            q = acc.clamp(*qrange("qint32")).to(torch.int32)
+            if c["check"]:
+                fp.check_int32(acc, self._who())
+            q = acc.to(torch.int32)
             return QTensor(q, c["acc_scale"], "qint32", axis=axis)
         q = fp.requant_mn(acc, *c["mn"], axis=axis).clamp(*c["clamp"])
         return self._out(q)

@@ -14,8 +14,9 @@ import torch
 import torch.nn as nn
 
 from qatkit.base import hooks
-from qatkit.base.errors import fail
+from qatkit.base.errors import QatkitError, fail
 from qatkit.base.modules import device_of, unwrap
+from qatkit.quantization import validate
 from qatkit.quantization.fake_quant import FakeQuantState, fake_quants, set_fake_quantize
 
 
@@ -29,7 +30,10 @@ def calibrate(model: nn.Module, data: Iterable[Any], progress: bool = False,
     the statistics are merged and the scales equal one process calibrating on all shards
     (``qatkit.distributed.calibration``, ``docs/distributed.md``). In one process it changes
     nothing."""
+    validate.model(model, "qk.calibrate")
     inner = unwrap(model)  # a DDP model: its .module, without DDP's buffer broadcasts
+    validate.stage(inner, "qk.calibrate", ("prepared",))
+    validate.batches(data, "qk.calibrate")
     # Listeners: distributed code refuses a padding DistributedSampler (samples counted twice)
     # and, with synchronize=True, opens a synchronized calibration of all ranks.
     hooks.emit("calibration_start", model=inner, data=data, synchronize=synchronize)
@@ -52,8 +56,14 @@ def _calibrate(model: nn.Module, data: Iterable[Any], progress: bool) -> None:
     dev = device_of(model)  # batches follow the model, as in qk.evaluate
     with torch.no_grad():
         for batch in it:
-            model(*(t.to(dev) if isinstance(t, torch.Tensor) else t
-                    for t in _inputs(model, batch)))
+            args = validate.batch_inputs(model, batch, "qk.calibrate")
+            args = tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in args)
+            try:
+                model(*args)
+            except QatkitError:
+                raise
+            except Exception as e:  # the model's own forward: one clear line, cause chained
+                raise validate.forward_error(e, f"calibration batch {batches}") from e
             batches += 1
     # The batch count of all ranks (synchronized calibration): an empty shard is fine, and
     # every rank raises together when there is no data at all.

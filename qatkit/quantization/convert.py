@@ -16,13 +16,15 @@ import torch.nn as nn
 from qatkit.base import hooks
 from qatkit.base.march import get_march, resolve
 from qatkit.base.modules import set_submodule
-from qatkit.quantization import forwards, meta
+from qatkit.quantization import forwards, meta, validate
 from qatkit.quantization.fake_quant import fake_quants
 from qatkit.quantization.registry import to_fixed_point
 
 
 def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Return the fixed-point model (a copy unless ``inplace``)."""
+    validate.model(model, "qk.convert")
+    validate.stage(model, "qk.convert", ("prepared",))
     m = meta.get(model)
     if m is None or not fake_quants(model):
         from qatkit.base.errors import fail
@@ -37,6 +39,8 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     for name, mod in list(model.named_modules()):
         new = to_fixed_point(mod)  # the registry row's fixed-point form
         if new is not None and name:
+            if hasattr(new, "qualified_name"):  # named in its errors (QK105)
+                new.qualified_name = name
             set_submodule(model, name, new)  # qconfig and silencing travel with it
     meta.attach(model, m.march, "converted")
     forwards.announce(model, fixed_point=True)  # keeps the QAT model's lineage number

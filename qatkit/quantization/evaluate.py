@@ -18,6 +18,7 @@ import torch.nn as nn
 from qatkit.base import hooks
 from qatkit.base.errors import fail
 from qatkit.base.modules import device_of, unwrap
+from qatkit.quantization import validate as _validate
 
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
 
@@ -48,6 +49,10 @@ def _run(model: nn.Module, batches: Iterable[Any], metric: Metric) -> float:
                            "e.g. a DataLoader over a TensorDataset, or a list of (x, y)")
             x, y = batch
             x = tuple(x) if isinstance(x, (tuple, list)) else (x,)  # several model inputs
+            _validate.tensor(x, "qk.evaluate", "the batch inputs")
+            if not isinstance(y, torch.Tensor):
+                raise fail("QK000", f"qk.evaluate: a batch's targets are a {type(y).__name__}, "
+                           "not a tensor.", "yield (inputs, targets) with targets a tensor")
             x = tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in x)
             y = y.to(dev)
             out = model(*x)
@@ -79,7 +84,10 @@ def evaluate(model: nn.Module, batches: Iterable[Any], metric: Metric = accuracy
     accuracy); the result is averaged over samples. The guards of stage "evaluate" run on
     the fixed-point model (e.g. QK008: ops added after convert)."""
     from qatkit.base.march import get_march, resolve
+    from qatkit.quantization import validate
     from qatkit.quantization.meta import get as get_meta
+    validate.model(model, "qk.evaluate")
+    validate.batches(batches, "qk.evaluate")
     q = fixed_point_model(model)
     m = get_meta(q)
     march = get_march() or (resolve(m.march) if m is not None else None)

@@ -33,6 +33,7 @@ from qatkit.base import hooks, recorder
 from qatkit.base.errors import fail
 from qatkit.base.modules import unwrap, world_size
 from qatkit.base.quant_math import fake_quantize, is_pow2, pow2_ceil, scale_from_amax
+from qatkit.fixed_point.modules import QModule
 from qatkit.quantization.observers import FixedScaleObserver, Observer
 from qatkit.quantization.qconfig import QuantSpec
 
@@ -125,8 +126,13 @@ class FakeQuantize(nn.Module):
         self.initialized.fill_(1)
         self._pending = False
 
-    def weight_scale(self, w: torch.Tensor) -> torch.Tensor:
+    def weight_scale(self, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-channel scales from the weights' ranges. ``bias`` (convert passes it): a channel
+        whose weights are all zero takes its range from its bias instead (spec section 5), so
+        the bias stays representable at ``s_in * s_w``; its weights are 0 at any scale."""
         amax = w.detach().abs().flatten(1).amax(1) if self.ch_axis == 0 else w.detach().abs().max()
+        if bias is not None and self.ch_axis == 0:
+            amax = torch.where(amax == 0, bias.detach().abs().to(amax.dtype), amax)
         return self.scale_for(amax)
 
     def scale_for(self, amax: torch.Tensor) -> torch.Tensor:
@@ -251,7 +257,14 @@ def set_fake_quantize(model: nn.Module, state: FakeQuantState) -> nn.Module:
     if not isinstance(state, FakeQuantState):
         raise fail("QK000", f"unknown fake-quant state {state!r}.",
                    "use qk.FakeQuantState.CALIBRATION, QAT or VALIDATION")
+    if not isinstance(model, nn.Module):
+        raise fail("QK000", "qk.set_fake_quantize needs a torch.nn.Module, got "
+                   f"{type(model).__name__}.", "pass the prepared model")
     inner = unwrap(model)
+    if any(isinstance(m, QModule) for m in inner.modules()):
+        raise fail("QK000", "qk.set_fake_quantize got a converted (fixed-point) model: it has "
+                   "no fake quants, its scales are frozen integers.",
+                   "use the prepared (calibrated/QAT) model it was converted from")
     fqs = prepared_fake_quants(inner)
     world = world_size()
     # Listeners: distributed calibration merges the ranks' statistics first (answering True

@@ -22,10 +22,10 @@ from typing import Any
 import torch.nn as nn
 
 from qatkit.base import hooks
-from qatkit.base.errors import QatkitWarning
+from qatkit.base.errors import QatkitError, QatkitWarning
 from qatkit.base.march import get_march
 from qatkit.base.modules import set_submodule
-from qatkit.quantization import consistency, forwards, meta
+from qatkit.quantization import consistency, forwards, meta, validate
 from qatkit.quantization import trace as tr
 from qatkit.quantization.compat import from_torch_ao
 from qatkit.quantization.fake_quant import FakeQuantize
@@ -69,14 +69,23 @@ def prepare(model: nn.Module, example_inputs: Any,
     ``input_source="camera"`` declares centered YUV444 input (checked by QK005);
     ``history`` (per-epoch ``train_loss``/``val_loss``/``train_acc``/``val_acc`` of the float
     training) is checked for overfitting (QK009)."""
+    validate.model(model, "qk.prepare")
+    validate.stage(model, "qk.prepare", ("float", "prepared"))
+    validate.inputs(example_inputs, "qk.prepare")
     march = get_march(required=True)
     original = model
     model = from_torch_ao(copy.deepcopy(model))
-    if fuse:
-        model = fuse_model(model, example_inputs, inplace=True)
-    mapping = as_mapping(qconfig)
-    qconfigs = consistency.apply(mapping.resolve(model), march)  # power-of-two scales, if set
-    g = tr.trace(model, example_inputs)
+    try:
+        if fuse:
+            model = fuse_model(model, example_inputs, inplace=True)
+        mapping = as_mapping(qconfig)
+        qconfigs = consistency.apply(mapping.resolve(model), march)  # power-of-two scales
+        g = tr.trace(model, example_inputs)
+    except QatkitError:
+        raise
+    except Exception as e:  # the model's own forward: one clear line, the cause chained
+        raise validate.forward_error(e, "example_inputs") from e
+    validate.outputs_dequantized(g)  # else the fixed-point model would return a QTensor
     with _once_per_model(original):
         hooks.emit("prepare", model=model, march=march, graph=g, example_inputs=example_inputs,
                    qconfigs=qconfigs, processor=processor, input_source=input_source,

@@ -27,7 +27,17 @@ class QuantStub(nn.Module):
         self.activation_post_process: nn.Module = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and not x.is_floating_point():
+            raise _not_float(x)
         return self.activation_post_process(x)
+
+
+def _not_float(x: torch.Tensor) -> Exception:
+    from qatkit.base.errors import fail
+    dt = str(x.dtype).removeprefix("torch.")
+    hint = "x.float() / 255 (then the training normalisation)" if dt == "uint8" else "x.float()"
+    return fail("QK000", f"a QuantStub received a {dt} tensor; it quantizes real values, so "
+                "what enters the quantized region must be a float tensor.", f"pass {hint}")
 
 
 class DeQuantStub(nn.Module):

@@ -272,15 +272,41 @@ def _quantize_weight_transposed(w: np.ndarray, s_w: ArrayLike, groups: int,
     return q
 
 
+class Refused(Exception):
+    """The spec says the fixed-point model must refuse this case (a number its dtype cannot
+    hold, §5) instead of computing it."""
+
+
+def weight_scales(w: ArrayLike, b: ArrayLike | None, pow2: bool = False) -> np.ndarray:
+    """Per-output-channel (axis 0) weight scales (§2, §5): from the channel's range, or, for a
+    channel whose weights are all zero, from |b[c]| as if it were the channel's range."""
+    w32 = np.asarray(w, dtype=np.float32)
+    flat = w32.reshape(w32.shape[0], -1)
+    out = []
+    for c in range(flat.shape[0]):
+        lo, hi = float(flat[c].min()), float(flat[c].max())
+        if lo == 0.0 and hi == 0.0 and b is not None:
+            lo = hi = float(np.float32(np.asarray(b, dtype=np.float32)[c]))
+        out.append(scale_from_range(lo, hi, "qint8", pow2))
+    return np.array(out, dtype=np.float32)
+
+
 def quantize_bias(b: ArrayLike, s_in: Scale, s_w: ArrayLike) -> np.ndarray:
-    """q_b[c] = sat_qint32(round_half_even(float64(b[c]) / (float64(s_in) * float64(s_w[c]))))."""
+    """q_b[c] = round_half_even(float64(b[c]) / (float64(s_in) * float64(s_w[c]))); a value
+    outside qint32 is refused (§5)."""
     b64 = np.asarray(b, dtype=np.float32).astype(np.float64)
     sv = _scales64(s_w)
     if b64.shape != sv.shape:
         raise ValueError("bias and weight scales must have one entry per output channel")
     q = np.empty(b64.shape, dtype=np.int64)
+    lo, hi = _range("qint32")
     for c in range(sv.size):
-        q[c] = _round_sat(b64[c] / (_scale64(s_in) * sv[c]), "qint32")
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            x = b64[c] / (_scale64(s_in) * sv[c])
+        r = int(round_half_even(np.clip(x, -2.0**40, 2.0**40))) if np.isfinite(x) else None
+        if r is None or not lo <= r <= hi:
+            raise Refused(f"bias of channel {c} is beyond int32 at s_in * s_w")
+        q[c] = r
     return q
 
 
@@ -355,7 +381,10 @@ def _finish(
         if activation is not None:
             # §5 defines the high-precision output as acc itself; no activation is specified.
             raise ValueError("a fused activation is not defined for the accumulator output")
-        return sat(acc, "qint32")
+        lo, hi = _range("qint32")
+        if acc.size and (acc.min() < lo or acc.max() > hi):  # §5: refused, never saturated
+            raise Refused("the int32 output cannot hold the accumulator")
+        return acc
     if mode != "quantized":
         raise ValueError(f"unknown mode {mode!r}")
     M = _product_multipliers(s_in, s_w, s_out)
