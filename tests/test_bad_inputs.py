@@ -169,7 +169,7 @@ CASES: list[tuple[str, Any, str, str]] = [
     ("calibrate-int64", lambda e: _calib(e, [X.long()]), "QK000",
      r"QuantStub received a int64 tensor"),
     ("calibrate-half", lambda e: _calib(e, [X.half()]), "QK000",
-     r"forward failed on calibration batch 0: RuntimeError"),
+     r"a fake quant received a float16 tensor"),
     ("calibrate-none-batch", lambda e: _calib(e, [None]), "QK000",
      r"a batch of type NoneType is not a tensor"),
     ("calibrate-dict-batch", lambda e: _calib(e, [{"x": X}]), "QK000",
@@ -193,9 +193,6 @@ CASES: list[tuple[str, Any, str, str]] = [
      r"the model has no fake quants: it was not prepared"),
     ("state-converted", lambda e: qk.set_fake_quantize(e["converted"], VAL), "QK000",
      r"got a converted \(fixed-point\) model"),
-    ("state-qat-in-eval", lambda e: qk.set_fake_quantize(e["prepared"].eval(),
-                                                         qk.FakeQuantState.QAT), "QK000",
-     r"needs the model in train\(\) mode"),
     # ---- convert
     ("convert-none", lambda e: qk.convert(None), "QK000", r"qk\.convert needs a torch\.nn\.Module"),
     ("convert-str", lambda e: qk.convert("model.pt"), "QK000", r"got str"),

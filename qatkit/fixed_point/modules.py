@@ -200,6 +200,7 @@ class _QWeighted(QModule):
             # int32 output: checked on every call unless a static bound proves it fits
             c["check"] = fp.acc_bound(weight, x.dtype) + int(
                 c["q_b"].abs().max()) >= fp.INT32_EXACT
+        c["w"] = self._prepared_weight(weight, c["method"])
         return c
 
     def _prepared_weight(self, weight: torch.Tensor, method: str) -> torch.Tensor:
