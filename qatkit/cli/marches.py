@@ -25,10 +25,12 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     from qatkit.base.table import render
-    cells = [[r["march"], ", ".join(r["processors"]), ", ".join(r["activation_dtypes"]),
-              ", ".join(r["weight_dtypes"]), "/".join(r["high_precision_dtypes"]),
+    cells = [[r["march"], ", ".join(r["processors"]), " ".join(r["activation_dtypes"]),
+              " ".join(r["weight_dtypes"]), " ".join(r["high_precision_dtypes"]),
               ", ".join(map(str, r["consistency_levels"])), "yes" if r["pow2_scales"] else "",
-              str(r["max_rank"] or ""), ", ".join(r["unsupported_ops"])] for r in rows]
-    print(render(("march", "processors", "activations", "weights", "hp output", "consistency",
-                  "pow2", "rank", "unsupported ops"), cells, title="marches"))
+              str(r["max_rank"] or ""), " ".join(r["unsupported_ops"])] for r in rows]
+    # short headers and one space between columns: nine columns fit 80 with whole words
+    print(render(("march", "processors", "acts", "weights", "hp out", "levels", "pow2", "rank",
+                  "unsupported ops"), cells, title="marches (acts: activation dtypes; levels: "
+                 "consistency levels)", gap=1))
     return 0

@@ -118,7 +118,8 @@ class Report:
                 for label, body in (("", f.message), ("fix: ", f.fix)):
                     if body:
                         console.print(_wrap_words(label + body, console.width, "  "),
-                                      overflow="ignore", crop=False, highlight=False)
+                                      overflow="ignore", crop=False, highlight=False,
+                                      markup=False)  # "[i]" in a fix is text, not markup
         elif self.findings:
             t = Table(show_lines=True, expand=True)
             t.add_column("code", no_wrap=True)

@@ -24,8 +24,9 @@ Metric = Callable[[torch.Tensor, torch.Tensor], float]
 
 def accuracy(output: torch.Tensor, target: torch.Tensor) -> float:
     """Top-1 accuracy (a fraction) of logits ``output`` [N, C] against labels ``target`` [N]:
-    the integer count of hits divided by N (no float32 mean, so 721 of 1000 is 0.721)."""
-    return int((output.argmax(1) == target).sum()) / len(target)
+    the integer count of hits divided by their number (no float32 mean, so 721 of 1000 is
+    0.721); dense outputs [N, C, H, W] against [N, H, W] count every position."""
+    return int((output.argmax(1) == target).sum()) / max(target.numel(), 1)
 
 
 def _stage(model: nn.Module) -> str:
@@ -59,6 +60,7 @@ def _run(model: nn.Module, batches: Iterable[Any], metric: Metric) -> float:
             n = len(y)
             if metric is accuracy:  # exact: count hits as integers
                 total += int((out.argmax(1) == y).sum())
+                n = y.numel()
             else:
                 total += float(metric(out, y)) * n
             count += n
