@@ -75,7 +75,8 @@ def _check(ctx: Context) -> Iterator[Finding]:
         return
     reg = region(ctx)
     from qatkit.doctor.rules.qk003_high_precision_output import head_activations
-    seen: set[str] = head_activations(ctx)  # a softmax head before the DeQuantStub: QK003
+    # a head of a type with no quantized form, before the DeQuantStub, is QK003's finding
+    seen: set[str] = {t for t in head_activations(ctx) if op_kind(ctx.module(t)) is None}
     for node in g.nodes:
         mod = node.module
         if node.kind != "module" or node.index not in reg or mod is None or \
