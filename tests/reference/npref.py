@@ -277,7 +277,8 @@ class Refused(Exception):
     hold, §5) instead of computing it."""
 
 
-def weight_scales(w: ArrayLike, b: ArrayLike | None, pow2: bool = False) -> np.ndarray:
+def weight_scales(w: ArrayLike, b: ArrayLike | None, pow2: bool = False,
+                  dtype: str = "qint8") -> np.ndarray:
     """Per-output-channel (axis 0) weight scales (§2, §5): from the channel's range, or, for a
     channel whose weights are all zero, from |b[c]| as if it were the channel's range."""
     w32 = np.asarray(w, dtype=np.float32)
@@ -287,7 +288,7 @@ def weight_scales(w: ArrayLike, b: ArrayLike | None, pow2: bool = False) -> np.n
         lo, hi = float(flat[c].min()), float(flat[c].max())
         if lo == 0.0 and hi == 0.0 and b is not None:
             lo = hi = float(np.float32(np.asarray(b, dtype=np.float32)[c]))
-        out.append(scale_from_range(lo, hi, "qint8", pow2))
+        out.append(scale_from_range(lo, hi, dtype, pow2))
     return np.array(out, dtype=np.float32)
 
 
