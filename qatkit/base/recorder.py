@@ -12,27 +12,38 @@ watching never changes the model.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch.nn as nn
 
-_stack: list[Any] = []
+# Per thread: a trace in one thread must not make another thread's forwards "watched".
+_local = threading.local()
+
+
+def _stack() -> list[Any]:
+    st = getattr(_local, "stack", None)
+    if st is None:
+        st = _local.stack = []
+    return st
 
 
 def push(rec: Any) -> None:
-    _stack.append(rec)
+    _stack().append(rec)
 
 
 def pop(rec: Any) -> None:
-    if _stack and _stack[-1] is rec:
-        _stack.pop()
+    st = _stack()
+    if st and st[-1] is rec:
+        st.pop()
 
 
 def active() -> Any:
-    """The innermost recorder watching a forward pass, or None."""
-    return _stack[-1] if _stack else None
+    """The innermost recorder watching a forward pass in this thread, or None."""
+    st = _stack()
+    return st[-1] if st else None
 
 
 @contextlib.contextmanager
