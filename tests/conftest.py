@@ -25,3 +25,17 @@ def _one_thread_and_clean_march():
 def digits():
     from qatkit.demo.data import load_digits
     return load_digits(seed=0)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--sweep", action="store_true",
+                     help="also run the tests marked sweep (every torchvision model)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--sweep"):
+        return
+    keep = [i for i in items if i.get_closest_marker("sweep") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep

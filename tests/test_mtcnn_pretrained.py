@@ -1,5 +1,5 @@
 """MTCNN's pretrained PNet, RNet and ONet (facenet-pytorch's weights: Conv, PReLU per channel,
-MaxPool2d(ceil_mode=True), Linear, Softmax) with PReLU and Softmax inside the quantized region:
+MaxPool2d(ceil_mode=True), Linear, Softmax) with PReLU and Softmax inside the quantized region, the nets as shipped (no stubs):
 calibrated on half of scikit-image's lfw_subset (100 faces, 100 non-faces), their face
 decisions on the other half agree with float and the probabilities stay within a few softmax
 LSB of the fake-quant model. facenet-pytorch installs with ``--no-deps`` (.ci/run)."""
@@ -16,18 +16,6 @@ import qatkit as qk
 from tests._tv_import import import_torchvision
 
 pytestmark = pytest.mark.filterwarnings("ignore::qatkit.base.errors.QatkitWarning")
-
-
-class Wrapped(nn.Module):
-    """QuantStub -> the net -> one DeQuantStub per output."""
-
-    def __init__(self, net: nn.Module, n_out: int) -> None:
-        super().__init__()
-        self.quant, self.net = qk.QuantStub(), net
-        self.dq = nn.ModuleList(qk.DeQuantStub() for _ in range(n_out))
-
-    def forward(self, x: torch.Tensor) -> tuple:
-        return tuple(d(o) for d, o in zip(self.dq, self.net(self.quant(x))))
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +36,13 @@ def test_mtcnn_face_decisions_agree_with_float(faces: tuple, name: str, size: in
     x, labels = faces
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     calib, test, y = x[0::2], x[1::2], labels[1::2]
-    model = Wrapped(getattr(mtcnn, name)().eval(), n_out).eval()
+    model = getattr(mtcnn, name)().eval()  # as facenet-pytorch ships it: no stubs
     with qk.set_march("nash-e"):
         p = qk.prepare(model, calib[:2], qconfig=qk.default_qat_qconfig())
         kinds = {type(m.op).__name__ for m in p.modules() if type(m).__name__ == "QATOp"}
         assert {"PReLU", "Softmax"} <= kinds
+        stubs = [n for n in dict(p.named_modules()) if n.startswith("qatkit_ops.output_")]
+        assert len(stubs) == n_out  # the region ends at every output
         qk.calibrate(p, [calib[i:i + 25] for i in range(0, len(calib), 25)])
         c = qk.convert(p)
     with torch.no_grad():

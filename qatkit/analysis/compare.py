@@ -21,6 +21,7 @@ model is fused first (a copy), so that ``conv1`` means conv+BN+ReLU on both side
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -451,6 +452,11 @@ def _zip_like(a: Any, b: Any) -> Any:
 
 def _rerun(c: Call, args: tuple, kwargs: dict) -> Any:
     fn = getattr(c.module, c.method) if c.method else c.module
+    if c.method:  # recorded arguments the method does not take (add's c=None) are dropped
+        names = inspect.signature(fn).parameters
+        kwargs = {k: v for k, v in kwargs.items() if k in names}
+    if c.method in ("cat", "concat", "stack"):  # recorded flat; the method takes one list
+        return fn(list(args), **kwargs)
     return fn(*args, **kwargs)
 
 

@@ -10,10 +10,12 @@ value-changing op needs a calibrated output scale (rules QK008/QK102).
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import handle_torch_function
 
 from qatkit.base.errors import fail
 
@@ -96,21 +98,51 @@ class QTensor:
     def _with(self, q: torch.Tensor, axis: int | None) -> QTensor:
         return QTensor(q, self.scale, self.dtype, axis)
 
-    def __add__(self, other: Any) -> QTensor:
-        raise _unsupported("'+' (use a FloatFunctional: self.add = FloatFunctional(); "
-                           "self.add.add(x, y))")
+    # Arithmetic and tensor methods go through torch's function dispatch, as on a tensor: in a
+    # model with generated operators (``qatkit.quantization.call_sites``) the call site's
+    # operator computes them; anywhere else they are refused by ``__torch_function__``.
+    def _op(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        func = getattr(torch.Tensor, method)
+        return handle_torch_function(func, (self, *args), self, *args, **kwargs)
 
-    __radd__ = __iadd__ = __add__
+    def __add__(self, other: Any) -> Any:
+        return self._op("__add__", other)
 
-    def __mul__(self, other: Any) -> QTensor:
-        raise _unsupported("'*' (use a FloatFunctional's mul or mul_scalar)")
+    def __radd__(self, other: Any) -> Any:
+        return self._op("__radd__", other)
 
-    __rmul__ = __imul__ = __mul__
+    def __iadd__(self, other: Any) -> Any:
+        return self._op("__iadd__", other)
 
-    def __sub__(self, other: Any) -> QTensor:
-        raise _unsupported("'-' (use a FloatFunctional's sub)")
+    def __sub__(self, other: Any) -> Any:
+        return self._op("__sub__", other)
 
-    __rsub__ = __isub__ = __sub__
+    def __rsub__(self, other: Any) -> Any:
+        return self._op("__rsub__", other)
+
+    def __isub__(self, other: Any) -> Any:
+        return self._op("__isub__", other)
+
+    def __mul__(self, other: Any) -> Any:
+        return self._op("__mul__", other)
+
+    def __rmul__(self, other: Any) -> Any:
+        return self._op("__rmul__", other)
+
+    def __imul__(self, other: Any) -> Any:
+        return self._op("__imul__", other)
+
+    def __truediv__(self, other: Any) -> Any:
+        return self._op("__truediv__", other)
+
+    def __matmul__(self, other: Any) -> Any:
+        return self._op("__matmul__", other)
+
+    def __getattr__(self, name: str) -> Any:
+        # other tensor methods (x.mean(...), x.chunk(...), x.sigmoid()...)
+        if name.startswith("_") or not callable(getattr(torch.Tensor, name, None)):
+            raise AttributeError(f"'QTensor' object has no attribute {name!r}")
+        return lambda *args, **kwargs: self._op(name, *args, **kwargs)
 
     # ---- torch functions ------------------------------------------------------------------
     @classmethod
@@ -119,8 +151,29 @@ class QTensor:
         name = getattr(func, "__name__", str(func))
         handler = _HANDLERS.get(name)
         if handler is None:
-            raise _unsupported(f"torch function {name!r}")
+            raise _left_float() or _unsupported(f"torch function {name!r}")
         return handler(*args, **kwargs)
+
+
+def _left_float() -> Exception | None:
+    """QK008 naming the module when quantized values reach one that convert left float
+    because no example input or calibration batch ever reached it (``_qatkit_unreached``)."""
+    f = sys._getframe(2)
+    while f is not None:
+        code = f.f_code
+        mod = f.f_locals.get(code.co_varnames[0]) if code.co_argcount else None
+        if isinstance(mod, torch.nn.Module):
+            name = mod.__dict__.get("_qatkit_unreached")
+            if name is None:
+                return None
+            return fail("QK008", f"{type(mod).__name__} '{name}' receives quantized values in "
+                        "the fixed-point model, but no example input or calibration batch "
+                        "ever reached it, so it was never quantized and has no integer form "
+                        "(a branch those inputs do not take).",
+                        "pass example_inputs to qk.prepare (and calibration batches) that "
+                        "take this branch, then calibrate/train and convert again")
+        f = f.f_back
+    return None
 
 
 def _shape_arg(shape: tuple) -> Any:
@@ -190,6 +243,51 @@ def _max_pool2d(x: QTensor, *args: Any, **kwargs: Any) -> QTensor:
     return x._with(q, x.axis)
 
 
+def _chunk(x: QTensor, chunks: int, dim: int = 0) -> tuple[QTensor, ...]:
+    return tuple(x._with(q, _split_axis(x, dim)) for q in torch.chunk(x.q, chunks, dim))
+
+
+def _split(x: QTensor, split_size_or_sections: Any, dim: int = 0) -> tuple[QTensor, ...]:
+    return tuple(x._with(q, _split_axis(x, dim))
+                 for q in torch.split(x.q, split_size_or_sections, dim))
+
+
+def _split_axis(x: QTensor, dim: int) -> int | None:
+    if x.axis is not None and dim % x.q.dim() == x.axis:
+        raise _unsupported("splitting a per-channel (high-precision) output along its channels")
+    return x.axis
+
+
+def _repeat(x: QTensor, *sizes: Any) -> QTensor:
+    if x.axis is not None:
+        raise _unsupported("repeat of a per-channel (high-precision) output")
+    return x._with(x.q.repeat(*_shape_arg(sizes)), None)
+
+
+def _expand(x: QTensor, *sizes: Any) -> QTensor:
+    q = x.q.expand(*_shape_arg(sizes))
+    return x._with(q, None if x.axis is None else x.axis + q.dim() - x.q.dim())
+
+
+def _pad(x: QTensor, pad: Any, mode: str = "constant", value: float | None = None) -> QTensor:
+    if mode != "constant" or value not in (None, 0, 0.0):
+        raise _unsupported(f"pad(mode={mode!r}, value={value!r}) (only zero padding keeps the "
+                           "integers: 0 is exactly 0 at every scale)")
+    return x._with(F.pad(x.q, pad), x.axis)
+
+
+def _adaptive_max_pool2d(x: QTensor, output_size: Any, return_indices: bool = False
+                         ) -> QTensor:
+    if return_indices:
+        raise _unsupported("adaptive_max_pool2d with return_indices")
+    q = F.adaptive_max_pool2d(x.q.to(torch.float32), output_size).to(x.q.dtype)
+    return x._with(q, x.axis)
+
+
+def _identity(x: QTensor, *args: Any, **kwargs: Any) -> QTensor:
+    return x
+
+
 def _dropout(x: QTensor, p: float = 0.5, training: bool = False, inplace: bool = False
              ) -> QTensor:
     if training:
@@ -212,4 +310,8 @@ _HANDLERS = {
     "squeeze": _squeeze, "unsqueeze": _unsqueeze, "relu": _relu, "relu_": _relu,
     "max_pool2d": _max_pool2d, "_max_pool2d": _max_pool2d,
     "max_pool2d_with_indices": _max_pool2d, "dropout": _dropout, "interpolate": _interpolate,
+    "view": lambda x, *shape: _reshape(x, _shape_arg(shape)),
+    "chunk": _chunk, "split": _split, "repeat": _repeat, "expand": _expand, "pad": _pad,
+    "adaptive_max_pool2d": _adaptive_max_pool2d, "contiguous": _identity, "clone": _identity,
+    "detach": _identity,
 }

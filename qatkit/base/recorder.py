@@ -86,8 +86,12 @@ _QUANT_CHILDREN = ("activation_post_process", "weight_fake_quant")
 
 def is_leaf(module: nn.Module) -> bool:
     """A layer for recording: a module without children, or one that says it is a leaf
-    (``_qatkit_leaf``: a QuantStub holds its fake quant as a child)."""
-    return bool(getattr(module, "_qatkit_leaf", False)) or next(module.children(), None) is None
+    (``_qatkit_leaf``: a QuantStub holds its fake quant as a child). A module whose own code
+    calls operators that prepare generated (``_qatkit_path`` is set) is not: those operators
+    are the layers."""
+    if getattr(module, "_qatkit_leaf", False):
+        return True
+    return "_qatkit_path" not in module.__dict__ and next(module.children(), None) is None
 
 
 class Recorder:
@@ -127,6 +131,13 @@ class Recorder:
             c.output = output
             self.end(c)
 
+    def is_leaf(self, module: nn.Module) -> bool:
+        """Whether calls of ``module`` are recorded as one op (see :func:`is_leaf`)."""
+        return is_leaf(module)
+
+    def alias(self, obj: Any, same_as: Any) -> None:
+        """An in-place op made ``obj`` hold what ``same_as`` holds (the trace follows it)."""
+
     # -- mechanics -------------------------------------------------------------------------------
     def _new_call(self, module: nn.Module, method: str | None, args: tuple,
                   kwargs: dict[str, Any]) -> Call:
@@ -163,7 +174,8 @@ class Recorder:
         self._handles.append(self.model.register_forward_pre_hook(self._model_pre))
         for n, m in self.model.named_modules():
             inside_quant = any(part in _QUANT_CHILDREN for part in n.split("."))
-            if id(m) in skip or inside_quant or not is_leaf(m) or isinstance(m, self.skip_types):
+            if id(m) in skip or inside_quant or not self.is_leaf(m) or \
+                    isinstance(m, self.skip_types):
                 continue
             self._handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
             self._handles.append(m.register_forward_hook(self._post, with_kwargs=True))

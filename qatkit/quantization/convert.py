@@ -18,7 +18,7 @@ from qatkit.base.march import get_march, resolve
 from qatkit.base.modules import set_submodule
 from qatkit.quantization import forwards, meta, validate
 from qatkit.quantization.fake_quant import fake_quants
-from qatkit.quantization.registry import to_fixed_point
+from qatkit.quantization.registry import has_own_output, is_weighted, to_fixed_point
 
 
 def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -42,6 +42,9 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
             if hasattr(new, "qualified_name"):  # named in its errors (QK105)
                 new.qualified_name = name
             set_submodule(model, name, new)  # qconfig and silencing travel with it
+    for name, mod in model.named_modules():  # left float: never reached at prepare
+        if is_weighted(mod) or has_own_output(mod):
+            mod._qatkit_unreached = name  # named if quantized values ever reach it (QK008)
     meta.attach(model, m.march, "converted")
     forwards.announce(model, fixed_point=True)  # keeps the QAT model's lineage number
     model.eval()

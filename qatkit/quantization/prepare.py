@@ -25,7 +25,7 @@ from qatkit.base import hooks
 from qatkit.base.errors import QatkitError, QatkitWarning
 from qatkit.base.march import get_march
 from qatkit.base.modules import set_submodule
-from qatkit.quantization import consistency, forwards, meta, validate
+from qatkit.quantization import call_sites, consistency, forwards, meta, validate
 from qatkit.quantization import trace as tr
 from qatkit.quantization.compat import from_torch_ao
 from qatkit.quantization.fake_quant import FakeQuantize
@@ -76,6 +76,7 @@ def prepare(model: nn.Module, example_inputs: Any,
     original = model
     model = from_torch_ao(copy.deepcopy(model))
     try:
+        call_sites.install(model, example_inputs)  # torch calls in forward -> operators
         if fuse:
             model = fuse_model(model, example_inputs, inplace=True)
         mapping = as_mapping(qconfig)

@@ -115,12 +115,19 @@ class QConfigMapping:
         self.sources = {}
         for name, mod in model.named_modules():
             parent = name.rpartition(".")[0] if name else None
+            owner = mod.__dict__.get("_qatkit_owner")
+            if owner is not None:  # an operator generated for a torch call: as if the owner's
+                parent = owner
+                name_for_match = f"{owner}.{name.rpartition('.')[2]}" if owner else \
+                    name.rpartition(".")[2]
+            else:
+                name_for_match = name
             inherited = attr.get(parent, _UNSET) if parent is not None else _UNSET
             own = getattr(mod, "qconfig", _UNSET)
             attr[name] = own if own is not _UNSET else inherited
             attr_from[name] = name if own is not _UNSET else attr_from.get(parent or "", "")
             q: Any = _UNSET
-            for prefix in _prefixes(name):
+            for prefix in _prefixes(name) if owner is None else [name, *_prefixes(name_for_match)]:
                 if prefix in self.by_name:
                     q = self.by_name[prefix]
                     self.sources[name] = f"name:{prefix or '<root>'}"

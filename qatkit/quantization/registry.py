@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch.nn as nn
 
@@ -50,6 +51,14 @@ class Op:
     # classes of optional libraries, by "module.QualName" (matched along the class hierarchy
     # before the types above, so e.g. an nn.LayerNorm subclass can be its own kind)
     names: tuple[str, ...] = ()
+    # torch functions / tensor methods that are this op when called in ``forward``: prepare
+    # gives each call site its own operator module (``qatkit.quantization.call_sites``).
+    # ``call`` says how the call's arguments are read: "binary" (x op y, or x op scalar),
+    # "list" (cat/stack), "reduce" (mean/sum over dims) or "module" (``from_call`` builds the
+    # float module from the call's arguments; None: this call keeps its input scale, no op)
+    functions: tuple[str, ...] = ()
+    call: str | None = None
+    from_call: Callable[[tuple, dict], nn.Module | None] | None = None
 
 
 def _quant(m: nn.Module) -> nn.Module:
@@ -114,12 +123,70 @@ def _layer_norm(m: QATOp) -> nn.Module:
                          channel_axis=1 if channels_first else None)
 
 
+# ---- float modules from functional calls (``from_call``): the call's arguments, bound by name --
+
+def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
+    """Argument ``i`` (or keyword ``name``) of a torch call, after the input tensor."""
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+def _hardtanh_call(a: tuple, k: dict) -> nn.Module:
+    return nn.Hardtanh(float(_arg(a, k, 1, "min_val", -1.0)), float(_arg(a, k, 2, "max_val", 1.0)))
+
+
+def _clamp_call(a: tuple, k: dict) -> nn.Module | None:
+    lo, hi = _arg(a, k, 1, "min"), _arg(a, k, 2, "max")
+    if not isinstance(lo, (int, float)) or not isinstance(hi, (int, float)):
+        return None  # one-sided or tensor bounds: no clamp operator (QK102 names the call)
+    return nn.ReLU6() if (lo, hi) == (0, 6) else nn.Hardtanh(float(lo), float(hi))
+
+
+def _avg_pool_call(a: tuple, k: dict) -> nn.Module:
+    return nn.AvgPool2d(_arg(a, k, 1, "kernel_size"), _arg(a, k, 2, "stride"),
+                        _arg(a, k, 3, "padding", 0), bool(_arg(a, k, 4, "ceil_mode", False)),
+                        bool(_arg(a, k, 5, "count_include_pad", True)),
+                        _arg(a, k, 6, "divisor_override"))
+
+
+def _interpolate_call(a: tuple, k: dict) -> nn.Module | None:
+    mode = _arg(a, k, 3, "mode", "nearest")
+    if mode == "nearest":
+        return None  # integers moved, not changed: the QTensor resizes itself
+    if mode != "bilinear":
+        raise fail("QK106", f"interpolate(mode={mode!r}) has no fixed-point form.",
+                   "use mode='nearest' or 'bilinear'")
+    return nn.Upsample(_arg(a, k, 1, "size"), _arg(a, k, 2, "scale_factor"), mode="bilinear",
+                       align_corners=_arg(a, k, 4, "align_corners"))
+
+
+def _softmax_call(a: tuple, k: dict) -> nn.Module:
+    return nn.Softmax(_arg(a, k, 1, "dim"))
+
+
+def _prelu_call(a: tuple, k: dict) -> nn.Module:
+    weight = _arg(a, k, 1, "weight")
+    m = nn.PReLU(weight.numel())
+    m.weight = weight  # the owner's parameter itself: training it trains the owner's
+    return m
+
+
+def _layer_norm_call(a: tuple, k: dict) -> nn.Module:
+    shape, weight, bias = _arg(a, k, 1, "normalized_shape"), _arg(a, k, 2, "weight"), \
+        _arg(a, k, 3, "bias")
+    m = nn.LayerNorm(shape, float(_arg(a, k, 4, "eps", 1e-5)),
+                     elementwise_affine=weight is not None, bias=bias is not None)
+    if weight is not None:  # the owner's parameters themselves
+        m.weight = weight
+    if bias is not None:
+        m.bias = bias
+    return m
+
+
 def _functional(m: FloatFunctional) -> nn.Module:
     fq = m.activation_post_process
     return fx.QFunctional(fq.scale, fq.dtype, m.fused_activation)
 
 
-_FF = (FloatFunctional,)
 OPS: tuple[Op, ...] = (
     # the region's entry and exit
     Op("quant", (QuantStub,), fixed_point=_quant),
@@ -132,7 +199,8 @@ OPS: tuple[Op, ...] = (
     Op("conv_transpose2d", (nn.ConvTranspose2d,), qat="weighted", qat_class=QATConvTranspose2d,
        fixed_point=fx.QConvTranspose2d, gemm=True, missing_on=frozenset({"bernoulli"})),
     Op("matmul", functional=("matmul",), fixed_point=_functional, gemm=True,
-       missing_on=frozenset({"bernoulli"})),
+       missing_on=frozenset({"bernoulli"}), functions=("matmul", "__matmul__", "bmm", "mm"),
+       call="binary"),
     Op("batchnorm2d", (nn.BatchNorm2d,)),  # folded into the conv before, or alone, by fuse
     # integers moved, not changed: the input's scale carries through
     Op("relu", (nn.ReLU,), keeps_scale=True),
@@ -145,38 +213,72 @@ OPS: tuple[Op, ...] = (
     Op("permute", keeps_scale=True, names=("torchvision.ops.misc.Permute",)),
     Op("upsample_nearest", keeps_scale=True),  # nn.Upsample(mode="nearest"): see kind_of
     # their own output scale
-    Op("relu6", (nn.ReLU6,), qat="output", fixed_point=_clamp),
-    Op("hardtanh", (nn.Hardtanh,), qat="output", fixed_point=_clamp, missing_on=_OLD_BPU),
-    Op("avg_pool2d", (nn.AvgPool2d,), qat="output", fixed_point=_avg_pool),
+    Op("relu6", (nn.ReLU6,), qat="output", fixed_point=_clamp, functions=("relu6",),
+       call="module", from_call=lambda a, k: nn.ReLU6()),
+    Op("hardtanh", (nn.Hardtanh,), qat="output", fixed_point=_clamp, missing_on=_OLD_BPU,
+       functions=("hardtanh", "hardtanh_"), call="module", from_call=_hardtanh_call),
+    Op("clamp", qat="output", fixed_point=_clamp, missing_on=_OLD_BPU,
+       functions=("clamp", "clamp_", "clip"), call="module", from_call=_clamp_call),
+    Op("avg_pool2d", (nn.AvgPool2d,), qat="output", fixed_point=_avg_pool,
+       functions=("avg_pool2d",), call="module", from_call=_avg_pool_call),
     Op("adaptive_avg_pool2d", (nn.AdaptiveAvgPool2d,), qat="output",
-       fixed_point=_adaptive_avg_pool),
-    Op("upsample_bilinear", qat="output", fixed_point=_bilinear),
-    *(Op(k, (t,), qat="output", fixed_point=_lut, lut=True, missing_on=_OLD_BPU)
+       fixed_point=_adaptive_avg_pool, functions=("adaptive_avg_pool2d",), call="module",
+       from_call=lambda a, k: nn.AdaptiveAvgPool2d(_arg(a, k, 1, "output_size"))),
+    Op("upsample_bilinear", qat="output", fixed_point=_bilinear, functions=("interpolate",),
+       call="module", from_call=_interpolate_call),
+    *(Op(k, (t,), qat="output", fixed_point=_lut, lut=True, missing_on=_OLD_BPU,
+         functions=(k, k + "_"), call="module", from_call=lambda a, kw, t=t: t())
       for k, t in (("sigmoid", nn.Sigmoid), ("tanh", nn.Tanh), ("silu", nn.SiLU),
                    ("hardswish", nn.Hardswish), ("hardsigmoid", nn.Hardsigmoid))),
     # sections 14-16: a compare-and-select, lookup tables, a division and an rsqrt, which the
     # old cores lack
-    Op("prelu", (nn.PReLU,), qat="output", fixed_point=_prelu, missing_on=_OLD_BPU),
-    Op("leaky_relu", (nn.LeakyReLU,), qat="output", fixed_point=_prelu, missing_on=_OLD_BPU),
+    Op("prelu", (nn.PReLU,), qat="output", fixed_point=_prelu, missing_on=_OLD_BPU,
+       functions=("prelu",), call="module", from_call=_prelu_call),
+    Op("leaky_relu", (nn.LeakyReLU,), qat="output", fixed_point=_prelu, missing_on=_OLD_BPU,
+       functions=("leaky_relu", "leaky_relu_"), call="module",
+       from_call=lambda a, k: nn.LeakyReLU(float(_arg(a, k, 1, "negative_slope", 0.01)))),
     Op("softmax", (nn.Softmax,), qat="output", fixed_point=_softmax, lut=True,
-       missing_on=_OLD_BPU),
-    Op("gelu", (nn.GELU,), qat="output", fixed_point=_gelu, lut=True, missing_on=_OLD_BPU),
+       missing_on=_OLD_BPU, functions=("softmax",), call="module", from_call=_softmax_call),
+    Op("gelu", (nn.GELU,), qat="output", fixed_point=_gelu, lut=True, missing_on=_OLD_BPU,
+       functions=("gelu",), call="module",
+       from_call=lambda a, k: nn.GELU(approximate=k.get("approximate", "none"))),
     Op("layer_norm", (nn.LayerNorm,), qat="output", fixed_point=_layer_norm,
-       missing_on=_OLD_BPU),
+       missing_on=_OLD_BPU, functions=("layer_norm",), call="module",
+       from_call=_layer_norm_call),
     # channels-first (normalises axis 1 of NCHW): timm's and torchvision's convnext LayerNorm2d
     Op("layer_norm2d", qat="output", fixed_point=_layer_norm, missing_on=_OLD_BPU,
        names=("timm.layers.norm.LayerNorm2d", "torchvision.models.convnext.LayerNorm2d")),
-    # tensor arithmetic through FloatFunctional (one instance per call site)
-    *(Op(k, functional=f, fixed_point=_functional) for k, f in (
-        ("add", ("add", "add_relu")), ("add_scalar", ("add_scalar",)), ("sub", ("sub",)),
-        ("mul", ("mul",)), ("mul_scalar", ("mul_scalar",)), ("cat", ("cat", "concat")),
-        ("stack", ("stack",)), ("sum", ("sum",)), ("mean", ("mean",)),
-        ("maximum", ("maximum",)), ("minimum", ("minimum",)))),
+    # tensor arithmetic: FloatFunctional methods (one instance per call site), and the same
+    # operators written as torch calls in forward (one generated FloatFunctional per site)
+    Op("add", functional=("add", "add_relu"), fixed_point=_functional,
+       functions=("add", "add_", "__add__", "__radd__", "__iadd__"), call="binary"),
+    Op("add_scalar", functional=("add_scalar",), fixed_point=_functional),
+    Op("sub", functional=("sub",), fixed_point=_functional,
+       functions=("sub", "sub_", "subtract", "__sub__", "__isub__", "__rsub__", "rsub"),
+       call="binary"),
+    Op("mul", functional=("mul",), fixed_point=_functional,
+       functions=("mul", "mul_", "multiply", "__mul__", "__rmul__", "__imul__"), call="binary"),
+    Op("mul_scalar", functional=("mul_scalar",), fixed_point=_functional,
+       functions=("div", "div_", "divide", "true_divide", "__truediv__", "__itruediv__"),
+       call="binary"),
+    Op("cat", functional=("cat", "concat"), fixed_point=_functional,
+       functions=("cat", "concat", "concatenate"), call="list"),
+    Op("stack", functional=("stack",), fixed_point=_functional, functions=("stack",),
+       call="list"),
+    Op("sum", functional=("sum",), fixed_point=_functional, functions=("sum",), call="reduce"),
+    Op("mean", functional=("mean",), fixed_point=_functional, functions=("mean",),
+       call="reduce"),
+    Op("maximum", functional=("maximum",), fixed_point=_functional, functions=("maximum",),
+       call="binary"),
+    Op("minimum", functional=("minimum",), fixed_point=_functional, functions=("minimum",),
+       call="binary"),
 )
 BY_KIND: dict[str, Op] = {op.kind: op for op in OPS}
 _BY_TYPE: dict[type, Op] = {t: op for op in OPS for t in op.modules}
 _BY_METHOD: dict[str, Op] = {f: op for op in OPS for f in op.functional}
 _BY_NAME: dict[str, Op] = {name: op for op in OPS for name in op.names}
+# torch function / tensor method name -> its row (functional call sites)
+BY_FUNCTION: dict[str, Op] = {f: op for op in OPS for f in op.functions}
 
 ALL_KINDS = frozenset(BY_KIND)
 GEMM_KINDS = frozenset(op.kind for op in OPS if op.gemm)
@@ -186,7 +288,8 @@ LUT_KINDS = frozenset(op.kind for op in OPS if op.lut)
 FUNCTIONS_ON_QUANTIZED = frozenset({
     "view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous",
     "__getitem__", "relu", "relu_", "max_pool2d", "_max_pool2d", "dropout", "interpolate",
-    "size", "dim",
+    "size", "dim", "chunk", "split", "repeat", "expand", "pad", "adaptive_max_pool2d", "clone",
+    "detach", "max_pool2d_with_indices",
 })
 
 
@@ -289,6 +392,6 @@ def unsupported_ops(march: March | str) -> frozenset[str]:
     return frozenset(op.kind for op in OPS if name in op.missing_on)
 
 
-__all__ = ["ALL_KINDS", "BY_KIND", "FUNCTIONS_ON_QUANTIZED", "GEMM_KINDS", "LUT_KINDS", "OPS",
-           "Op", "has_own_output", "is_weighted", "keeps_scale", "kind_of", "lookup",
-           "module_type_names", "op_kind", "to_fixed_point", "to_qat", "unsupported_ops"]
+__all__ = ["ALL_KINDS", "BY_FUNCTION", "BY_KIND", "FUNCTIONS_ON_QUANTIZED", "GEMM_KINDS",
+           "LUT_KINDS", "OPS", "Op", "has_own_output", "is_weighted", "keeps_scale", "kind_of",
+           "lookup", "module_type_names", "op_kind", "to_fixed_point", "to_qat", "unsupported_ops"]

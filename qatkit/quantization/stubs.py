@@ -79,7 +79,10 @@ class FloatFunctional(nn.Module):
                    "call one of its methods: add, add_scalar, sub, mul, mul_scalar, cat, "
                    "stack, matmul, sum, mean, maximum, minimum")
 
-    def _call(self, op: str, fn, inputs: tuple, *args, **kwargs) -> torch.Tensor:
+    def _call(self, op: str, fn, inputs: tuple, *args, arguments: dict | None = None,
+              **kwargs) -> torch.Tensor:
+        """``fn(*args, **kwargs)``, observed. ``arguments``: the method's non-tensor arguments,
+        reported to recorders under the names the fixed-point method takes."""
         if _any_quantized(inputs):  # float form in a fixed-point model: added after convert
             name = self.__dict__.get("_qatkit_name")
             who = f"FloatFunctional '{name}'" if name else "a FloatFunctional"
@@ -103,7 +106,7 @@ class FloatFunctional(nn.Module):
             y = self.activation_post_process(y)
         rec = recorder.active()
         if rec is not None:
-            rec.functional(self, op, tuple(_tensors(*inputs)), y)
+            rec.functional(self, op, tuple(_tensors(*inputs)), y, arguments)
         return y
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -113,7 +116,7 @@ class FloatFunctional(nn.Module):
         return self._call("add_relu", lambda a, b: torch.relu(a + b), (x, y), x, y)
 
     def add_scalar(self, x: torch.Tensor, c: float) -> torch.Tensor:
-        return self._call("add_scalar", torch.add, (x,), x, c)
+        return self._call("add_scalar", torch.add, (x,), x, c, arguments={"c": c})
 
     def sub(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self._call("sub", torch.sub, (x, y), x, y)
@@ -122,28 +125,31 @@ class FloatFunctional(nn.Module):
         return self._call("mul", torch.mul, (x, y), x, y)
 
     def mul_scalar(self, x: torch.Tensor, c: float) -> torch.Tensor:
-        return self._call("mul_scalar", torch.mul, (x,), x, c)
+        return self._call("mul_scalar", torch.mul, (x,), x, c, arguments={"c": c})
 
     def cat(self, xs: list[torch.Tensor] | tuple[torch.Tensor, ...], dim: int = 0
             ) -> torch.Tensor:
-        return self._call("cat", torch.cat, (xs,), list(xs), dim=dim)
+        return self._call("cat", torch.cat, (xs,), list(xs), dim=dim, arguments={"dim": dim})
 
     concat = cat
 
     def stack(self, xs: list[torch.Tensor] | tuple[torch.Tensor, ...], dim: int = 0
               ) -> torch.Tensor:
-        return self._call("stack", torch.stack, (xs,), list(xs), dim=dim)
+        return self._call("stack", torch.stack, (xs,), list(xs), dim=dim,
+                          arguments={"dim": dim})
 
     def matmul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self._call("matmul", torch.matmul, (x, y), x, y)
 
     def sum(self, x: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = False
             ) -> torch.Tensor:
-        return self._call("sum", torch.sum, (x,), x, dim, keepdim=keepdim)
+        return self._call("sum", torch.sum, (x,), x, dim, keepdim=keepdim,
+                          arguments={"dim": dim, "keepdim": keepdim})
 
     def mean(self, x: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = False
              ) -> torch.Tensor:
-        return self._call("mean", torch.mean, (x,), x, dim, keepdim=keepdim)
+        return self._call("mean", torch.mean, (x,), x, dim, keepdim=keepdim,
+                          arguments={"dim": dim, "keepdim": keepdim})
 
     def maximum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self._call("maximum", torch.maximum, (x, y), x, y)

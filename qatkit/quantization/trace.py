@@ -11,6 +11,7 @@ torch function or tensor method called at the top level is recorded through a
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,9 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from qatkit.base import recorder
-from qatkit.base.frames import user_frame, where
+from qatkit.base.frames import is_library_file, user_frame, where
+from qatkit.quantization.registry import lookup
+from qatkit.quantization.sites import ROUTABLE, site_of
 
 # Shape-only functions: they move values without changing them.
 SHAPE_OPS = frozenset({
@@ -47,6 +50,8 @@ class Node:
     is_output: bool = False
     output: Any = None  # what the call returned (kept for exporters)
     arguments: Any = None  # (args, kwargs) of a "function" node; kwargs of a "functional"
+    # a "function" node's call site: (owner's qualified name, code path, occurrence)
+    site: tuple[str, str, int] | None = None
 
     @property
     def label(self) -> str:
@@ -57,6 +62,7 @@ class Node:
 class Graph:
     nodes: list[Node]
     names: dict[int, str]  # id(module) -> qualified name
+    outputs: list[int] = field(default_factory=list)  # producer of each output tensor, in order
 
     def calls(self, name: str) -> list[Node]:
         return [n for n in self.nodes if n.kind in ("module", "functional") and n.target == name]
@@ -81,11 +87,39 @@ class Graph:
 class _Tracer(recorder.Recorder):
     """The recorder that builds a :class:`Graph`: one node per call, edges by tensor identity."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, sites: bool = False) -> None:
         super().__init__(model)
         self.nodes: list[Node] = []
         self.producer: dict[int, int] = {}
         self.alive: list[Any] = []  # keep traced tensors alive so their ids stay unique
+        self.sites = sites
+        self.site_counts: dict[tuple[int, str], int] = {}
+
+    def is_leaf(self, module: nn.Module) -> bool:
+        # Finding call sites: a model's own childless module that is no operator qatkit knows
+        # (a Swish written as x * torch.sigmoid(x)) is looked into, so its calls are sites.
+        leaf = recorder.is_leaf(module)
+        if self.sites and leaf and not getattr(module, "_qatkit_leaf", False) \
+                and lookup(module) is None:
+            home = getattr(sys.modules.get(type(module).__module__), "__file__", None)
+            return is_library_file(home or "<")
+        return leaf
+
+    def alias(self, obj: Any, same_as: Any) -> None:
+        """``obj`` now holds the value ``same_as`` holds (an in-place op on ``obj``)."""
+        i = self.producer.get(id(same_as))
+        if i is not None:
+            self.producer[id(obj)] = i
+
+    def site(self, depth: int) -> tuple[str, str, int] | None:
+        """The call site of the torch call being recorded, numbered by occurrence."""
+        s = site_of(depth + 1)
+        if s is None:
+            return None
+        owner, path, _ = s
+        k = self.site_counts.get((id(owner), path), 0)
+        self.site_counts[(id(owner), path)] = k + 1
+        return self.names.get(id(owner), "?"), path, k
 
     def _inputs(self, args: Any) -> list[int]:
         found: list[int] = []
@@ -161,10 +195,11 @@ class _Mode(TorchFunctionMode):
         t = self.tracer
         name = getattr(func, "__name__", str(func))
         if t.depth == 0 and name not in _SKIP_FUNCS:
+            site = t.site(1) if t.sites and name in ROUTABLE else None
             hit: list[bool] = []
             _walk(out, lambda _: hit.append(True))
             if hit:
-                t.add("function", name, name, None, (args, kwargs), out)
+                t.add("function", name, name, None, (args, kwargs), out).site = site
         return out
 
 
@@ -173,10 +208,29 @@ def is_leaf(module: nn.Module) -> bool:
     return not isinstance(module, FakeQuantize) and recorder.is_leaf(module)
 
 
-def trace(model: nn.Module, example_inputs: Any) -> Graph:
+def trace(model: nn.Module, example_inputs: Any, *, sites: bool = False,
+          training: bool = False) -> Graph:
     """Run ``model`` once on ``example_inputs`` (a tensor, tuple or dict) and record its data
-    flow. The model's mode and parameters are left as they were; no gradient is recorded."""
-    tracer = _Tracer(model)
+    flow. The model's mode and parameters are left as they were; no gradient is recorded.
+    ``sites``: record the call site of each torch call that could be an operator, and look
+    into the model's own childless modules (``qatkit.quantization.call_sites``).
+    ``training``: run in train() mode, to see what only training reaches (auxiliary heads);
+    buffers (BN statistics, observers) and the random state are restored afterwards."""
+    if training:
+        saved = {n: b.detach().clone() for n, b in model.named_buffers()}
+        try:
+            with torch.random.fork_rng(devices=[]):
+                return _trace(model, example_inputs, sites, True)
+        finally:
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    if n in saved:
+                        b.copy_(saved[n])
+    return _trace(model, example_inputs, sites, False)
+
+
+def _trace(model: nn.Module, example_inputs: Any, sites: bool, training: bool) -> Graph:
+    tracer = _Tracer(model, sites)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs: dict = {}
     if isinstance(example_inputs, dict):
@@ -184,21 +238,24 @@ def trace(model: nn.Module, example_inputs: Any) -> Graph:
     for a in (args, kwargs):
         _walk(a, lambda x: tracer.add("input", "input", "input", None, (), x))
     modes = {m: m.training for m in model.modules()}
-    model.eval()  # a trace must not move BN statistics or observers
+    for m in modes:  # in eval(), a trace moves no BN statistics or observers; set directly,
+        m.training = training  # so a prepared model hears no change of mode
     try:
         with torch.no_grad(), tracer, _Mode(tracer):
             out = model(*args, **kwargs)
     finally:
         for m, was in modes.items():
             m.training = was
-    _walk(out, lambda x: _mark_output(tracer, x))
-    return Graph(tracer.nodes, tracer.names)
+    outputs: list[int] = []
+    _walk(out, lambda x: outputs.append(_mark_output(tracer, x)))
+    return Graph(tracer.nodes, tracer.names, outputs)
 
 
-def _mark_output(tracer: _Tracer, x: Any) -> None:
+def _mark_output(tracer: _Tracer, x: Any) -> int:
     i = tracer.producer.get(id(x), -1)
     if i >= 0:
         tracer.nodes[i].is_output = True
+    return i
 
 
 def quantized_nodes(g: Graph) -> set[int]:

@@ -8,6 +8,8 @@ import torch.nn as nn
 
 from qatkit.doctor.rules import Context, Finding, Rule
 from qatkit.doctor.rules.common import is_marker
+from qatkit.quantization import trace as tr
+from qatkit.quantization.call_sites import OPS_NAME
 from qatkit.quantization.fake_quant import FakeQuantize
 from qatkit.quantization.meta import META_NAME
 from qatkit.quantization.observers import Observer
@@ -34,6 +36,19 @@ def _library_spare(model: nn.Module, name: str, mod: nn.Module) -> bool:
 _LIBRARIES = frozenset({"torchvision", "timm"})
 
 
+def _reached_in_training(ctx: Context, names: list[str]) -> set[str]:
+    """Which of ``names`` a train()-mode forward reaches (auxiliary heads such as googlenet's
+    and inception's, which eval() skips): those are no dead code. One extra traced forward,
+    only when there are candidates and example inputs; the model's state is restored."""
+    if not names or ctx.example_inputs is None:
+        return set()
+    try:
+        called = tr.trace(ctx.model, ctx.example_inputs, training=True).called_names()
+    except Exception:
+        return set()
+    return {n for n in names if any(c == n or c.startswith(n + ".") for c in called)}
+
+
 def _check(ctx: Context) -> Iterator[Finding]:
     g = ctx.graph
     if g is None:
@@ -50,7 +65,7 @@ def _check(ctx: Context) -> Iterator[Finding]:
     for name, mod in ctx.model.named_modules():
         if not name or any(name == s or name.startswith(s + ".") for s in skip):
             continue
-        if name == META_NAME or isinstance(mod, (FakeQuantize, Observer)):
+        if name in (META_NAME, OPS_NAME) or isinstance(mod, (FakeQuantize, Observer)):
             skip.append(name)
             continue
         if not (_weighted(mod) or is_marker(mod)) or not unused(name):
@@ -60,25 +75,29 @@ def _check(ctx: Context) -> Iterator[Finding]:
         while "." in root and unused(root.rsplit(".", 1)[0]):
             root = root.rsplit(".", 1)[0]
         roots[root] = None
+    training = _reached_in_training(ctx, list(roots))
     for name in roots:
         mod = ctx.model.get_submodule(name)
-        if _library_spare(ctx.model, name, mod):
+        if _library_spare(ctx.model, name, mod) or name in training:
             continue
         n_params = sum(p.numel() for p in mod.parameters())
         size = f" with {n_params:,} parameters" if n_params else ""
         yield RULE.finding(
             name,
             f"{type(mod).__name__} '{name}'{size} is never called in the traced forward (eval "
-            "mode). Dead code still costs memory, and a stub or FloatFunctional that is never "
-            "called gets no statistics; if it is used only in training (an auxiliary head) or "
-            "through another method, silence this finding for it.")
+            "mode, on the example inputs), nor in train() mode. It stays float: it gets no "
+            "statistics and no fixed-point form, and the fixed-point model refuses it if a "
+            "later input takes that branch. Dead code still costs memory.",
+            fix="pass example inputs (and calibration batches) that take this branch, or "
+                "remove the module; if it is used only through another method, silence this "
+                "finding for it")
 
 
 RULE = Rule(
     code="QK101",
     name="module never called",
     severity="warning",
-    stages=("float", "calibration", "qat", "validation", "converted"),
+    stages=("float", "prepare", "calibration", "qat", "validation", "converted"),
     summary="Lists modules that own parameters, and QuantStubs, DeQuantStubs and "
             "FloatFunctionals, that are never called in a traced (eval-mode) forward. "
             "qatkit_meta, fake quants and observers are not counted.",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 import torch.nn as nn
 
 from qatkit.doctor.rules import Context, Finding, Rule
@@ -58,6 +59,9 @@ def _float_source(g: tr.Graph, reg: set[int], i: int) -> str | None:
     if i in reg:
         return None
     p = g.nodes[i]
+    out = p.output
+    if isinstance(out, torch.Tensor) and not out.is_floating_point():
+        return None  # an index or a mask (x[index], x.masked_fill(mask...)): no value
     if p.kind == "input":
         return "the model input (no QuantStub on this path)"
     if p.kind == "module":
