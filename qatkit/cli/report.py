@@ -29,8 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--damage", metavar="LAYER",
                    help="demo: multiply LAYER's output scale by --damage-factor before convert")
     p.add_argument("--damage-factor", type=positive_float, default=100.0,
-                   help="demo: > 1 wastes levels (100: conv2's int8 output keeps about one "
-                        "level, and the fixed-point model loses about 10 points), < 1 clips")
+                   help="demo: > 1 wastes levels (100: conv2's int8 output uses 3 levels "
+                        "and the fixed-point model loses 10 points), < 1 clips")
     p.add_argument("--epochs", type=int_at_least(1), default=None, help="demo float epochs")
     p.add_argument("--qat-epochs", type=int_at_least(0), default=3, help="demo QAT epochs")
     p.add_argument("--seed", type=int, default=0)
