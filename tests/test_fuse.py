@@ -16,6 +16,7 @@ import torch.nn as nn
 import qatkit as qk
 from qatkit.quantization.fused import FusedConv2d, FusedLinear
 from tests import _bitexact as B
+from tests._tv_import import import_torchvision
 from tests.reference import npref as R
 
 
@@ -274,3 +275,18 @@ def test_conv_add_fixed_point_is_bit_exact(conv_first: bool, dtype: str) -> None
     with B.capture_dequant_input(c) as got, torch.no_grad():
         c(x)
     B.assert_ints(got[0], want, dtype, s_add, "conv + add")
+
+
+def test_torchvision_quantizable_mobilenet_v2_fuses_every_residual_add() -> None:
+    """torchvision's own quantizable MobileNetV2 writes ``skip_add.add(x, self.conv(x))``: the
+    conv is the second operand. Every residual add now takes its block's last conv."""
+    tv = import_torchvision()
+    torch.manual_seed(0)
+    m = tv.models.quantization.mobilenet_v2(weights=None, quantize=False).eval()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    f = _fused(m, x)
+    blocks = [n for n, mod in m.named_modules() if getattr(mod, "use_res_connect", False)]
+    assert len(blocks) == 10
+    for n in blocks:
+        last = f.get_submodule(n).conv[-2]  # the linear bottleneck's conv (BN folded in)
+        assert type(last) is FusedConv2d and last.feeds_add, n

@@ -39,8 +39,9 @@ from qatkit.quantization.stubs import FloatFunctional
 
 _ACT = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-# FloatFunctional methods a conv's int32 accumulator can feed directly (conv+add fusion)
-_ADD_OPS = ("add", "add_relu")
+# add ops a conv's int32 accumulator can feed directly (conv+add fusion): FloatFunctional's
+# methods, and the operator forms of an op module recorded per call site
+_ADD_OPS = frozenset({"add", "add_relu", "__add__", "__radd__", "__iadd__", "add_"})
 
 
 def _only_consumer(g: tr.Graph, node: tr.Node) -> tr.Node | None:
@@ -85,11 +86,13 @@ def _next(g: tr.Graph, node: tr.Node) -> tr.Node | None:
 
 
 def _is_add(g: tr.Graph, node: tr.Node) -> bool:
-    """An add a conv's accumulator can feed: a FloatFunctional (any subclass) ``add`` /
-    ``add_relu`` with two traced operands, its instance called once."""
+    """An add a conv's accumulator can feed: a recorded op module (a FloatFunctional, any
+    subclass, or another module with a ``fused_activation``) adding two traced operands, the
+    instance called once. A bare ``a + b`` outside any module has nothing to fuse into."""
+    mod = node.module
     return (node.kind == "functional" and node.op in _ADD_OPS
-            and isinstance(node.module, FloatFunctional) and len(node.inputs) == 2
-            and len(g.calls(node.target)) == 1)
+            and (isinstance(mod, FloatFunctional) or hasattr(mod, "fused_activation"))
+            and len(node.inputs) == 2 and len(g.calls(node.target)) == 1)
 
 
 def fuse(model: nn.Module, example_inputs: Any, inplace: bool = False, *,
@@ -184,7 +187,7 @@ def _fuse_add_relu(model: nn.Module, g: tr.Graph, add: tr.Node, single: set[str]
                    done: set[str]) -> None:
     """conv+add+relu: a ReLU module after the add is folded into the FloatFunctional."""
     ff = add.module
-    if add.op != "add" or getattr(ff, "fused_activation", None) is not None:
+    if add.op == "add_relu" or getattr(ff, "fused_activation", None) is not None:
         return  # add_relu has its ReLU already
     after = _next(g, add)
     if after is not None and after.kind == "module" and type(after.module) is nn.ReLU \
