@@ -230,7 +230,7 @@ def test_conv2d(case: dict, in_dtype: str, out_dtype: str, s_in: float, s_out: f
     if want is None:
         return
     if hp:
-        s_acc = R.accumulator_scale(s_in, s_w)
+        s_acc = R.accumulator_output_scale(b, s_in, s_w)
         B.assert_ints(got, want, "qint32", s_acc, "conv2d high precision")
         B.assert_floats(c.dequant(got), R.dequantize(want, s_acc, axis=1), "dequant of acc")
     else:
@@ -257,8 +257,10 @@ def test_conv2d_requant_paths(path: str, case: dict, in_dtype: str, out_dtype: s
     if want is None:
         return
     cache = c.ops[0]._cache[(s_in, in_dtype)]
-    # float64 unless forced off, or a shift n > 52 (a zero weight channel's tiny multiplier)
-    assert (cache["f64"] is None) == (path == "int64" or int(cache["mn"][1].max()) > 52)
+    # float64 unless forced off, or a shift n > 52 (a zero weight channel's tiny multiplier),
+    # or a bias beyond int32 (the int64 form of section 5)
+    assert (cache["f64"] is None) == (path == "int64" or cache["wide"] is not None
+                                      or int(cache["mn"][1].max()) > 52)
     B.assert_ints(got, want, out_dtype, s_out, f"conv2d, {path} requant")
 
 
@@ -289,7 +291,7 @@ def test_conv2d_fused_add(case: dict, in_dtype: str, b_dtype: str, out_dtype: st
     assert c.conv.output_mode == "accumulator"
     assert c.add.fused_activation == ("relu" if relu else None)
     s_w = c.conv.weight_scale.numpy()
-    s_acc = R.accumulator_scale(s_in, s_w)
+    s_acc = R.accumulator_output_scale(b, s_in, s_w)
     acc, want_acc = B.agree(lambda: c.conv(B.qtensor(q, s_in, in_dtype)), lambda: R.conv2d(
         q, s_in, w, b, s_w, s_out, "qint32", case["stride"], case["padding"], case["dilation"],
         case["groups"], mode="accumulator"))
@@ -335,7 +337,7 @@ def test_linear(seed: int, lead: tuple, k: int, o: int, in_dtype: str, out_dtype
     if want is None:
         return
     if hp:
-        s_acc = R.accumulator_scale(s_in, s_w)
+        s_acc = R.accumulator_output_scale(b, s_in, s_w)
         B.assert_ints(got, want, "qint32", s_acc, "linear high precision")
         B.assert_floats(c.dequant(got), R.dequantize(want, s_acc, axis=-1), "dequant of acc")
     else:
@@ -389,7 +391,7 @@ def test_conv_transpose2d(data: st.DataObject, in_dtype: str, out_dtype: str, s_
     if want is None:
         return
     if hp:
-        s_acc = R.accumulator_scale(s_in, s_w)
+        s_acc = R.accumulator_output_scale(b, s_in, s_w)
         B.assert_ints(got, want, "qint32", s_acc, "conv_transpose2d high precision")
     else:
         B.assert_ints(got, want, out_dtype, s_out, "conv_transpose2d")

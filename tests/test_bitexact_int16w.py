@@ -57,10 +57,11 @@ def test_conv2d_int16_weights(case: dict, in_dtype: str, out_dtype: str, s_in: f
         q, s_in, w, b, s_w, s_out, "qint32" if hp else out_dtype, case["stride"],
         case["padding"], case["dilation"], case["groups"], activation=act,
         mode="accumulator" if hp else "quantized", w_dtype="qint16"))
-    if want is None:  # refused by the spec and by the model (a bias beyond int32)
+    if want is None:  # refused by the spec and by the model (an int32 output beyond int32)
         return
     if hp:
-        B.assert_ints(got, want, "qint32", R.accumulator_scale(s_in, s_w), "conv2d w16 hp")
+        B.assert_ints(got, want, "qint32", R.accumulator_output_scale(b, s_in, s_w),
+                      "conv2d w16 hp")
     else:
         B.assert_ints(got, want, out_dtype, s_out, f"conv2d w16 {act}")
 
@@ -84,7 +85,7 @@ def test_linear_int16_weights(seed: int, k: int, o: int, in_dtype: str, out_dtyp
     assert np.array_equal(s_w, w16_scales(w, b))
     got, want = B.agree(lambda: B.run_ops(c, B.qtensor(q, s_in, in_dtype)),
                         lambda: R.linear(q, s_in, w, b, s_w, s_out, out_dtype, w_dtype="qint16"))
-    if want is None:  # refused by the spec and by the model (a bias beyond int32)
+    if want is None:  # refused by the spec and by the model (an int32 output beyond int32)
         return
     B.assert_ints(got, want, out_dtype, s_out, "linear w16")
 
@@ -108,7 +109,7 @@ def test_conv_transpose2d_int16_weights(seed: int, in_dtype: str, out_dtype: str
                         lambda: R.conv_transpose2d(q, s_in, w, ct.bias.detach().numpy(), s_w,
                                                    s_out, out_dtype, 2, 1, 1, 1, groups,
                                                    w_dtype="qint16"))
-    if want is None:  # refused by the spec and by the model (a bias beyond int32)
+    if want is None:  # refused by the spec and by the model (an int32 output beyond int32)
         return
     B.assert_ints(got, want, out_dtype, s_out, "conv_transpose2d w16")
 

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_demo_json_meets_the_accuracy_target(tmp_path):
     out = subprocess.run(
@@ -38,3 +40,16 @@ def test_marches_lists_every_march():
     assert {r["march"] for r in rows} >= {"bernoulli2", "bayes", "bayes-e", "nash-e", "nash-m",
                                           "nash-p", "nash-b"}
     assert any("J6E" in r["processors"] for r in rows if r["march"] == "nash-e")
+
+
+@pytest.mark.slow
+def test_demo_threads_reach_the_worker_processes():
+    # 2 threads in each of 2 processes: the default would share the cores out (1 on 2 cores)
+    out = subprocess.run(
+        [sys.executable, "-m", "qatkit.cli.main", "demo", "--nproc", "2", "--threads", "2",
+         "--epochs", "1", "--qat-epochs", "0", "--json"],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
+    assert r["nproc"] == 2 and r["threads_per_rank"] == [2, 2] and r["threads"] == 2
+    assert r["checkpoint_loaded_on_all_ranks"]

@@ -206,8 +206,17 @@ def test_conv2d_quantized_output_and_activations() -> None:
     assert acc.ravel().tolist()[:3] == [-300 * 2**21, -3 * 2**21, -(2**21)]
     with pytest.raises(R.Refused):  # an int32 output int32 cannot hold is refused (§5)
         R.conv2d(q_in * 2**24, s_in, w, None, s_w, s_out, "qint8", mode="accumulator")
-    with pytest.raises(R.Refused):  # so is a bias beyond int32 at s_in * s_w
+    with pytest.raises(R.Refused):  # an int32 bias tensor cannot hold 2^40 * 2 units
         R.quantize_bias(np.float32([2.0**40]), s_in, s_w)
+    # ... but the layer holds it exactly (§5): 2^41 units, M = 1/2, one rounding
+    assert R.bias_integers(np.float32([2.0**40]), s_in, s_w) == [2**41]
+    big = R.conv2d(q_in, s_in, w, np.float32([2.0**40]), s_w, np.float32(2.0**40), "qint8")
+    assert big.ravel().tolist() == [1] * 8  # (2^41 + q) * 2^-41 rounds to 1
+    assert R.int32_shifts([2**41, -(2**31) - 1, -(2**31), 5]) == [13, 3, 0, 0]
+    hp = R.conv2d(q_in, s_in, w, np.float32([2.0**40]), s_w, s_out, "qint32",
+                  mode="accumulator")  # shifted right by 13: (2^41 + q + 2^12) >> 13
+    assert hp.ravel().tolist() == [(2**41 + q + 2**12) >> 13 for q in q_in.ravel().tolist()]
+    assert R.accumulator_output_scale(np.float32([2.0**40]), s_in, s_w).tolist() == [2.0**12]
 
 
 torch = pytest.importorskip("torch")

@@ -4,8 +4,9 @@ silently (docs/fixed-point.md section 5).
 - A channel whose weights are all zero (pruned, BN gamma = 0) takes its weight scale from its
   bias: the digits demo net with 8 of conv1's 32 channels pruned keeps its accuracy in fixed
   point (with the old 2^-40 floor the pruned channels' biases saturated: ~81 %).
-- A bias beyond int32 at ``s_in * s_w`` and an int32 (high-precision / accumulator) output
-  beyond int32 are refused with QK105 naming the module.
+- A bias beyond int32 at ``s_in * s_w`` is held exactly (docs/fixed-point.md section 5); an
+  int32 (high-precision / accumulator) output beyond int32 is refused with QK105 naming the
+  module.
 - Property tests over extremes (zero channels, tiny and huge scales, int16 inputs, huge
   kernels): the fixed-point result equals the NumPy reference and is within the documented
   error of the fake-quant model, or both refuse.
@@ -83,17 +84,42 @@ def _linear_chain(w: np.ndarray, b: np.ndarray | None, s_in: float, s_out: float
                    B.qconfig(out_dtype, {"quant": in_dtype}, high_precision=hp))
 
 
-def test_bias_beyond_int32_is_refused_naming_the_module() -> None:
+@pytest.mark.parametrize("hp", [False, True], ids=["quantized", "high-precision"])
+def test_bias_beyond_int32_is_held_exactly(hp: bool) -> None:
     """Tiny weights next to a large bias: 100 / (2^-7 * 1e-6 / 127.5) is about 1.6e12, far
-    beyond int32. Clipping it gave an output 99 % off; now QK105 names the layer."""
+    beyond int32. Clipping it gave an output 99 % off; it was then refused (QK105); now the
+    quantized output adds it in the requantization and the int32 output is shifted right
+    (section 5), exactly as the reference computes."""
     w = np.full((2, 4), 1e-6, dtype=np.float32)
     b = np.array([100.0, 0.5], dtype=np.float32)
-    _, c = _linear_chain(w, b, 2.0**-7, 1.0)
-    with pytest.raises(R.Refused):
-        R.quantize_bias(b, np.float32(2.0**-7), c.ops[0].weight_scale.numpy())
-    with pytest.raises(qk.QatkitError, match=r"QK105.*QLinear 'ops\.0'.*bias 100 of output "
-                       r"channel 0.*beyond int32") as err:
-        c(torch.full((1, 4), 0.5))
+    s_in = 2.0**-7
+    _, c = _linear_chain(w, b, s_in, None if hp else 1.0)
+    s_w = c.ops[0].weight_scale.numpy()
+    with pytest.raises(R.Refused):  # not as an int32 bias tensor (what QDQ formats hold)
+        R.quantize_bias(b, np.float32(s_in), s_w)
+    q = np.array([[64, 64, 64, 64], [-128, 127, 0, 3]])
+    got = B.run_ops(c, B.qtensor(q, s_in, "qint8"))
+    want = R.linear(q, s_in, w, b, s_w, 1.0, "qint32" if hp else "qint8",
+                    mode="accumulator" if hp else "quantized")
+    if hp:
+        B.assert_ints(got, want, "qint32", R.accumulator_output_scale(b, s_in, s_w))
+        assert int(c.ops[0]._prep(B.qtensor(q, s_in, "qint8"))["wide"]["m"][0]) == 2**14
+    else:
+        B.assert_ints(got, want, "qint8", 1.0)
+    out = c(torch.full((1, 4), 0.5))
+    assert torch.allclose(out, torch.tensor([[100.0, 0.5]]), atol=0.5 if not hp else 1e-6)
+
+
+def test_bias_beyond_int32_at_an_absurd_multiplier_is_refused_naming_the_module() -> None:
+    """Where even the exact form cannot hold it (the layer's own part could pass 2^59 at a
+    huge multiplier), QK105 names the layer, the channel and what to check."""
+    w = np.full((1, 4), 1e-6, dtype=np.float32)
+    w[0, 0] = 1.0  # q_w of 127 at s_w = 1 / 127.5: one large weight, three zero ones
+    b = np.array([1e6], dtype=np.float32)
+    _, c = _linear_chain(w, b, 2.0**-40, 2.0**-126 * 2**10, in_dtype="qint16")
+    with pytest.raises(qk.QatkitError, match=r"QK105.*QLinear 'ops\.0'.*output channel 0.*"
+                       r"beyond int32") as err:
+        c(torch.full((1, 4), 0.0))
     assert "Fix:" in str(err.value)
 
 
@@ -180,6 +206,9 @@ def test_linear_extremes_exact_or_refused(seed: int, k: int, o: int, in_dtype: s
     e32 = (k + 2) * 2.0**-24 * (x.double().abs() @ w_fq.abs().T + bias.abs())
     M = torch.from_numpy(np.float64(s_in) * s_w.astype(np.float64))
     if hp:
+        if b is not None:  # a channel whose bias is beyond int32 is shifted right (section 5)
+            M = M * torch.exp2(torch.tensor(R.int32_shifts(R.bias_integers(b, s_in, s_w)),
+                                            dtype=torch.float64))
         deq = c.dequant(got).double()
         bound = 0.5 * M + 2.0**-23 * y.abs() + e32
         assert ((deq - y).abs() <= bound).all(), (deq, y, bound)

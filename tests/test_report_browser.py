@@ -25,7 +25,7 @@ Array.from(document.querySelectorAll('table[data-json]')).flatMap(t =>
   Array.from(t.tBodies[0].rows).flatMap(row =>
     Array.from(row.querySelectorAll('td[data-k]')).map(td => ({
       path: t.dataset.json, i: Number(row.dataset.i), k: td.dataset.k,
-      text: td.textContent, v: td.dataset.v}))))
+      text: td.textContent, v: td.dataset.v, f: td.dataset.f || null}))))
 """
 
 
@@ -35,10 +35,18 @@ def _at(data, path):
     return data
 
 
-def _shown(value) -> str:
-    """How the page writes a JSON value (the report's ``num`` filter)."""
+def _shown(value, fmt=None) -> str:
+    """How the page writes a JSON value: the report's ``num`` filter, or for ``fmt`` "pct"
+    (accuracy in percent, and drops in points) two decimals, "pct-unit" with " %", "list"
+    joined by commas."""
     if value is None:
         return "\u2013"
+    if fmt == "pct":
+        return f"{value:.2f}"
+    if fmt == "pct-unit":
+        return f"{value:.2f} %"
+    if fmt == "list":
+        return ", ".join(value)
     if isinstance(value, bool):
         return "yes" if value else "no"
     return repr(value) if isinstance(value, float) else str(value)
@@ -46,7 +54,7 @@ def _shown(value) -> str:
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
-    float_model, calib, _ = stages("conv2", 20.0)
+    float_model, calib, _ = stages("conv2", 100.0)
     d = tmp_path_factory.mktemp("browser")
     path = d / "report.html"
     write_report(path, float_model, calib, example(), labelled(), MARCH, budget=2)
@@ -62,7 +70,8 @@ def page(tmp_path_factory):
             judgements: Array.from(document.querySelectorAll('.judgement')).map(
                 j => [j.dataset.layer, j.querySelector('.cause').dataset.kind]),
             cards: Array.from(document.querySelectorAll('.card[data-k] .v')).map(
-                v => [v.parentNode.dataset.k, v.textContent]),
+                v => [v.parentNode.dataset.k, v.textContent, v.dataset.f || null, v.dataset.v]),
+            fallback: document.querySelector('#fallback').textContent,
             embedded: window.qatkitReport,
             width: document.documentElement.scrollWidth,
         })""")
@@ -92,9 +101,14 @@ def test_renders_without_errors_or_network(page):
 def test_tables_and_plots_are_in_the_dom(page):
     info = page["info"]
     assert set(info["tables"]) >= {"layers-0", "layers-1", "layers-2", "stats-table",
-                                   "sensitivity-table", "doctor-table"}
+                                   "sensitivity-table", "doctor-table",
+                                   "weights-activations-table", "keep-float-table",
+                                   "bisect-table", "weight-ranges-table", "histograms-table",
+                                   "weight-drift-table", "quant-summary-table"}
     assert {"sqnr-depth", "cosine-depth", "error-histogram", "sensitivity-drop",
-            "sensitivity-sqnr"} <= set(info["plots"])
+            "sensitivity-sqnr", "weights-activations", "keep-float-recovery", "weight-ranges",
+            "value-histogram", "weight-drift"} <= set(info["plots"])
+    assert "Keeping conv2 in float" in info["fallback"]
     assert info["marks"] > 100  # points and bars were drawn
     assert info["judgements"][0] == ["conv2", "bad-scale"]
     assert info["width"] <= 1280 + 1  # no horizontal overflow at 1280 px
@@ -102,14 +116,24 @@ def test_tables_and_plots_are_in_the_dom(page):
 
 def test_dom_numbers_equal_the_json(page):
     data, cells = page["data"], page["cells"]
-    assert len(cells) > 300
+    assert len(cells) > 600
+    # accuracy columns: rounded on the page, the exact JSON number in data-v
+    pct = {(c["path"], c["k"]) for c in cells if c["f"] == "pct"}
+    assert {("sensitivity.layers", "metric"), ("sensitivity.layers", "drop"),
+            ("all_but_one.layers", "recovery"), ("all_but_one.steps", "metric"),
+            ("weights_activations.rows", "metric")} <= pct
+    tables = {c["path"] for c in cells}
+    assert {"weight_ranges", "histograms", "weight_drift", "quant_summary"} <= tables
     for c in cells:
         expected = _at(data, c["path"])[c["i"]][c["k"]]
-        assert c["text"] == _shown(expected), c
+        assert c["text"] == _shown(expected, c["f"]), c
         if isinstance(expected, float):
             assert float(c["v"]) == expected  # parses back to the very JSON number
-    for key, text in page["info"]["cards"]:
-        assert text == _shown(_at(data, key)), key
+    cards = page["info"]["cards"]
+    assert [c[2] for c in cards] == ["pct-unit"] * len(cards)
+    for key, text, fmt, v in cards:
+        assert text == _shown(_at(data, key), fmt), key
+        assert float(v) == _at(data, key)
     assert page["info"]["embedded"] == data
 
 
@@ -118,7 +142,7 @@ def test_sorting_by_clicking_headers(page):
     assert page["by_rank"] == sorted(page["by_rank"], reverse=True)
     data = page["data"]
     for c in page["sorted_cells"]:  # rows moved, numbers still belong to their row
-        assert c["text"] == _shown(_at(data, c["path"])[c["i"]][c["k"]])
+        assert c["text"] == _shown(_at(data, c["path"])[c["i"]][c["k"]], c["f"])
 
 
 def test_screenshot(page):

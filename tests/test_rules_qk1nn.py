@@ -332,12 +332,12 @@ def test_qk104_cat_of_inputs_with_very_different_scales(imbalanced):
 
 
 class BranchSecond(SmallNet):
-    """MobileNet-style operand order: add(identity, branch), so the branch's conv is not fused
-    into the add and both operands are int8."""
+    """add(identity, relu(branch)): the branch's conv takes the ReLU, so it is not fused into
+    the add (an int32 accumulator would be skipped) and both operands are int8."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu1(self.bn1(self.conv1(self.quant(x))))
-        x = self.add.add(x, self.bn2(self.conv2(x)))
+        x = self.add.add(x, self.act(self.bn2(self.conv2(x))))
         return self.dequant(self.fc(torch.flatten(self.pool(x), 1)))
 
 

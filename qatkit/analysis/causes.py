@@ -117,12 +117,13 @@ def _int16_hint(march: March | None) -> str:
 def judge(comparison: Comparison | None = None, stats: Stats | None = None,
           sensitivity: Sensitivity | None = None, doctor: Any = None,
           march: str | March | None = None, *, min_sqnr_db: float = 30.0,
-          min_drop: float = 0.01) -> list[Judgement]:
+          min_drop: float = 0.01, percent: bool = False) -> list[Judgement]:
     """Judge the cause of every degraded layer from the evidence given (any may be None):
     a :class:`~qatkit.analysis.compare.Comparison` (float or QAT vs fixed point is the most
     telling), :class:`~qatkit.analysis.stats.Stats` of the prepared or fixed-point model, a
     :class:`~qatkit.analysis.sensitivity.Sensitivity` and the doctor's report. Returns the degraded
-    layers, most damaging first."""
+    layers, most damaging first. ``percent``: the metric is a fraction (accuracy) that the
+    reasons write in percentage points."""
     the_march = resolve(march) if march is not None else None
     findings = _findings(doctor)
     degraded: dict[str, Judgement] = {}
@@ -149,8 +150,9 @@ def judge(comparison: Comparison | None = None, stats: Stats | None = None,
                 continue
             j = entry(r.name, r.name)
             j.drop, j.output_sqnr_db = r.drop, r.output_sqnr_db
+            moved = f"{-r.drop * 100:+.2f} points" if percent else f"{-r.drop:+.4g}"
             j.reasons.append(
-                f"quantized alone, it moves {sensitivity.metric_name} by {-r.drop:+.4g} and the "
+                f"quantized alone, it moves {sensitivity.metric_name} by {moved} and the "
                 f"model output to {r.output_sqnr_db:.1f} dB SQNR (sensitivity rank {r.rank})")
             prev = order.get(r.name, (float("inf"), 0.0))
             order[r.name] = (min(prev[0], r.output_sqnr_db), -r.drop)

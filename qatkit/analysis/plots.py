@@ -200,4 +200,95 @@ def histogram(edges: list[float], counts: list[int], *, title: str, unit: str,
     return "".join(out)
 
 
-__all__ = ["bar_chart", "histogram", "line_chart"]
+def range_chart(mins: list[float | None], maxs: list[float | None], *, title: str,
+                kind: str = "ranges", width: int = 420, height: int = 180) -> str:
+    """One vertical bar per channel from its min to its max (x: channel index), with the
+    zero line."""
+    left, right, top, bottom = 46, 10, 26, 28
+    pw, ph = width - left - right, height - top - bottom
+    vals = [v for v in (*mins, *maxs) if v is not None and math.isfinite(v)]
+    lo, hi = min([0.0, *vals]), max([0.0, *vals])
+    if hi - lo < 1e-12:
+        hi = lo + 1.0
+    ticks = _nice(lo, hi, 4)
+    lo, hi = min(ticks[0], lo), max(ticks[-1], hi)
+    n = max(len(mins), 1)
+
+    def Y(v: float) -> float:
+        return top + ph * (1 - (v - lo) / (hi - lo))
+
+    out = _open(kind, width, height, title)
+    for t in ticks:
+        out.append(f"<line x1='{left}' x2='{left + pw}' y1='{Y(t):.1f}' y2='{Y(t):.1f}' "
+                   "stroke='#eee'/>")
+        out.append(f"<text x='{left - 4}' y='{Y(t) + 4:.1f}' font-size='10' "
+                   f"text-anchor='end'>{_fmt(t)}</text>")
+    w = pw / n
+    for i, (a, b) in enumerate(zip(mins, maxs)):
+        if a is None or b is None:
+            continue
+        x = left + w * i
+        out.append(f"<rect x='{x + w * 0.1:.2f}' y='{Y(b):.1f}' width='{max(w * 0.8, 0.6):.2f}' "
+                   f"height='{max(Y(a) - Y(b), 0.6):.1f}' fill='{PALETTE[0]}'>"
+                   f"<title>channel {i}: [{a}, {b}]</title></rect>")
+    out.append(f"<line x1='{left}' x2='{left + pw}' y1='{Y(0.0):.1f}' y2='{Y(0.0):.1f}' "
+               "stroke='#555'/>")
+    out.append(f"<text x='{left + pw / 2:.1f}' y='{height - 6}' font-size='10' "
+               f"text-anchor='middle'>output channel (0..{n - 1})</text>")
+    out.append("</svg>")
+    return "".join(out)
+
+
+def overlay_histogram(edges: list[float], a: list[int], b: list[int], *, title: str,
+                      names: tuple[str, str] = ("float", "fixed point"),
+                      kind: str = "value-histogram", width: int = 300, height: int = 180
+                      ) -> str:
+    """Two histograms on shared ``edges``: ``a`` as an outline, ``b`` as filled bars (log
+    count, so that a ReLU's spike at zero does not flatten the rest)."""
+    left, right, top, bottom = 30, 10, 26, 40
+    pw, ph = width - left - right, height - top - bottom
+    out = _open(kind, width, height, title)
+    if not edges or len(edges) != len(a) + 1 or len(a) != len(b):
+        out.append(f"<text x='{width / 2}' y='{height / 2}' text-anchor='middle' "
+                   "font-size='11'>no data</text></svg>")
+        return "".join(out)
+    lo, hi = edges[0], edges[-1]
+    span = (hi - lo) or 1.0
+    top_c = math.log10(max([*a, *b, 1]) + 1)
+
+    def X(v: float) -> float:
+        return left + pw * (v - lo) / span
+
+    def H(c: int) -> float:
+        return ph * math.log10(c + 1) / top_c
+
+    for i, c in enumerate(b):
+        if c > 0:
+            x0, x1 = X(edges[i]), X(edges[i + 1])
+            out.append(f"<rect x='{x0:.1f}' y='{top + ph - H(c):.1f}' "
+                       f"width='{max(x1 - x0 - 0.4, 0.4):.1f}' height='{H(c):.1f}' "
+                       f"fill='{PALETTE[4]}' fill-opacity='0.75'><title>{escape(names[1])} "
+                       f"[{edges[i]}, {edges[i + 1]}): {c}</title></rect>")
+    pts = [f"{X(edges[0]):.1f},{top + ph:.1f}"]
+    for i, c in enumerate(a):
+        y = top + ph - H(c)
+        pts += [f"{X(edges[i]):.1f},{y:.1f}", f"{X(edges[i + 1]):.1f},{y:.1f}"]
+    pts.append(f"{X(edges[-1]):.1f},{top + ph:.1f}")
+    out.append(f"<polyline fill='none' stroke='{PALETTE[0]}' stroke-width='1.5' "
+               f"points='{' '.join(pts)}'><title>{escape(names[0])}</title></polyline>")
+    out.append(f"<line x1='{left}' x2='{left + pw}' y1='{top + ph}' y2='{top + ph}' "
+               "stroke='#555'/>")
+    for v, anchor in ((lo, "start"), (hi, "end")):
+        out.append(f"<text x='{X(v):.1f}' y='{top + ph + 13}' font-size='10' "
+                   f"text-anchor='{anchor}'>{_fmt(v)}</text>")
+    ly = height - 8
+    out.append(f"<line x1='{left}' x2='{left + 16}' y1='{ly - 3}' y2='{ly - 3}' "
+               f"stroke='{PALETTE[0]}' stroke-width='1.5'/><text x='{left + 20}' y='{ly}' "
+               f"font-size='10'>{escape(names[0])}</text>")
+    out.append(f"<rect x='{left + 90}' y='{ly - 8}' width='12' height='8' fill='{PALETTE[4]}'/>"
+               f"<text x='{left + 106}' y='{ly}' font-size='10'>{escape(names[1])}</text>")
+    out.append("</svg>")
+    return "".join(out)
+
+
+__all__ = ["bar_chart", "histogram", "line_chart", "overlay_histogram", "range_chart"]

@@ -36,10 +36,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from qatkit.analysis.compare import Comparison, _num, compare, evaluation, stage
+from qatkit.analysis.compare import Comparison, _num, _sig, compare, evaluation, stage
 from qatkit.analysis.sensitivity import (
     Metric,
     _outputs,
+    accuracy,
     float_copy,
     sensitivity,
     targets,
@@ -54,7 +55,7 @@ HISTOGRAMS = 6  # error histograms shown: the layers with the largest own error
 
 
 # ------------------------------------------------------------------------------ helpers
-def damage(model: nn.Module, layer: str, factor: float = 20.0) -> nn.Module:
+def damage(model: nn.Module, layer: str, factor: float = 100.0) -> nn.Module:
     """Multiply the output scale of ``layer`` in a prepared model by ``factor`` (in place),
     as a deliberately bad scale for trying the report: ``factor > 1`` wastes levels,
     ``factor < 1`` clips. ``convert`` keeps the damaged scale."""
@@ -134,9 +135,16 @@ def _march_dict(m: March | None) -> dict[str, Any] | None:
             "notes": m.notes}
 
 
+def _monitor_unit(monitor: Any) -> str:
+    from qatkit.quantization.evaluate import accuracy as monitor_accuracy
+    return "%" if getattr(monitor, "metric", None) is monitor_accuracy else ""
+
+
 def _monitor_rows(monitor: Any) -> list[dict[str, Any]] | None:
+    """The monitor's history; accuracy (its default metric) in percent, unrounded."""
     if monitor is None:
         return None
+    k = 100.0 if _monitor_unit(monitor) == "%" else 1.0
     history = getattr(monitor, "history", monitor)
     rows = []
     for i, r in enumerate(history):
@@ -144,10 +152,11 @@ def _monitor_rows(monitor: Any) -> list[dict[str, Any]] | None:
         fxv = getattr(r, "fixed_point", None)
         if fqv is None and isinstance(r, dict):
             fqv, fxv = r.get("fake_quant"), r.get("fixed_point")
-        rows.append({"step": int(getattr(r, "step", i)), "fake_quant": _num(fqv, 6),
-                     "fixed_point": _num(fxv, 6),
-                     "gap": _num(fqv - fxv, 6) if fqv is not None and fxv is not None
-                     else None})
+        fqv = None if fqv is None else float(fqv) * k
+        fxv = None if fxv is None else float(fxv) * k
+        rows.append({"step": int(getattr(r, "step", i)), "fake_quant": fqv,
+                     "fixed_point": fxv,
+                     "gap": fqv - fxv if fqv is not None and fxv is not None else None})
     return rows
 
 
@@ -197,20 +206,23 @@ def build(model_float: nn.Module, model_quant: nn.Module, example_inputs: Any,
         with evaluation(model_float):
             ref = _outputs(model_float, x, batch_size)
         target, fn, name = targets(ref, y, metric, metric_name)
-        metrics: dict[str, Any] = {"name": name, "samples": len(ref),
-                                   "float": _num(float(fn(ref, target)), 6),
+        # One unit for accuracy everywhere in the report: percent, unrounded in the JSON
+        # (the page rounds for display); a user's metric keeps its own unit.
+        k = 100.0 if fn is accuracy else 1.0
+        unit = "%" if fn is accuracy else ""
+        metrics: dict[str, Any] = {"name": name, "unit": unit, "samples": len(ref),
+                                   "float": float(fn(ref, target)) * k,
                                    "float_same_weights": None, "fake_quant": None,
                                    "fixed_point": None}
         twin = float_copy(prepared) if prepared is not None else None
         if prepared is not None and twin is not None:
             with evaluation(prepared):
-                metrics["fake_quant"] = _num(float(fn(_outputs(prepared, x, batch_size),
-                                                      target)), 6)
+                metrics["fake_quant"] = float(fn(_outputs(prepared, x, batch_size), target)) * k
             with evaluation(twin):
-                metrics["float_same_weights"] = _num(float(fn(_outputs(twin, x, batch_size),
-                                                              target)), 6)
+                metrics["float_same_weights"] = float(
+                    fn(_outputs(twin, x, batch_size), target)) * k
         with evaluation(fixed):
-            metrics["fixed_point"] = _num(float(fn(_outputs(fixed, x, batch_size), target)), 6)
+            metrics["fixed_point"] = float(fn(_outputs(fixed, x, batch_size), target)) * k
         timing["metrics"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -267,6 +279,9 @@ def build(model_float: nn.Module, model_quant: nn.Module, example_inputs: Any,
                             "calibrated or QAT model to rank layers by sensitivity")
         timing["sensitivity"] = time.perf_counter() - t
 
+        views = _views(model_float, prepared, fixed, twin, example_inputs, x, y, batch,
+                       metric, name, batch_size, min_drop, k, timing)
+
         t = time.perf_counter()
         doctor_report: Any = None
         try:
@@ -280,7 +295,7 @@ def build(model_float: nn.Module, model_quant: nn.Module, example_inputs: Any,
 
         from qatkit.analysis.causes import judge
         judgements = judge(main, stats, sens, doctor_report, the_march,
-                           min_sqnr_db=min_sqnr_db, min_drop=min_drop)
+                           min_sqnr_db=min_sqnr_db, min_drop=min_drop, percent=k == 100.0)
 
     ranked = [lc for lc in main.ranking() if lc.own_sqnr_db is not None]
     summary = {"worst_layer": ranked[0].name if ranked else None,
@@ -298,21 +313,102 @@ def build(model_float: nn.Module, model_quant: nn.Module, example_inputs: Any,
         "model": {"name": type(model_float).__name__,
                   "stage": "fixed point" if st == "converted" else (quant_label or st)},
         "march": _march_dict(the_march), "metrics": metrics, "summary": summary,
-        "thresholds": {"min_sqnr_db": min_sqnr_db, "min_drop": min_drop},
-        "doctor": doctor_dict, "comparisons": [c.to_dict() for c in comparisons],
-        "stats": stats.to_dict(), "sensitivity": sens.to_dict() if sens else None,
+        "thresholds": {"min_sqnr_db": min_sqnr_db, "min_drop": min_drop * k},
+        "doctor": doctor_dict, "comparisons": [_scaled_comparison(c, k) for c in comparisons],
+        "stats": stats.to_dict(), "sensitivity": _scaled_sensitivity(sens, k),
         "sensitivity_skipped": sens_skipped,
-        "causes": [j.to_dict() for j in judgements],
+        "causes": [_scaled_judgement(j, k) for j in judgements],
         "degraded": [j.layer for j in judgements],
-        "monitor": _monitor_rows(monitor), "timing": timing, "notes": notes,
+        "monitor": _monitor_rows(monitor), "monitor_unit": _monitor_unit(monitor), **views,
+        "timing": timing, "notes": notes,
     }
+
+
+def _views(model_float: nn.Module, prepared: nn.Module | None, fixed: nn.Module,
+           twin: nn.Module | None, example_inputs: Any, x: Any, y: torch.Tensor | None,
+           batch: Any, metric: Metric | None, metric_name: str, batch_size: int,
+           min_drop: float, k: float, timing: dict[str, float]) -> dict[str, Any]:
+    """The views of AIMET's QuantAnalyzer and the vendors' profilers, one module each:
+    weight-only vs activation-only quantization, "all but this layer" with the float-fallback
+    bisection, per-channel weight ranges, value histograms, the per-layer summary and float
+    vs QAT weights. Metric values times ``k`` (percent for accuracy)."""
+    from qatkit.analysis.compare import align_float
+    from qatkit.analysis.histograms import value_histograms
+    from qatkit.analysis.keep_float import all_but_one
+    from qatkit.analysis.summary import summary
+    from qatkit.analysis.weight_drift import weight_drift
+    from qatkit.analysis.weight_ranges import weight_ranges
+    from qatkit.analysis.weights_activations import weights_vs_activations
+    out: dict[str, Any] = {"weights_activations": None, "all_but_one": None,
+                           "weight_drift": None}
+    t = time.perf_counter()
+    if prepared is not None:
+        with _quiet():
+            out["weights_activations"] = weights_vs_activations(
+                prepared, x, y, metric, metric_name=metric_name,
+                batch_size=batch_size).to_dict(k)
+            out["all_but_one"] = all_but_one(
+                prepared, x, y, metric, metric_name=metric_name, batch_size=batch_size,
+                tolerance=min_drop).to_dict(k)
+        out["weight_drift"] = [d.to_dict() for d in weight_drift(model_float, prepared,
+                                                                 example_inputs)]
+    timing["keep_float"] = time.perf_counter() - t
+    t = time.perf_counter()
+    out["weight_ranges"] = [r.to_dict() for r in weight_ranges(
+        prepared if prepared is not None else fixed)]
+    side = twin if twin is not None else align_float(model_float, fixed, example_inputs)
+    with _quiet():
+        out["histograms"] = [h.to_dict() for h in value_histograms(side, fixed, batch)]
+    rows = summary(prepared if prepared is not None else fixed, example_inputs).to_dicts()
+    for r in rows:  # (lo, hi) -> two columns; 6 significant digits, as the other tables
+        lo_hi = r.pop("weight_scale")
+        r["scale"] = _sig(r["scale"], 6)
+        r["weight_scale_min"], r["weight_scale_max"] = (
+            (_sig(lo_hi[0], 6), _sig(lo_hi[1], 6)) if lo_hi else (None, None))
+    out["quant_summary"] = rows
+    timing["views"] = time.perf_counter() - t
+    return out
+
+
+def _scaled_comparison(c: Comparison, k: float) -> dict[str, Any]:
+    d = c.to_dict()
+    if k != 1.0 and d["output"].get("top1_agreement") is not None:
+        d["output"]["top1_agreement"] = d["output"]["top1_agreement"] * k
+    return d
+
+
+def _scaled_sensitivity(sens: Any, k: float) -> dict[str, Any] | None:
+    """``Sensitivity.to_dict`` with its metric values exact, times ``k``."""
+    if sens is None:
+        return None
+    d = sens.to_dict()
+    d["reference"], d["quantized"] = sens.reference * k, sens.quantized * k
+    for row, layer in zip(d["layers"], sens.layers):
+        row["metric"], row["drop"] = layer.metric * k, layer.drop * k
+    a = d.get("applied")
+    if a:
+        for key in ("float", "before", "after", "gain"):
+            if a.get(key) is not None:
+                a[key] = a[key] * k
+    return d
+
+
+def _scaled_judgement(j: Any, k: float) -> dict[str, Any]:
+    d = j.to_dict()
+    if j.drop is not None:
+        d["drop"] = j.drop * k
+    return d
 
 
 # ------------------------------------------------------------------------------ rendering
 def _plots(r: dict[str, Any]) -> dict[str, list[str]]:
     from qatkit.analysis import plots
     out: dict[str, list[str]] = {"depth": [], "histograms": [], "sensitivity": [],
-                                 "monitor": []}
+                                 "monitor": [], "weights_activations": [], "keep_float": [],
+                                 "weight_ranges": [], "histograms_values": [],
+                                 "weight_drift": []}
+    unit = " (%)" if r["metrics"].get("unit") == "%" else ""
+    points = " (points)" if unit else ""
     comps = r["comparisons"]
     if comps:
         main = comps[-1]
@@ -358,8 +454,37 @@ def _plots(r: dict[str, Any]) -> dict[str, list[str]]:
         out["monitor"].append(plots.line_chart(
             steps, [{"name": "fake quant", "values": [x["fake_quant"] for x in m]},
                     {"name": "fixed point", "values": [x["fixed_point"] for x in m]}],
-            title="QAT: fake-quant vs fixed-point metric per epoch", y_label="metric",
+            title="QAT: fake-quant vs fixed-point metric per epoch",
+            y_label="accuracy (%)" if r.get("monitor_unit") == "%" else "metric",
             kind="monitor"))
+    w = r.get("weights_activations")
+    if w:
+        out["weights_activations"].append(plots.bar_chart(
+            [x["quantized"] for x in w["rows"]], [x["metric"] for x in w["rows"]],
+            title=f"{w['metric']} by what is quantized", x_label=f"{w['metric']}{unit}",
+            kind="weights-activations"))
+    a = r.get("all_but_one")
+    if a and a["layers"]:
+        out["keep_float"].append(plots.bar_chart(
+            [x["name"] for x in a["layers"]], [x["recovery"] for x in a["layers"]],
+            title=f"{a['metric']} recovered by keeping only this layer in float "
+                  "(red: the bisection's fallback)",
+            x_label=f"recovery{points}", kind="keep-float-recovery",
+            highlight=set(a["fallback"] or ())))
+    for wr in r.get("weight_ranges") or []:
+        out["weight_ranges"].append(plots.range_chart(
+            wr["ch_min"], wr["ch_max"], title=f"{wr['name']} ({wr['op']}, {wr['channels']} ch)",
+            kind="weight-ranges"))
+    for h in r.get("histograms") or []:
+        out["histograms_values"].append(plots.overlay_histogram(
+            h["edges"], h["float"], h["quantized"], title=f"{h['name']} ({h['op']})",
+            names=("float", "fixed point")))
+    d = r.get("weight_drift")
+    if d:
+        out["weight_drift"].append(plots.bar_chart(
+            [x["name"] for x in d], [x["levels_changed"] for x in d],
+            title="share of integer weights that differ from the float weights'",
+            x_label="levels changed", kind="weight-drift"))
     return out
 
 
@@ -373,6 +498,21 @@ def _num_filter(v: Any) -> str:
     return str(v)
 
 
+def _pct_filter(v: Any) -> str:
+    """A percentage (or points) for display: two decimals; the JSON keeps it exact."""
+    if v is None:
+        return "\u2013"
+    return f"{v:.2f}"
+
+
+def _metric_filter(v: Any, unit: str) -> str:
+    return _num_filter(v) if unit != "%" or v is None else f"{_pct_filter(v)} %"
+
+
+def _diff_filter(v: Any, unit: str) -> str:
+    return _num_filter(v) if unit != "%" or v is None else f"{_pct_filter(v)} points"
+
+
 def render_html(r: dict[str, Any]) -> str:
     """The HTML page of a :func:`build` dict (self-contained)."""
     import jinja2
@@ -380,6 +520,9 @@ def render_html(r: dict[str, Any]) -> str:
     env = jinja2.Environment(loader=jinja2.PackageLoader("qatkit.analysis", "templates"),
                              autoescape=True, undefined=jinja2.ChainableUndefined)
     env.filters["num"] = _num_filter
+    env.filters["pct"] = _pct_filter
+    env.filters["m"] = _metric_filter
+    env.filters["d"] = _diff_filter
     plots = {k: [Markup(p) for p in v] for k, v in _plots(r).items()}
     # "</" inside a <script> would end it; "<\/" is the same JSON string.
     text = json.dumps(r, allow_nan=False).replace("</", "<\\/")

@@ -59,11 +59,20 @@ def quantize_only(model: nn.Module, layers: Iterable[str] | None) -> Iterator[nn
     if unknown:
         raise fail("QK000", f"no fake-quantized layer named {', '.join(sorted(unknown))}.",
                    f"use one of {', '.join(groups) or '(none: prepare the model first)'}")
-    off = [fq for name, fqs in groups.items() if name not in keep for fq in fqs]
+    with passthrough([fq for name, fqs in groups.items() if name not in keep for fq in fqs]):
+        yield model
+
+
+@contextlib.contextmanager
+def passthrough(fqs: Iterable[FakeQuantize]) -> Iterator[None]:
+    """Within the block, the fake quants ``fqs`` pass values through unchanged (float); the
+    others quantize as before. The building block of :func:`quantize_only` and of
+    ``qatkit.analysis.keep_float`` / ``qatkit.analysis.weights_activations``."""
+    off = [fq for fq in fqs if "forward" not in fq.__dict__]  # nested blocks: the outer restores
     for fq in off:
         fq.__dict__["forward"] = _identity  # an instance attribute shadows forward
     try:
-        yield model
+        yield
     finally:
         for fq in off:
             fq.__dict__.pop("forward", None)
@@ -406,5 +415,6 @@ def try_int16(model_float: nn.Module, model_quant: nn.Module, layers: Iterable[s
 
 
 __all__ = ["LayerSensitivity", "Sensitivity", "apply_int16", "apply_mapping", "float_copy",
-           "int16_mapping", "output_sqnr", "quantizable_layers", "quantize_only", "sensitivity",
+           "int16_mapping", "output_sqnr", "passthrough", "quantizable_layers", "quantize_only",
+           "sensitivity",
            "suggest_int16", "targets", "try_int16"]

@@ -213,8 +213,7 @@ def try_sensitivity_qconfig(model_float: nn.Module, model_quant: nn.Module,
         after = float(fn(_outputs(after_model.eval(), x, batch_size), target))
     gap = float_metric - before
     return {"layers": plan.changed_layers, "selection": plan.selection, "budget": plan.budget,
-            "float": _num(float_metric, 6), "before": _num(before, 6), "after": _num(after, 6),
-            "gain": _num(after - before, 6),
+            "float": float_metric, "before": before, "after": after, "gain": after - before,
             "gap_closed": _num((after - before) / gap, 4) if gap > 0 else None,
             "model": "fixed point", "changes": [c.to_dict() for c in plan.changes]}
 

@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (and nothing else: no progress bars)")
     p.add_argument("--threads", type=int_at_least(1), default=None, metavar="N",
-                   help="torch.set_num_threads(N) (default: torch's default)")
+                   help="torch.set_num_threads(N), in every --nproc worker too (default: "
+                        "torch's default; with --nproc, the cores shared out)")
     p.add_argument("--nproc", type=int_at_least(1), default=1,
                    help="calibrate and train QAT in N local processes (gloo)")
 

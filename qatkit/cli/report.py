@@ -28,7 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="demo dataset")
     p.add_argument("--damage", metavar="LAYER",
                    help="demo: multiply LAYER's output scale by --damage-factor before convert")
-    p.add_argument("--damage-factor", type=positive_float, default=20.0)
+    p.add_argument("--damage-factor", type=positive_float, default=100.0,
+                   help="demo: > 1 wastes levels (100: conv2's int8 output uses 3 levels "
+                        "and the fixed-point model loses 10 points), < 1 clips")
     p.add_argument("--epochs", type=int_at_least(1), default=None, help="demo float epochs")
     p.add_argument("--qat-epochs", type=int_at_least(0), default=3, help="demo QAT epochs")
     p.add_argument("--seed", type=int, default=0)
@@ -111,18 +113,31 @@ def run(args: argparse.Namespace) -> int:
             "seconds": seconds, "metrics": r["metrics"], "worst_layer": r["summary"][
                 "worst_layer"], "most_sensitive": r["summary"]["most_sensitive"],
             "causes": r["summary"]["causes"],
-            "int16_suggestion": (r["sensitivity"] or {}).get("suggestion")}
+            "int16_suggestion": (r["sensitivity"] or {}).get("suggestion"),
+            "float_fallback": (r.get("all_but_one") or {}).get("fallback")}
     if args.json:
         print(json.dumps(line))
     else:
         mt = r["metrics"]
+
+        def shown(v: Any) -> str:  # rounded for display; the JSON keeps the exact value
+            if v is None:
+                return "-"
+            return f"{v:.2f} %" if mt.get("unit") == "%" else f"{v:.6g}"
         print(f"wrote {line['html']} and {line['json']} ({seconds} s)")
-        print(f"{mt['name']}: float {mt['float']}, fake quant {mt['fake_quant']}, "
-              f"fixed point {mt['fixed_point']}")
+        print(f"{mt['name']}: float {shown(mt['float'])}, fake quant {shown(mt['fake_quant'])}, "
+              f"fixed point {shown(mt['fixed_point'])}")
+        fallback = (r.get("all_but_one") or {}).get("fallback")
+        if fallback:
+            print(f"keeping {', '.join(fallback)} in float: "
+                  f"{shown(r['all_but_one']['steps'][-1]['metric'])} (fake quant)")
         print(f"largest own error: {line['worst_layer']}; most sensitive: "
               f"{line['most_sensitive']}")
         for layer, kind in line["causes"].items():
             print(f"degraded: {layer} ({kind})")
         if line["int16_suggestion"]:
-            print(f"int16 suggestion: {', '.join(line['int16_suggestion'])}")
+            applied = (r["sensitivity"] or {}).get("applied")
+            gain = (f" (fixed point {shown(applied['before'])} -> {shown(applied['after'])})"
+                    if applied else "")
+            print(f"int16 suggestion: {', '.join(line['int16_suggestion'])}{gain}")
     return 0

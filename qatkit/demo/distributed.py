@@ -134,7 +134,8 @@ def _demo_worker(rank: int, world: int, dataset: str, march: str, qat_epochs: in
 def run_demo(args: Any) -> dict[str, Any]:
     """``qatkit demo --nproc N``: float training in this process (as the one-process demo),
     then calibration (synchronized, disjoint shards of the same calibration set) and DDP QAT
-    in N spawned gloo processes. Returns the one-process demo's fields plus ``nproc``,
+    in N spawned gloo processes, each with ``args.threads`` torch threads (default: the
+    cores shared out). Returns the one-process demo's fields plus ``nproc``,
     ``backend`` and ``checkpoint_loaded_on_all_ranks``."""
     import time
 
@@ -153,8 +154,10 @@ def run_demo(args: Any) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="qatkit-demo-") as work:
         float_path = os.path.join(work, "float_weights.pt")
         torch.save(float_model.state_dict(), float_path)
+        # --threads sets each worker's torch threads too (default: the cores shared out)
         results = spawn(_demo_worker, nproc, args.dataset, march, qat_epochs, seed,
-                        float_path, args.save, work, uuid.uuid4().hex)
+                        float_path, args.save, work, uuid.uuid4().hex,
+                        threads=getattr(args, "threads", None))
     r0 = results[0]
     return {
         "dataset": split.name, "march": march, "float_accuracy": float_acc,
@@ -163,7 +166,8 @@ def run_demo(args: Any) -> dict[str, Any]:
         "quantized_minus_float": r0["quantized_accuracy"] - float_acc, "epochs": epochs,
         "qat_epochs": qat_epochs, "train_size": len(split.y_train),
         "test_size": len(split.y_test), "seed": seed, "torch": torch.__version__,
-        "threads": r0["threads"], "seconds": round(time.perf_counter() - t0, 2),
+        "threads": r0["threads"], "threads_per_rank": [r["threads"] for r in results],
+        "seconds": round(time.perf_counter() - t0, 2),
         "nproc": nproc, "backend": "gloo",
         "checkpoint_loaded_on_all_ranks": all(r["checkpoint_loaded"] for r in results),
     }

@@ -279,9 +279,10 @@ def run(dataset: str = "digits", march: str = "nash-e", epochs: int | None = Non
 def print_table(r: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
-    where = f", {r['nproc']} processes" if r.get("nproc", 1) > 1 else ""
+    threads = (f"{r['threads']} threads in each of {r['nproc']} processes"
+               if r.get("nproc", 1) > 1 else f"{r['threads']} threads")
     t = Table(title=f"qatkit demo: {r['dataset']} on {r['march']}",
-              caption=f"{r['seconds']} s, {r['threads']} threads{where}")
+              caption=f"{r['seconds']} s, {threads}")
     t.add_column("stage")
     t.add_column("model")
     t.add_column("test accuracy", justify="right")
@@ -301,7 +302,7 @@ def print_table(r: dict[str, Any]) -> None:
 
 def report_models(dataset: str = "digits", march: str = "nash-e", epochs: int | None = None,
                 qat_epochs: int = 3, seed: int = 0, damage_layer: str | None = None,
-                damage_factor: float = 20.0, quiet: bool = True, width: int = 32
+                damage_factor: float = 100.0, quiet: bool = True, width: int = 32
                 ) -> dict[str, Any]:
     """The digits (or Fashion-MNIST) workflow of ``qatkit demo``, returning the models:
     float training, calibration, QAT with a FixedPointMonitor per epoch, then (optionally)

@@ -87,7 +87,8 @@ def _free_port() -> int:
 def spawn(fn: Callable[..., Any], nproc: int, *args: Any, backend: str = "gloo",
           threads: int | None = None, timeout_s: float = 300.0) -> list[Any]:
     """Run ``fn(rank, world, *args)`` in ``nproc`` fresh processes joined in a process group
-    (``backend`` over a free localhost port) and return each rank's result. ``fn`` must be
+    (``backend`` over a free localhost port) and return each rank's result; each process runs
+    ``threads`` torch threads (default: the cores shared out among them). ``fn`` must be
     importable (a module-level function). A QatkitError in a worker is raised here."""
     import torch.multiprocessing as mp
     if nproc < 1:

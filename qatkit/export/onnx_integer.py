@@ -432,6 +432,10 @@ class IntegerExporter:
                           "QuantStub and DeQuantStub is exported.")
         if x.axis is not None and not isinstance(mod, (nn.ReLU, nn.Identity, nn.Dropout)):
             raise _refuse(node, "receives a per-channel (high-precision) tensor.")
+        if isinstance(mod, (QConv2d, QLinear, QConvTranspose2d)) and mod._prep(x)["q_b"] is None:
+            raise _refuse(node, "has a bias beyond int32 at the accumulator scale (held exactly "
+                          "in its requantization, docs/fixed-point.md section 5), which this "
+                          "exporter does not write yet.")
         if isinstance(mod, QConv2d):
             return self.conv(mod, x, name, node)[0]
         if isinstance(mod, QLinear):

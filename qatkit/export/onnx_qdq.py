@@ -171,6 +171,9 @@ class QdqExporter(IntegerExporter):
                  node: tr.Node) -> str:
         b = self.b
         c = mod._prep(x)
+        if c["q_b"] is None:  # QDQ holds an int32 bias at s_in * s_w only
+            raise _refuse(node, "has a bias beyond int32 at the accumulator scale, which a QDQ "
+                          "bias (int32 at s_in * s_w) cannot hold.")
         s_w = mod.weight_scale.numpy()
         if isinstance(mod, QConvTranspose2d):
             w = self.transposed_weight(mod, s_w, node.label)

@@ -193,24 +193,111 @@ def quantize_weight(w: torch.Tensor, s_w: torch.Tensor, dtype: str = "qint8") ->
         *qrange(dtype)).to(TORCH_DTYPE[dtype])
 
 
-def quantize_bias(b: torch.Tensor, s_in: torch.Tensor, s_w: torch.Tensor, who: str = "a layer"
+def bias_integers(b: torch.Tensor, s_in: torch.Tensor, s_w: torch.Tensor, who: str = "a layer"
                   ) -> torch.Tensor:
-    """``round_half_even(b / (s_in * s_w))`` (section 5). A bias int32 cannot hold at that
-    scale is refused (QK105), never clipped: clipping would change the channel's output."""
+    """``round_half_even(b / (s_in * s_w))`` (section 5) as float64 integers, of any size:
+    beyond 2^52 the float64 quotient is itself an integer, so the value is exact. A bias that is
+    not finite at that scale (NaN, or an overflow) is refused (QK105)."""
     acc_scale = s_in.to(torch.float32).to(torch.float64) * s_w.to(torch.float64)
     q = torch.round(b.to(torch.float32).to(torch.float64) / acc_scale)
-    lo, hi = qrange("qint32")
-    bad = ~((q >= lo) & (q <= hi))  # NaN counts as bad
+    bad = ~torch.isfinite(q)
     if bool(bad.any()):
         c = int(bad.nonzero()[0, 0])
+        raise fail("QK105", f"{who}: the bias {float(b[c]):.6g} of output channel {c} is not a "
+                   f"finite number at the accumulator scale s_in * s_w = "
+                   f"{float(acc_scale[c]):.4g}.", "give the layer a finite bias")
+    return q
+
+
+def fits_int32(q_b: torch.Tensor) -> bool:
+    lo, hi = qrange("qint32")
+    return bool(((q_b >= lo) & (q_b <= hi)).all())
+
+
+def quantize_bias(b: torch.Tensor, s_in: torch.Tensor, s_w: torch.Tensor, who: str = "a layer"
+                  ) -> torch.Tensor:
+    """The int32 bias ``round_half_even(b / (s_in * s_w))`` (section 5), refused (QK105) where
+    int32 cannot hold it, never clipped. (A conv/linear holds such a bias exactly in its
+    requantization instead: :func:`wide_plan`.)"""
+    q = bias_integers(b, s_in, s_w, who)
+    if not fits_int32(q):
+        lo, hi = qrange("qint32")
+        c = int((~((q >= lo) & (q <= hi))).nonzero()[0, 0])
         raise fail("QK105", f"{who}: the bias {float(b[c]):.6g} of output channel {c} is "
-                   f"{float(q[c]):.4g} at the accumulator scale s_in * s_w = "
-                   f"{float(acc_scale[c]):.4g}, beyond int32 [{lo}, {hi}]; the fixed-point "
-                   "model cannot hold it and clipping would change the channel's output.",
-                   "the channel's weights are tiny next to its bias: prune the channel (all-zero "
-                   "weights get a scale from the bias), clip or regularise the bias in training, "
-                   "or use a larger input scale")
+                   f"{float(q[c]):.4g} at the accumulator scale, beyond int32 [{lo}, {hi}].",
+                   "use the layer's own fixed-point form, which holds it exactly")
     return q.to(torch.int64)
+
+
+def channel_bounds(q_w: torch.Tensor, in_dtype: str) -> torch.Tensor:
+    """Per output channel, the largest possible ``|sum(q_in * q_w[c])|`` (int64)."""
+    return input_bound(in_dtype) * q_w.to(torch.int64).abs().flatten(1).sum(1)
+
+
+def wide_plan(q_b: torch.Tensor, m: torch.Tensor, n: torch.Tensor, bounds: torch.Tensor,
+              who: str) -> dict[str, torch.Tensor]:
+    """The constants of :func:`requant_wide`, exactly ``requant(acc + q_b, m, n)`` (section 5,
+    "A bias beyond int32") for an ``acc`` within ``bounds`` and any integer ``q_b``.
+
+    Per channel, with ``q_b * m + 2^(n-1) = H * 2^n + L`` (``0 <= L < 2^n``, Python ints)::
+
+        floor(((acc + q_b) * m + 2^(n-1)) / 2^n) = H + floor((acc * m + L) / 2^n)
+
+    ``H`` is the bias at the output scale and ``L`` the rounding addend that replaces
+    ``2^(n-1)``; ``H`` is clamped to ``+-2^61`` (exact: such an output saturates either way).
+    With ``t = acc * m`` (``|t| < 2^62``): for ``n <= 62`` the last term is ``(t + L) >> n``;
+    for ``n >= 63`` it is ``-1``, ``0`` or ``1``, namely ``bump + ((t + A) >> 63)`` with ``A = L,
+    bump = 0`` when ``L < 2^62``, ``A = L - 2^n, bump = 1`` when ``L >= 2^n - 2^62``, and
+    ``A = 2^62 - 1, bump = 0`` (always 0) between. ``n <= 0`` (``M >= 2^14``): ``H = q_b * m *
+    2^-n`` and the term is ``t << -n``, refused (QK105) where ``bound * |M|`` could reach 2^60."""
+    rows: list[tuple[int, ...]] = []
+    for c in range(q_b.numel()):
+        qb, mi, ni, bound = int(q_b[c]), int(m[c]), int(n[c]), int(bounds[c])
+        if ni <= 0:
+            if (bound * abs(mi)) << -ni >= 2**60:
+                raise fail("QK105", f"{who}: output channel {c} has a bias beyond int32 at "
+                           f"the accumulator scale and a multiplier {mi} * 2^{-ni} so large "
+                           "that its sum could leave int64.",
+                           "check the layer's scales (input, weight and output scale)")
+            rows.append((qb * mi << -ni, 0, 0, 0, -ni))
+            continue
+        big = qb * mi + (1 << (ni - 1))
+        h, low = big >> ni, big & ((1 << ni) - 1)
+        if ni <= 62:
+            rows.append((h, low, 0, ni, 0))
+        elif low < 2**62:
+            rows.append((h, low, 0, 63, 0))
+        elif low >= (1 << ni) - 2**62:
+            rows.append((h, low - (1 << ni), 1, 63, 0))
+        else:
+            rows.append((h, 2**62 - 1, 0, 63, 0))
+    cap = 2**61
+    cols = list(zip(*rows)) if rows else [()] * 5
+    dev = q_b.device
+    plan = {k: torch.tensor(v, dtype=torch.int64, device=dev)
+            for k, v in zip(("H", "A", "bump", "right", "left"),
+                            ([max(-cap, min(cap, v)) for v in cols[0]], *cols[1:]))}
+    plan["m"] = m.to(torch.int64).to(dev)
+    return plan
+
+
+def requant_wide(acc: torch.Tensor, plan: dict[str, torch.Tensor], axis: int) -> torch.Tensor:
+    """``requant(acc + q_b, m, n)`` per channel along ``axis`` from :func:`wide_plan` (int64,
+    exact): ``t = acc * m`` is below 2^62 (``|acc| < 2^47``, section 5) and ``|A| < 2^62``, so
+    no step overflows."""
+    p = {k: along(v, axis, acc.dim()) for k, v in plan.items()}
+    t = acc.to(torch.int64) * p["m"]
+    return ((p["bump"] + ((t + p["A"]) >> p["right"])) << p["left"]) + p["H"]
+
+
+def int32_shifts(q_b: torch.Tensor) -> torch.Tensor:
+    """Per channel, the right shift ``k`` of an int32 (high-precision or accumulator) output
+    whose bias int32 cannot hold (section 5): ``bitlen(|q_b|) - 29``, so the bias is below
+    2^29 output units and an int8 layer's sum (below 2^31 before the shift, k >= 3) too:
+    the output fits int32; 0 for a bias that fits."""
+    lo, hi = qrange("qint32")
+    out = [0 if lo <= int(q) <= hi else abs(int(q)).bit_length() - 29 for q in q_b.tolist()]
+    return torch.tensor(out, dtype=torch.int64, device=q_b.device)
 
 
 def check_int32(acc: torch.Tensor, who: str) -> None:

@@ -186,10 +186,13 @@ class _QWeighted(QModule):
         weight, s_w, s_o = self.real("weight"), self.real("weight_scale"), self.real("out_scale")
         bias = self.real("bias")
         b = bias if bias is not None else torch.zeros(weight.shape[0], device=weight.device)
-        c = {"q_b": fp.quantize_bias(b, s_in, s_w, self._who()),
+        q_b = fp.bias_integers(b, s_in, s_w, self._who())
+        c = {"q_b": q_b.to(torch.int64) if fp.fits_int32(q_b) else None, "wide": None,
              "method": fp.conv_method(weight, x.dtype, getattr(self, "groups", 1))
              if not isinstance(self, QConvTranspose2d) else fp.transposed_method(weight, x.dtype)}
-        if self.output_mode == "quantized":
+        if c["q_b"] is None:  # a bias beyond int32 at s_in * s_w: spec section 5, exactly
+            self._wide_constants(c, q_b, x, s_in, s_w, s_o)
+        elif self.output_mode == "quantized":
             c["mn"] = fp.multiplier(fp.real_multiplier(s_in, s_w, divide_by=s_o))
             c["clamp"] = _clamp_bounds(self.activation, float(s_o),
                                        self.out_dtype) or qrange(self.out_dtype)
@@ -203,6 +206,26 @@ class _QWeighted(QModule):
         c["w"] = self._prepared_weight(weight, c["method"])
         return c
 
+    def _wide_constants(self, c: dict[str, Any], q_b: torch.Tensor, x: QTensor,
+                        s_in: torch.Tensor, s_w: torch.Tensor, s_o: torch.Tensor | None
+                        ) -> None:
+        """A bias int32 cannot hold at the accumulator scale (spec section 5): a quantized
+        output adds it exactly in the requantization (bias at the output scale + rounding
+        addend); an int32 output (high-precision, or feeding an add) is shifted right by the
+        channel's ``k`` and its scale is ``s_acc * 2^k``."""
+        bounds = fp.channel_bounds(self.real("weight"), x.dtype)
+        if self.output_mode == "quantized":
+            m, n = c["mn"] = fp.multiplier(fp.real_multiplier(s_in, s_w, divide_by=s_o))
+            c["clamp"] = _clamp_bounds(self.activation, float(s_o),
+                                       self.out_dtype) or qrange(self.out_dtype)
+            c["f64"] = None
+        else:
+            k = fp.int32_shifts(q_b)
+            m, n = torch.full_like(k, 2**14), k + 14  # M = 2^-k
+            c["acc_scale"] = fp.accumulator_scale(s_in, s_w) * torch.exp2(k.to(torch.float32))
+            c["check"] = True
+        c["wide"] = fp.wide_plan(q_b, m, n, bounds, self._who())
+
     def _prepared_weight(self, weight: torch.Tensor, method: str) -> torch.Tensor:
         """The weights in the layout the kernel of ``method`` reads."""
         raise NotImplementedError
@@ -212,6 +235,12 @@ class _QWeighted(QModule):
         return f"{type(self).__name__} {name!r}" if name else type(self).__name__
 
     def _finish(self, acc: torch.Tensor, c: dict[str, Any], axis: int) -> QTensor:
+        if c["wide"] is not None:
+            q = fp.requant_wide(acc, c["wide"], axis)
+            if self.output_mode == "quantized":
+                return self._out(q.clamp(*c["clamp"]))
+            fp.check_int32(q, self._who())
+            return QTensor(q.to(torch.int32), c["acc_scale"], "qint32", axis=axis)
         if self.output_mode == "quantized" and c["f64"] is not None:
             if epilogue.use_compiled(acc):  # one fused pass, the same integers
                 mult, addend = (fp.along(t, axis, acc.dim()) for t in c["f64"])

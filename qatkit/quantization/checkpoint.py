@@ -4,11 +4,16 @@
 ``qatkit_meta`` submodule); ``load`` reads it with ``torch.load(weights_only=True)`` and
 turns every mismatch into a clear error: another march (QK002) or another structure (QK000,
 with the keys that differ). ``load_run`` refuses a directory mixing files of several runs.
+
+A state_dict carries torch's per-module metadata (``state_dict()._metadata``: each module's
+``_version``), which modules read when loading (``local_metadata["version"]``: BatchNorm's
+format, torchvision's MNASNet refuses a state without it). Every copy made here keeps it.
 """
 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -34,6 +39,15 @@ def save(model: nn.Module, path: str | os.PathLike, run: str | None = None) -> N
         state[RUN_KEY] = str(run)
     with atomic_open(path, "wb") as f:
         torch.save(state, f)
+
+
+def _without_run(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` without the run id, keeping torch's per-module ``_metadata`` (versions)."""
+    out: dict[str, Any] = OrderedDict((k, v) for k, v in state.items() if k != RUN_KEY)
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        out._metadata = metadata  # type: ignore[attr-defined]
+    return out
 
 
 def _read(path: str | os.PathLike) -> dict[str, Any]:
@@ -82,14 +96,14 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
     state = _read(path)
     if not isinstance(state, dict):
         raise fail("QK000", "a checkpoint must hold a state_dict (a dict of tensors).")
-    return {k: v for k, v in state.items() if k != RUN_KEY}
+    return _without_run(state)
 
 
 def load_state(model: nn.Module, state: dict[str, Any]) -> nn.Module:
     model = unwrap(model)
     if not isinstance(state, dict):
         raise fail("QK000", "a checkpoint must hold a state_dict (a dict of tensors).")
-    state = {k: v for k, v in state.items() if k != RUN_KEY}
+    state = _without_run(state)
     have, want = set(model.state_dict()), set(state)
     key = meta.META_NAME + "._extra_state"
     if key in state and key not in have:
@@ -121,7 +135,15 @@ def load_state(model: nn.Module, state: dict[str, Any]) -> nn.Module:
         model.load_state_dict(state)
     except QatkitError:
         raise
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
+        if getattr(state, "_metadata", None) is None:  # e.g. MNASNet: "version None ..."
+            raise fail("QK000", f"loading the checkpoint failed ({str(e).splitlines()[0]}) and "
+                       "it has no module versions (torch's state_dict()._metadata, lost when "
+                       "a state_dict is copied into a plain dict).",
+                       "save with qk.save(model, path) or torch.save(model.state_dict(), "
+                       "path), without copying the state_dict") from None
+        if isinstance(e, ValueError):
+            raise
         raise fail("QK000", f"the checkpoint's tensors do not fit the model: {e}".split("\n")[0],
                    "build the same architecture with the same sizes") from None
     return model

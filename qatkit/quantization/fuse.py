@@ -1,10 +1,21 @@
 """Fusion: conv+bn(+relu/relu6), conv(+bn)+add(+relu), linear+relu, standalone bn.
 
 Patterns are found by data flow in a real forward (``qatkit.quantization.trace``), so they are
-found however
-``forward`` is written: a conv is fused with a BN only when the BN is the only consumer of the
-conv's output and both are called once. Fused modules keep the float function exactly (BN
-folded with its running statistics); replaced BN/ReLU modules become ``nn.Identity``.
+found however ``forward`` is written: a conv is fused with a BN only when the BN is the only
+consumer of the conv's output and both are called once. Fused modules keep the float function
+exactly (BN folded with its running statistics); replaced BN/ReLU modules become
+``nn.Identity``.
+
+Data flow is followed through the modules that pass values unchanged: an ``nn.Identity`` (or
+an empty ``nn.Sequential``) anywhere in a chain, and a ``Dropout`` (``nn.Dropout``,
+``Dropout1d/2d/3d``) just before a ReLU only. Dropout multiplies by ``0`` or ``1/(1-p) > 0``,
+so ``relu(dropout(y)) == dropout(relu(y))`` also in training; it does not commute with ReLU6's
+clip at 6 or with a BN's shift, so it stops those fusions. The pass-through modules stay where
+they are.
+
+A conv (+BN) fuses into an add when its output is either operand of the add (``add(x, conv(x))``
+as well as ``add(conv(x), x)``); when both operands are such convs, the first operand's conv is
+fused (the other operand is requantized from its int8/int16 output as usual).
 """
 
 from __future__ import annotations
@@ -27,6 +38,10 @@ from qatkit.quantization.fused import (
 from qatkit.quantization.stubs import FloatFunctional
 
 _ACT = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+# add ops a conv's int32 accumulator can feed directly (conv+add fusion): FloatFunctional's
+# methods, and the operator forms of an op module recorded per call site
+_ADD_OPS = frozenset({"add", "add_relu", "__add__", "__radd__", "__iadd__", "add_"})
 
 
 def _only_consumer(g: tr.Graph, node: tr.Node) -> tr.Node | None:
@@ -39,6 +54,45 @@ def _only_consumer(g: tr.Graph, node: tr.Node) -> tr.Node | None:
     if u.kind == "functional":
         return u
     return None
+
+
+def _is_pass(node: tr.Node) -> bool:
+    """A module call that returns its one input unchanged in eval (Identity, an empty
+    Sequential, Dropout). Such a module is never replaced, so it may be called at several
+    places."""
+    m = node.module
+    return node.kind == "module" and len(node.inputs) == 1 and (
+        type(m) is nn.Identity or type(m) in _DROPOUT
+        or (type(m) is nn.Sequential and len(m) == 0))
+
+
+def _next(g: tr.Graph, node: tr.Node) -> tr.Node | None:
+    """The only consumer of ``node``'s output, through Identity and Dropout modules; ``None``
+    when the value is used elsewhere too, or a Dropout is crossed towards anything but a
+    ReLU module (see the module docstring)."""
+    dropout = False
+    while True:
+        users = g.consumers(node)
+        if len(users) != 1 or node.is_output:
+            return None
+        if not _is_pass(users[0]):
+            break
+        node = users[0]
+        dropout = dropout or type(node.module) in _DROPOUT
+    nxt = _only_consumer(g, node)
+    if nxt is not None and dropout and not (nxt.kind == "module" and type(nxt.module) is nn.ReLU):
+        return None
+    return nxt
+
+
+def _is_add(g: tr.Graph, node: tr.Node) -> bool:
+    """An add a conv's accumulator can feed: a recorded op module (a FloatFunctional, any
+    subclass, or another module with a ``fused_activation``) adding two traced operands, the
+    instance called once. A bare ``a + b`` outside any module has nothing to fuse into."""
+    mod = node.module
+    return (node.kind == "functional" and node.op in _ADD_OPS
+            and (isinstance(mod, FloatFunctional) or hasattr(mod, "fused_activation"))
+            and len(node.inputs) == 2 and len(g.calls(node.target)) == 1)
 
 
 def fuse(model: nn.Module, example_inputs: Any, inplace: bool = False, *,
@@ -58,19 +112,21 @@ def fuse(model: nn.Module, example_inputs: Any, inplace: bool = False, *,
     single = {n.target for n in g.nodes if n.kind == "module" and n.call == 0} - {
         n.target for n in g.nodes if n.kind == "module" and n.call > 0}
     done: set[str] = set()
+    # add node index -> (operand position, fused conv) of each conv chain ending in it
+    adds: dict[int, list[tuple[int, FusedConv2d]]] = {}
     for node in g.nodes:
         if node.kind != "module" or node.target not in single or node.target in done:
             continue
         mod = node.module
         if isinstance(mod, nn.Conv2d) and type(mod) in (nn.Conv2d, FusedConv2d):
             fused, last = as_fused_conv(mod), node
-            nxt = _only_consumer(g, last)
+            nxt = _next(g, last)
             if nxt is not None and type(nxt.module) is nn.BatchNorm2d and nxt.target in single:
                 fused = fold_bn(mod, nxt.module)
                 set_submodule(model, nxt.target, nn.Identity())
                 done.add(nxt.target)
                 last = nxt
-            last = _fuse_tail(model, g, fused, last, single, done)
+            _fuse_tail(model, g, fused, last, single, done, adds)
             set_submodule(model, node.target, fused)
         elif type(mod) is nn.BatchNorm2d:
             bn = fold_bn(None, mod)
@@ -78,13 +134,17 @@ def fuse(model: nn.Module, example_inputs: Any, inplace: bool = False, *,
             set_submodule(model, node.target, bn)
         elif type(mod) in (nn.Linear, FusedLinear):
             fused = as_fused_linear(mod)
-            nxt = _only_consumer(g, node)
-            if nxt is not None and type(nxt.module) is nn.ReLU and fused.activation is None:
+            nxt = _next(g, node)
+            if nxt is not None and type(nxt.module) is nn.ReLU and fused.activation is None \
+                    and nxt.target in single:
                 fused.activation = "relu"
                 set_submodule(model, nxt.target, nn.Identity())
                 done.add(nxt.target)
             set_submodule(model, node.target, fused)
         done.add(node.target)
+    for index, convs in adds.items():
+        min(convs, key=lambda c: c[0])[1].feeds_add = True  # one accumulator per add
+        _fuse_add_relu(model, g, g.nodes[index], single, done)
     model.__dict__["_qatkit_fused"] = True
     return model
 
@@ -95,25 +155,43 @@ def is_fused(model: nn.Module) -> bool:
 
 
 def _fuse_tail(model: nn.Module, g: tr.Graph, fused: FusedConv2d, last: tr.Node,
-               single: set[str], done: set[str]) -> tr.Node:
-    """Fold a following ReLU/ReLU6, or an add (+ReLU) of a FloatFunctional."""
-    nxt = _only_consumer(g, last)
+               single: set[str], done: set[str], adds: dict[int, list[tuple[int, FusedConv2d]]]
+               ) -> None:
+    """Fold a following ReLU/ReLU6, or note the FloatFunctional add the conv's output is an
+    operand of (in ``adds``; the caller picks one conv per add)."""
+    nxt = _next(g, last)
     if nxt is None or fused.activation is not None:
-        return last
+        return
     if nxt.kind == "module" and type(nxt.module) in _ACT and nxt.target in single:
         fused.activation = _ACT[type(nxt.module)]
         set_submodule(model, nxt.target, nn.Identity())
         done.add(nxt.target)
-        return nxt
-    ff = nxt.module
-    if (nxt.kind == "functional" and nxt.op == "add" and isinstance(ff, FloatFunctional)
-            and len(g.calls(nxt.target)) == 1 and nxt.inputs and nxt.inputs[0] == last.index):
-        fused.feeds_add = True
-        after = _only_consumer(g, nxt)
-        if after is not None and after.kind == "module" and type(after.module) is nn.ReLU \
-                and after.target in single:
-            ff.fused_activation = "relu"
-            set_submodule(model, after.target, nn.Identity())
-            done.add(after.target)
-        return nxt
-    return last
+        return
+    if _is_add(g, nxt):
+        # ``last`` is the chain's end; the add's operand is it or the Identity after it
+        operand = next(i for i, p in enumerate(nxt.inputs) if _reaches(g, last, p))
+        adds.setdefault(nxt.index, []).append((operand, fused))
+
+
+def _reaches(g: tr.Graph, node: tr.Node, index: int) -> bool:
+    """Whether node ``index`` is ``node`` or reached from it through pass-through modules."""
+    while node.index != index:
+        users = g.consumers(node)
+        if len(users) != 1 or not _is_pass(users[0]):
+            return False
+        node = users[0]
+    return True
+
+
+def _fuse_add_relu(model: nn.Module, g: tr.Graph, add: tr.Node, single: set[str],
+                   done: set[str]) -> None:
+    """conv+add+relu: a ReLU module after the add is folded into the FloatFunctional."""
+    ff = add.module
+    if add.op == "add_relu" or getattr(ff, "fused_activation", None) is not None:
+        return  # add_relu has its ReLU already
+    after = _next(g, add)
+    if after is not None and after.kind == "module" and type(after.module) is nn.ReLU \
+            and after.target in single:
+        ff.fused_activation = "relu"
+        set_submodule(model, after.target, nn.Identity())
+        done.add(after.target)

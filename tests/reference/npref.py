@@ -205,7 +205,10 @@ def multiplier(M: float) -> tuple[int, int]:
 def _requant_one(v: np.ndarray, M: float) -> np.ndarray:
     """requant with one multiplier, returning Python ints (object array)."""
     m, n = multiplier(M)
-    vo = np.asarray(v, dtype=np.int64).astype(object)  # Python ints: no overflow, >> floors
+    if isinstance(v, np.ndarray) and v.dtype == object:  # Python ints already (any width)
+        vo = v
+    else:
+        vo = np.asarray(v, dtype=np.int64).astype(object)  # Python ints: no overflow, >> floors
     if n >= 1:
         return np.asarray((vo * m + (1 << (n - 1))) >> n, dtype=object)
     return np.asarray(vo * m * (1 << (-n)), dtype=object)
@@ -293,8 +296,9 @@ def weight_scales(w: ArrayLike, b: ArrayLike | None, pow2: bool = False,
 
 
 def quantize_bias(b: ArrayLike, s_in: Scale, s_w: ArrayLike) -> np.ndarray:
-    """q_b[c] = round_half_even(float64(b[c]) / (float64(s_in) * float64(s_w[c]))); a value
-    outside qint32 is refused (§5)."""
+    """The int32 bias q_b[c] = round_half_even(float64(b[c]) / (float64(s_in) *
+    float64(s_w[c]))); a value outside qint32 is refused (an int32 bias tensor, as exporters
+    and QDQ formats hold it; the ops themselves take :func:`bias_integers`)."""
     b64 = np.asarray(b, dtype=np.float32).astype(np.float64)
     sv = _scales64(s_w)
     if b64.shape != sv.shape:
@@ -309,6 +313,41 @@ def quantize_bias(b: ArrayLike, s_in: Scale, s_w: ArrayLike) -> np.ndarray:
             raise Refused(f"bias of channel {c} is beyond int32 at s_in * s_w")
         q[c] = r
     return q
+
+
+def bias_integers(b: ArrayLike, s_in: Scale, s_w: ArrayLike) -> list[int]:
+    """q_b[c] = round_half_even(float64(b[c]) / (float64(s_in) * float64(s_w[c]))) as Python
+    ints of any size (§5: a conv/linear adds it exactly, int32 or not); a quotient that is not
+    finite is refused."""
+    b64 = np.asarray(b, dtype=np.float32).astype(np.float64)
+    sv = _scales64(s_w)
+    if b64.shape != sv.shape:
+        raise ValueError("bias and weight scales must have one entry per output channel")
+    out = []
+    for c in range(sv.size):
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            x = b64[c] / (_scale64(s_in) * sv[c])
+        if not np.isfinite(x):
+            raise Refused(f"bias of channel {c} is not finite at s_in * s_w")
+        # from 2^52 on, a float64 is an integer: no rounding left to do
+        out.append(int(x) if abs(x) >= 2.0**52 else _rhe_int(float(x)))
+    return out
+
+
+def int32_shifts(q_b: Sequence[int]) -> list[int]:
+    """§5: the right shift k[c] of an int32 (accumulator / high-precision) output whose bias
+    q_b[c] is beyond int32: bitlen(|q_b[c]|) - 29; 0 for a bias that fits."""
+    lo, hi = _range("qint32")
+    return [0 if lo <= q <= hi else abs(q).bit_length() - 29 for q in q_b]
+
+
+def accumulator_output_scale(b: ArrayLike | None, s_in: Scale, s_w: ArrayLike) -> np.ndarray:
+    """Scale of the int32 output (§5): s_acc[c] * 2^k[c], k from :func:`int32_shifts`."""
+    s_acc = accumulator_scale(s_in, s_w)
+    if b is None:
+        return s_acc
+    k = np.array(int32_shifts(bias_integers(b, s_in, s_w)), dtype=np.float64)
+    return (s_acc.astype(np.float64) * 2.0**k).astype(np.float32)
 
 
 def accumulator_scale(s_in: Scale, s_w: ArrayLike) -> np.ndarray:
@@ -369,6 +408,7 @@ def clamp_act(
 
 def _finish(
     acc: np.ndarray,
+    q_b: list[int] | None,
     s_in: Scale,
     s_w: ArrayLike,
     s_out: Scale,
@@ -377,20 +417,36 @@ def _finish(
     activation: Activation,
     mode: str,
 ) -> np.ndarray:
-    """Role-dependent output of conv/linear (§5)."""
-    if mode == "accumulator":
-        if activation is not None:
-            # §5 defines the high-precision output as acc itself; no activation is specified.
-            raise ValueError("a fused activation is not defined for the accumulator output")
-        lo, hi = _range("qint32")
-        if acc.size and (acc.min() < lo or acc.max() > hi):  # §5: refused, never saturated
-            raise Refused("the int32 output cannot hold the accumulator")
-        return acc
-    if mode != "quantized":
+    """Role-dependent output of conv/linear (§5) from the sum without bias (int64) and the
+    bias integers q_b (any size): acc = q_b + sum on Python ints, exact at any width."""
+    if mode not in ("accumulator", "quantized"):
         raise ValueError(f"unknown mode {mode!r}")
-    M = _product_multipliers(s_in, s_w, s_out)
-    q = sat(requant(acc, M, axis=channel_axis), out_dtype)
-    return _fused_activation(q, activation, s_out, out_dtype)
+    if mode == "accumulator" and activation is not None:
+        # §5 defines the high-precision output as acc itself; no activation is specified.
+        raise ValueError("a fused activation is not defined for the accumulator output")
+    axis = _normalize_axis(channel_axis, acc.ndim)
+    C = acc.shape[axis]
+    qb = list(q_b) if q_b is not None else [0] * C
+    shifts = int32_shifts(qb)
+    M = _product_multipliers(s_in, s_w, s_out) if mode == "quantized" else None
+    out = np.empty(acc.shape, dtype=object)
+    for c in range(C):
+        idx = _channel_index(acc.ndim, axis, c)
+        v = _int64(acc[idx]).astype(object) + qb[c]
+        if mode == "accumulator":
+            k = shifts[c]  # §5: an int32 output of a bias beyond int32 is shifted right by k
+            out[idx] = v if k == 0 else (v + (1 << (k - 1))) >> k
+        else:
+            lo, hi = _range(out_dtype)
+            r = _requant_one(v, float(M[c]))
+            out[idx] = np.asarray([min(max(int(t), lo), hi) for t in r.flat],
+                                  dtype=object).reshape(r.shape)
+    if mode == "accumulator":
+        lo, hi = _range("qint32")
+        if out.size and (min(out.flat) < lo or max(out.flat) > hi):  # §5: refused, never
+            raise Refused("the int32 output cannot hold the accumulator")  # saturated
+        return out.astype(np.int64)
+    return _fused_activation(out.astype(np.int64), activation, s_out, out_dtype)
 
 
 # ----------------------------------------------------------------------------- §5 conv / linear
@@ -454,9 +510,9 @@ def conv2d(
 ) -> np.ndarray:
     """Quantized Conv2d from float weights (§5); mode "accumulator" is the high-precision output."""
     q_w = quantize_weight(w, s_w, w_dtype)
-    q_b = None if b is None else quantize_bias(b, s_in, s_w)
-    acc = conv2d_acc(q_in, q_w, q_b, stride, padding, dilation, groups)
-    return _finish(acc, s_in, s_w, s_out, out_dtype, 1, activation, mode)
+    q_b = None if b is None else bias_integers(b, s_in, s_w)
+    acc = conv2d_acc(q_in, q_w, None, stride, padding, dilation, groups)
+    return _finish(acc, q_b, s_in, s_w, s_out, out_dtype, 1, activation, mode)
 
 
 def linear(
@@ -475,10 +531,9 @@ def linear(
     x = _int64(q_in)
     q_w = quantize_weight(w, s_w, w_dtype)
     acc = np.einsum("...k,ok->...o", x, q_w)  # int64 einsum: exact
-    if b is not None:
-        acc = acc + quantize_bias(b, s_in, s_w)
+    q_b = None if b is None else bias_integers(b, s_in, s_w)
     # §1: the linear accumulator's channel axis is the last one.
-    return _finish(acc, s_in, s_w, s_out, out_dtype, -1, activation, mode)
+    return _finish(acc, q_b, s_in, s_w, s_out, out_dtype, -1, activation, mode)
 
 
 def conv_transpose2d(
@@ -530,9 +585,8 @@ def conv_transpose2d(
                         acc[:, cout, oh, ow] += np.einsum(
                             "nc,co->no", x[:, cin, ih, iw], q_w[cin, :, i, j]
                         )
-    if b is not None:
-        acc += quantize_bias(b, s_in, s_w).reshape(1, Cout, 1, 1)
-    return _finish(acc, s_in, s_w, s_out, out_dtype, 1, activation, mode)
+    q_b = None if b is None else bias_integers(b, s_in, s_w)
+    return _finish(acc, q_b, s_in, s_w, s_out, out_dtype, 1, activation, mode)
 
 
 # ----------------------------------------------------------------------------- §6

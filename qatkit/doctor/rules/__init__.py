@@ -23,6 +23,65 @@ STAGES = ("float", "prepare", "calibration", "qat", "validation", "convert", "co
           "evaluate")
 
 
+# Every rule's ``bad`` and ``good`` example is a complete program that runs as written after this
+# preamble (imports, the march, real data, a small model, two training helpers);
+# tests/test_rule_examples.py runs each one. The findings of a program are the QatkitError it
+# raises, the QatkitWarnings it issues and, when it assigns ``report = qk.doctor.check(...)``,
+# that report's findings: ``bad`` must get findings of its rule's code only, ``good`` none.
+EXAMPLE_PREAMBLE = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import qatkit as qk
+from qatkit.demo.data import load_digits
+
+qk.set_march("nash-e")
+torch.manual_seed(0)              # the examples are deterministic
+digits = load_digits()            # real 8x8 digits: images (N, 1, 8, 8) in [0, 1], labels
+train_batches = list(zip(digits.x_train.split(64), digits.y_train.split(64)))
+val_batches = list(zip(digits.x_test.split(64), digits.y_test.split(64)))
+x, y = train_batches[0]           # example inputs (64 images) and their labels
+
+
+class Net(nn.Module):  # a small classifier of 8x8 images; input_scale=1/128: camera input
+    def __init__(self, channels=1, input_scale=None):
+        super().__init__()
+        self.quant, self.dequant = qk.QuantStub(input_scale), qk.DeQuantStub()
+        self.conv, self.relu = nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU()
+        self.pool, self.fc = nn.AvgPool2d(2), nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = self.pool(self.relu(self.conv(self.quant(x))))
+        return self.dequant(self.fc(x.flatten(1)))
+
+
+def train_one_epoch(model, opt, batches=train_batches):
+    # one epoch of cross-entropy training; returns the mean loss
+    model.train()
+    total = 0.0
+    for xb, yb in batches:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(yb)
+    return total / sum(len(yb) for _, yb in batches)
+
+
+@torch.no_grad()
+def accuracy(model, batches=val_batches):
+    # top-1 accuracy, in eval mode
+    model.eval()
+    right = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in batches)
+    return right / sum(len(yb) for _, yb in batches)
+"""
+EXAMPLES_NOTE = ("Both examples are complete programs: each runs as written after the "
+                 "[shared preamble](README.md#examples), and the test suite runs them "
+                 "(`tests/test_rule_examples.py`): the first gets this rule's finding, the "
+                 "second none.")
+
+
 @dataclass
 class Finding:
     code: str
@@ -74,8 +133,8 @@ class Rule:
     stages: tuple[str, ...]
     summary: str  # what it does
     why: str  # why it is bad
-    bad: str  # a bad example (code)
-    good: str  # the correct practice (code)
+    bad: str  # a program (after EXAMPLE_PREAMBLE) that gets this rule's finding
+    good: str  # the correct practice: a program that gets no finding
     fix: str
     check: Callable[[Context], Iterable[Finding]] = field(repr=False, default=lambda c: ())
 
@@ -87,7 +146,8 @@ class Rule:
     def docs(self) -> str:
         return (f"# {self.code}: {self.name}\n\nSeverity: **{self.severity}**. Stages: "
                 f"{', '.join(self.stages)}.\n\n## What it does\n\n{self.summary}\n\n"
-                f"## Why is this bad?\n\n{self.why}\n\n## Example\n\n```python\n"
+                f"## Why is this bad?\n\n{self.why}\n\n## Example\n\n{EXAMPLES_NOTE}\n\n"
+                "```python\n"
                 f"{self.bad.strip()}\n```\n\n## Use instead\n\n```python\n{self.good.strip()}"
                 f"\n```\n\nFix: {self.fix}\n")
 

@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from qatkit.doctor.rules import all_rules
+from qatkit.doctor.rules import EXAMPLE_PREAMBLE, all_rules
 
 
 def pages() -> dict[str, str]:
@@ -25,8 +25,20 @@ def pages() -> dict[str, str]:
                         "`python -m qatkit.doctor.rules.gen_docs` from "
                         "the rules in `qatkit/doctor/rules/`; do not edit by hand.\n\n"
                         "| code | name | severity | what it finds |\n|---|---|---|---|\n"
-                        f"{rows}\n")
+                        f"{rows}\n\n{_EXAMPLES}\n```python\n{EXAMPLE_PREAMBLE.strip()}\n```\n")
     return out
+
+
+_EXAMPLES = """## Examples
+
+Each page's two examples ("Example" and "Use instead") are complete programs: each runs as
+written after the preamble below (imports, the march, real data: sklearn's 8x8 digits, a small
+model `Net`, two training helpers). `tests/test_rule_examples.py` runs every one of them
+through the workflow and the doctor; what a program gets is the `QatkitError` it raises, the
+`QatkitWarning`s it issues and, when it assigns `report = qk.doctor.check(...)`, that report's
+findings. The "Example" program must get findings of the page's rule only, the "Use instead"
+program none at all. A `# [QKnnn] ...` comment marks the line that gets the finding.
+"""
 
 
 def _first_sentence(text: str) -> str:

@@ -101,27 +101,41 @@ RULE = Rule(
         "loss or on pre/post-processing says the module is quantized when it is not: prepare "
         "keeps it float, so the qconfig table no longer shows what is deployed, and moving the "
         "stubs later silently changes what gets quantized."),
-    bad='''
+    bad="""
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
         self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
-        self.body = nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Flatten(),
-                                  nn.Linear(16 * 6 * 6, 10))
+        self.conv, self.fc = nn.Conv2d(1, 8, 3), nn.Linear(8 * 6 * 6, 10)
         self.loss = nn.CrossEntropyLoss()
 
     def forward(self, x, target):
-        out = self.dequant(self.body(self.quant(x)))
+        out = self.dequant(self.fc(self.conv(self.quant(x)).flatten(1)))
         return out, self.loss(out, target)
 
-model.qconfig = qk.default_qat_qconfig()      # inherited by model.loss too
-qat = qk.prepare(model, (x, y))               # [QK001] module 'loss': it is a loss ...
-''',
-    good='''
+
+model = Net()
+model.qconfig = qk.default_qat_qconfig()    # inherited by model.loss too
+qat = qk.prepare(model, (x, y))             # [QK001] module 'loss': it is a loss ...
+""",
+    good="""
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
+        self.conv, self.fc = nn.Conv2d(1, 8, 3), nn.Linear(8 * 6 * 6, 10)
+        self.loss = nn.CrossEntropyLoss()
+
+    def forward(self, x, target):
+        out = self.dequant(self.fc(self.conv(self.quant(x)).flatten(1)))
+        return out, self.loss(out, target)
+
+
+model = Net()
 model.qconfig = qk.default_qat_qconfig()
-model.loss.qconfig = None                     # not quantized: say so
+model.loss.qconfig = None                   # not quantized: say so
 qat = qk.prepare(model, (x, y))
-''',
+""",
     fix=("set qconfig = None on losses and on modules before the QuantStub or after the "
          "DeQuantStub; give qconfigs only to modules that are quantized"),
     check=_check,

@@ -189,20 +189,17 @@ RULE = Rule(
         "model prepared for the wrong march fails to compile for the real chip, or compiles "
         "with different arithmetic so the deployed accuracy differs from what training "
         "measured. Changing the march half-way mixes scales made for two chips."),
-    bad='''
-qk.set_march("bayes")                         # but the board is a J6E (nash-e)
-qat = qk.prepare(model, x, processor="J6E")   # [QK002] march 'bayes' is not the march ...
-
-qk.set_march("bernoulli2")
-qconfig = qk.default_qat_qconfig(dtype="qint16")
-qat = qk.prepare(model, x, qconfig=qconfig)   # [QK002] ... would fail to compile for bernoulli2
-''',
-    good='''
-qk.set_march(processor="J6E")                 # -> nash-e, the march of the target chip
-qat = qk.prepare(model, x, processor="J6E", qconfig=qk.default_qat_qconfig())
-...                                           # same march for calibration, QAT, convert
-quantized = qk.convert(qat)
-''',
+    bad="""
+qk.set_march("bayes")                       # but the board is a J6E (nash-e)
+calib = qk.prepare(Net(), x, qconfig=qk.default_calibration_qconfig(),
+                   processor="J6E")         # [QK002] march 'bayes' is not the march ...
+""",
+    good="""
+qk.set_march(processor="J6E")               # -> nash-e, the march of the target chip
+calib = qk.prepare(Net(), x, qconfig=qk.default_calibration_qconfig(), processor="J6E")
+qk.calibrate(calib, train_batches[:8])   # the same march for calibration, QAT, convert
+quantized = qk.convert(calib)
+""",
     fix="set the march of the target processor once (qk.set_march(processor='J6E')) and keep "
         "it for prepare, calibration, QAT and convert; use only dtypes and operators it has",
     check=_check,

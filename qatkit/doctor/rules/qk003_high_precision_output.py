@@ -204,7 +204,7 @@ def _check(ctx: Context) -> Iterator[Finding]:
         deq = ", ".join(f"'{u.target}'" for u in users)
         yield RULE.finding(
             n.target,
-            f"{type(n.module).__name__} output goes only to DeQuantStub {deq}, yet it is "
+            f"{user_type(n.module)} output goes only to DeQuantStub {deq}, yet it is "
             f"rounded to {dtype}{where}; a GEMM feeding only DeQuantStubs can keep a "
             f"high-precision {hp_dtype} output, which costs nothing on the BPU and removes "
             "the last rounding step from the model's output.",
@@ -228,15 +228,16 @@ RULE = Rule(
         "post-processing. Rounding it to 8 bits adds quantization error exactly where accuracy "
         "is measured, for no gain: the BPU can hand out the int32 accumulator (scaled by the "
         "input and weight scales) directly."),
-    bad='''
+    bad="""
 qconfig = qk.QConfig(high_precision_output=False)   # e.g. a hand-made qconfig
-qat = qk.prepare(model, x, qconfig=qconfig)
+calib = qk.prepare(Net(), x, qconfig=qconfig)
 # [QK003] module 'fc': Linear output goes only to DeQuantStub 'dequant', yet it is rounded ...
-''',
-    good='''
-qat = qk.prepare(model, x, qconfig=qk.default_qat_qconfig())   # high_precision_output=True
-# 'fc' keeps an int32 output in the quantized model (float in calibration and QAT)
-''',
+""",
+    good="""
+calib = qk.prepare(Net(), x, qconfig=qk.default_calibration_qconfig())  # high_precision_output
+qk.calibrate(calib, train_batches[:8])
+quantized = qk.convert(calib)                # 'fc' keeps an int32 output
+""",
     fix="keep QConfig.high_precision_output=True (the default) for output layers that feed "
         "only DeQuantStubs",
     check=_check,

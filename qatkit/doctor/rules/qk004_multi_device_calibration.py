@@ -138,22 +138,22 @@ RULE = Rule(
         "DistributedDataParallel broadcasts rank 0's buffers every forward, so only rank 0's "
         "shard counts (and histogram statistics are never merged). Either way the scales are "
         "not those of the calibration data, and nothing fails loudly."),
-    bad='''
-calib = qk.prepare(model, x, qconfig=qk.default_calibration_qconfig())
-calib.eval()
-dp = nn.DataParallel(calib).cuda()
+    bad="""
+calib = qk.prepare(Net(), x, qconfig=qk.default_calibration_qconfig())
+dp = nn.DataParallel(calib)                 # on GPUs: nn.DataParallel(calib.cuda())
 qk.set_fake_quantize(dp, qk.FakeQuantState.CALIBRATION)  # [QK004] ... DataParallel ...
-for x, _ in loader:
-    dp(x)
-''',
-    good='''
-calib = qk.prepare(model, x, qconfig=qk.default_calibration_qconfig()).cuda()
-calib.eval()
-qk.set_fake_quantize(calib, qk.FakeQuantState.CALIBRATION)
 with torch.no_grad():
-    for x, _ in loader:                 # one process, one device
-        calib(x.cuda())
-''',
+    for xb, _ in train_batches[:8]:
+        dp(xb)
+""",
+    good="""
+calib = qk.prepare(Net(), x, qconfig=qk.default_calibration_qconfig())
+# One process, one device. In a torchrun job every rank calibrates its own shard and the
+# statistics are merged (without a process group: rank 0 of 1, every batch).
+shard = [train_batches[i] for i in qk.distributed.shard(8)]
+qk.calibrate(calib, shard, synchronize=True)
+quantized = qk.convert(calib)
+""",
     fix="calibrate in one process on one device (QAT may use DataParallel/DDP afterwards)",
     check=_check,
 )

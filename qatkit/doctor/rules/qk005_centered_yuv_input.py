@@ -216,28 +216,26 @@ RULE = Rule(
         "and the input QuantStub reads those bytes with scale 1/128. A model trained on RGB, "
         "or on uncentered YUV, or with a calibrated input scale, sees different numbers on the "
         "board than in training: the deployed accuracy silently drops."),
-    bad='''
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.quant = qk.QuantStub()          # scale calibrated from data
-        ...
+    bad="""
+from skimage import data
 
-rgb = images.float() / 255                   # RGB in [0, 1]
-calib = qk.prepare(Net(), rgb[:8], input_source="camera")   # [QK005] ... fixed scale 1/128
-''',
-    good='''
-from qatkit.base.colour import rgb_to_yuv444
+photo = torch.from_numpy(data.astronaut()).permute(2, 0, 1)      # RGB uint8, 3 x 512 x 512
+tiles = photo.unfold(1, 8, 8).unfold(2, 8, 8).reshape(3, -1, 8, 8).transpose(0, 1)
+rgb = tiles.float() / 255                                        # RGB in [0, 1]
+calib = qk.prepare(Net(channels=3, input_scale=1 / 128), rgb[:8], input_source="camera",
+                   qconfig=qk.default_calibration_qconfig())
+qk.calibrate(calib, rgb.split(256))        # [QK005] ... do not look like centered YUV444
+""",
+    good="""
+from skimage import data
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.quant = qk.QuantStub(scale=1 / 128)   # the camera's int8 = YUV - 128
-        ...
-
-yuv = rgb_to_yuv444(images_uint8_nchw, centered=True) / 128   # train on this from the start
-calib = qk.prepare(Net(), yuv[:8], input_source="camera")
-''',
+photo = torch.from_numpy(data.astronaut()).permute(2, 0, 1)      # RGB uint8, 3 x 512 x 512
+tiles = photo.unfold(1, 8, 8).unfold(2, 8, 8).reshape(3, -1, 8, 8).transpose(0, 1)
+yuv = qk.colour.rgb_to_yuv444(tiles, centered=True) / 128        # what the camera delivers
+calib = qk.prepare(Net(channels=3, input_scale=1 / 128), yuv[:8], input_source="camera",
+                   qconfig=qk.default_calibration_qconfig())
+qk.calibrate(calib, yuv.split(256))        # train on the same format from the start
+""",
     fix="give the input QuantStub scale=1/128 (QuantStub(scale=1/128) or "
         "qk.fixed_scale_qconfig()) and train and calibrate on centered YUV444 / 128 "
         "(qatkit.base.colour.rgb_to_yuv444(..., centered=True) / 128)",

@@ -142,21 +142,27 @@ RULE = Rule(
         "requantization, saturation, different rounding and lookup tables. The two can "
         "differ by whole accuracy points, and only the fixed-point model predicts what the "
         "board will do. Monitoring the QAT model hides such gaps until deployment."),
-    bad='''
-for epoch in range(epochs):
-    qat.train()
-    train_one_epoch(qat)
-    qat.eval()
-    acc = accuracy(qat, val_loader)    # [QK006] in epoch 2: only the fake-quant model ...
-''',
-    good='''
+    bad="""
+qat = qk.prepare(Net(), x, qconfig=qk.default_qat_qconfig())
+qk.calibrate(qat, train_batches[:8])
+qk.set_fake_quantize(qat, qk.FakeQuantState.QAT)
+opt = torch.optim.Adam(qat.parameters(), 1e-3)
+for epoch in range(2):
+    train_one_epoch(qat, opt)
+    acc = accuracy(qat)     # [QK006] (epoch 2) ... evaluated and no fixed-point model ... ran
+""",
+    good="""
+qat = qk.prepare(Net(), x, qconfig=qk.default_qat_qconfig())
+qk.calibrate(qat, train_batches[:8])
+qk.set_fake_quantize(qat, qk.FakeQuantState.QAT)
+opt = torch.optim.Adam(qat.parameters(), 1e-3)
 monitor = qk.FixedPointMonitor(val_batches)   # a list or DataLoader of (x, y)
-for epoch in range(epochs):
-    train_one_epoch(qat)
+for epoch in range(2):
+    train_one_epoch(qat, opt)
     rec = monitor.step(qat)                   # converts a copy; fake-quant vs fixed point
-    print(epoch, rec.fixed_point, rec.gap)
-final_acc = qk.evaluate(qat, test_batches)    # the fixed-point model's accuracy
-''',
+    print(epoch, rec.fake_quant, rec.fixed_point, rec.gap)
+final_acc = qk.evaluate(qat, val_batches)     # the fixed-point model's accuracy
+""",
     fix="evaluate the fixed-point model: qk.evaluate(model, batches) converts a copy and "
         "evaluates it; qk.FixedPointMonitor(batches).step(model) each epoch records the "
         "QAT-vs-fixed-point gap",

@@ -140,28 +140,41 @@ RULE = Rule(
         "two places, its observer sees two distributions and the quantized model forces one "
         "scale on both: the smaller-range site loses precision, the larger one may saturate. "
         "Fusion (conv+add+relu) also assumes one call site per module."),
-    bad='''
-class Block(nn.Module):
+    bad="""
+class Residual(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
+        self.conv1, self.conv2 = nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 3, padding=1)
         self.add = qk.FloatFunctional()
 
     def forward(self, x):
+        x = self.quant(x)
         x = self.add.add(x, self.conv1(x))
-        return self.add.add(x, self.conv2(x))   # [QK007] FloatFunctional 'add' is called 2 times
-''',
-    good='''
-class Block(nn.Module):
+        return self.dequant(self.add.add(x, self.conv2(x)))   # 'add' called a second time
+
+
+calib = qk.prepare(Residual(), x, qconfig=qk.default_calibration_qconfig())
+# [QK007] FloatFunctional 'add' is called 2 times in one forward ...
+""",
+    good="""
+class Residual(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
-        self.add1, self.add2 = qk.FloatFunctional(), qk.FloatFunctional()
+        self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
+        self.conv1, self.conv2 = nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 3, padding=1)
+        self.add1, self.add2 = qk.FloatFunctional(), qk.FloatFunctional()   # one per call
 
     def forward(self, x):
+        x = self.quant(x)
         x = self.add1.add(x, self.conv1(x))
-        return self.add2.add(x, self.conv2(x))
-''',
+        return self.dequant(self.add2.add(x, self.conv2(x)))
+
+
+calib = qk.prepare(Residual(), x, qconfig=qk.default_calibration_qconfig())
+qk.calibrate(calib, train_batches[:8])
+quantized = qk.convert(calib)
+""",
     fix="use one FloatFunctional (and one stub/op module) per call site",
     check=_check,
 )

@@ -150,8 +150,16 @@ RULE = Rule(
         "time. Without them the scale is arbitrary: outputs saturate or collapse to zero, or "
         "the compiler rejects the op. An op added to the quantized model has no scale at all; "
         "ops such as cat must see real data to requantize their inputs to one common scale."),
-    bad='''
+    bad="""
 class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.quant, self.dequant, self.dequant_aux = (qk.QuantStub(), qk.DeQuantStub(),
+                                                      qk.DeQuantStub())
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten())
+        self.head = nn.Linear(8 * 6 * 6, 10)
+        self.aux = nn.Sequential(nn.Linear(8 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 2))
+
     def forward(self, x, with_aux=False):
         f = self.body(self.quant(x))
         out = self.dequant(self.head(f))
@@ -159,15 +167,37 @@ class TwoHeads(nn.Module):
             return out, self.dequant_aux(self.aux(f))
         return out
 
-calib = qk.prepare(model, {"x": x, "with_aux": True}, qconfig=qk.default_calibration_qconfig())
-...                                   # calibration batches call calib(x): aux never runs
-qk.convert(calib)                     # [QK008] module 'aux': ... never saw data
-''',
-    good='''
-for x, _ in calib_batches:            # exercise every head that is deployed
-    calib(x, with_aux=True)
+
+calib = qk.prepare(TwoHeads(), (x, True), qconfig=qk.default_calibration_qconfig())
+qk.calibrate(calib, [xb for xb, _ in train_batches[:8]])   # calib(xb): aux never runs
+quantized = qk.convert(calib)         # [QK008] module 'aux.0': ... never saw data
+""",
+    good="""
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.quant, self.dequant, self.dequant_aux = (qk.QuantStub(), qk.DeQuantStub(),
+                                                      qk.DeQuantStub())
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten())
+        self.head = nn.Linear(8 * 6 * 6, 10)
+        self.aux = nn.Sequential(nn.Linear(8 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    def forward(self, x, with_aux=False):
+        f = self.body(self.quant(x))
+        out = self.dequant(self.head(f))
+        if with_aux:
+            return out, self.dequant_aux(self.aux(f))
+        return out
+
+
+calib = qk.prepare(TwoHeads(), (x, True), qconfig=qk.default_calibration_qconfig())
+qk.set_fake_quantize(calib.eval(), qk.FakeQuantState.CALIBRATION)
+with torch.no_grad():
+    for xb, _ in train_batches[:8]:
+        calib(xb, with_aux=True)      # exercise every head that is deployed
+qk.set_fake_quantize(calib, qk.FakeQuantState.VALIDATION)
 quantized = qk.convert(calib)
-''',
+""",
     fix="calibrate (or train in QAT) every op that is deployed, before convert; never add "
         "quantized ops to a converted model except the deploy-only colour conversion",
     check=_check,

@@ -153,16 +153,26 @@ RULE = Rule(
         "noise throws off, so calibration and QAT lose far more accuracy than on a model that "
         "generalizes, and no quantization setting can recover accuracy the float model never "
         "had on unseen data. The problem must be solved in float training first."),
-    bad='''
-history = {"train_loss": [...], "val_loss": [...], "train_acc": [...], "val_acc": [...]}
-# 100 training images, 30 epochs: train_acc 1.00, val_acc 0.90, val_loss rising since epoch 12
+    bad="""
+few = train_batches[:1]                     # 64 training images: too few for the model
+model, history = Net(), {"train_acc": [], "val_acc": []}
+opt = torch.optim.Adam(model.parameters(), 1e-2)
+for epoch in range(20):
+    train_one_epoch(model, opt, few)
+    history["train_acc"].append(accuracy(model, few))
+    history["val_acc"].append(accuracy(model))
 calib = qk.prepare(model, x, qconfig=qk.default_calibration_qconfig(), history=history)
-# [QK009] the validation loss has risen for the last 18 epochs ...
-''',
-    good='''
-# more data / augmentation / weight decay / early stopping, then:
+# [QK009] after 20 epochs the training accuracy exceeds the validation accuracy by ... points
+""",
+    good="""
+model, history = Net(), {"train_acc": [], "val_acc": []}
+opt = torch.optim.Adam(model.parameters(), 1e-2, weight_decay=1e-4)
+for epoch in range(5):                      # all 1347 training images
+    train_one_epoch(model, opt)
+    history["train_acc"].append(accuracy(model, train_batches))
+    history["val_acc"].append(accuracy(model))
 calib = qk.prepare(model, x, qconfig=qk.default_calibration_qconfig(), history=history)
-''',
+""",
     fix="fix the float model first: more (or augmented) training data, regularisation "
         "(weight decay, dropout), a smaller model, or early stopping at the best validation "
         "epoch; then calibrate and run QAT",

@@ -128,29 +128,36 @@ RULE = Rule(
 class Block(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64)
-        self.conv2, self.bn2 = nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64)
-        self.relu = nn.ReLU()          # one ReLU called twice: cannot be fused
+        self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
+        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()                   # one ReLU called twice: cannot be fused
 
     def forward(self, x):
-        x = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(x)))
+        x = self.relu(self.bn1(self.conv1(self.quant(x))))
+        return self.dequant(self.relu(self.bn2(self.conv2(x))))
 
-qat = qk.prepare(model, x, qconfig=qk.default_qat_qconfig(), fuse=False)
+
+calib = qk.prepare(Block().eval(), x, qconfig=qk.default_calibration_qconfig())
+# [QK100] module 'conv1': 'conv1' -> ReLU 'relu' is not fused ('relu' is called 2 times ...
 """,
     good="""
 class Block(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64)
-        self.conv2, self.bn2 = nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64)
+        self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
+        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
         self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()   # one module per call site
 
     def forward(self, x):
-        x = self.relu1(self.bn1(self.conv1(x)))
-        return self.relu2(self.bn2(self.conv2(x)))
+        x = self.relu1(self.bn1(self.conv1(self.quant(x))))
+        return self.dequant(self.relu2(self.bn2(self.conv2(x))))
 
-qat = qk.prepare(model, x, qconfig=qk.default_qat_qconfig())   # fuse=True (default)
+
+calib = qk.prepare(Block().eval(), x, qconfig=qk.default_calibration_qconfig())  # fuses
+qk.calibrate(calib, train_batches[:8])
+quantized = qk.convert(calib)
 """,
     fix="prepare with fuse=True (the default) and give every conv, BN and ReLU call site its "
         "own module (nn.ReLU, not F.relu); use FloatFunctional.add_relu for add + ReLU",

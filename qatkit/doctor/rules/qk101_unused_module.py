@@ -110,18 +110,33 @@ class Net(nn.Module):
     def __init__(self):
         super().__init__()
         self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
         self.skip_add = qk.FloatFunctional()
 
     def forward(self, x):
         x = self.conv1(self.quant(x))
-        return self.dequant(self.conv2(x) + x)    # skip_add never used
+        return self.dequant(self.conv2(x))          # the residual skip_add was dropped
+
+
+report = qk.doctor.check(Net(), x)
+# [QK101] FloatFunctional 'skip_add' is never called in the traced forward ...
 """,
     good="""
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.skip_add = qk.FloatFunctional()
+
     def forward(self, x):
         x = self.conv1(self.quant(x))
         return self.dequant(self.skip_add.add(self.conv2(x), x))
+
+
+report = qk.doctor.check(Net(), x)
 """,
     fix="call the module in forward, delete it, or qk.silence(module, 'QK101', reason) when "
         "it is used only in training",

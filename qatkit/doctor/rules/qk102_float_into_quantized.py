@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from qatkit.doctor.rules import Context, Finding, Rule
-from qatkit.doctor.rules.common import output_fake_quant, region
+from qatkit.doctor.rules.common import output_fake_quant, region, user_type
 from qatkit.quantization import trace as tr
 from qatkit.quantization.registry import (
     FUNCTIONS_ON_QUANTIZED,
@@ -123,7 +123,7 @@ def _check(ctx: Context) -> Iterator[Finding]:
             kind = op_kind(mod) or type(mod).__name__
             yield RULE.finding(
                 node.target,
-                f"{type(mod).__name__} '{node.target}' ({kind}) is in the quantized region but "
+                f"{user_type(mod)} '{node.target}' ({kind}) is in the quantized region but "
                 "its qconfig is None" + ("" if q is None else " for activations")
                 + ", so it stays float and would receive integer tensors in the fixed-point "
                 "model.",
@@ -164,25 +164,34 @@ class Net(nn.Module):
     def __init__(self):
         super().__init__()
         self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
 
     def forward(self, x):
         y = self.conv1(self.quant(x))
         return self.dequant(torch.cat([y, self.conv2(y) + y], 1))  # '+' and torch.cat
+
+
+calib = qk.prepare(Net(), x, qconfig=qk.default_calibration_qconfig())
+# [QK102] torch function add() at ... is applied to quantized values ...
 """,
     good="""
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
         self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
         self.add, self.cat = qk.FloatFunctional(), qk.FloatFunctional()
 
     def forward(self, x):
         y = self.conv1(self.quant(x))
         return self.dequant(self.cat.cat([y, self.add.add(self.conv2(y), y)], 1))
+
+
+calib = qk.prepare(Net(), x, qconfig=qk.default_calibration_qconfig())
+qk.calibrate(calib, train_batches[:8])
+quantized = qk.convert(calib)
 """,
     fix="use a FloatFunctional (one per call site) or a module for arithmetic on quantized "
         "values, and a QuantStub on every path by which float data enters",

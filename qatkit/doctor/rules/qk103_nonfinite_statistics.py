@@ -110,16 +110,17 @@ RULE = Rule(
         "fixed-point model saturates where the float model produced Inf. An observer that saw "
         "only NaN/Inf has no scale at all.",
     bad="""
-calib.eval(); qk.set_fake_quantize(calib, qk.FakeQuantState.CALIBRATION)
-for x in loader:            # some images are corrupt: x contains NaN
-    calib(x)
-qk.set_fake_quantize(calib, qk.FakeQuantState.VALIDATION)   # [QK103] warning
+data = [xb.clone() for xb, _ in train_batches[:8]]
+data[3][5, 0, 2, 2] = float("nan")           # a corrupt image from the data pipeline
+calib = qk.prepare(Net(), x, qconfig=qk.default_calibration_qconfig())
+qk.calibrate(calib, data)  # [QK103] module 'quant': the observer of 'quant' saw 1 NaN/Inf values
 """,
     good="""
-for x in loader:
-    x = x[torch.isfinite(x).flatten(1).all(1)]   # drop (and log) corrupt samples
-    if len(x):
-        calib(x)
+data = [xb.clone() for xb, _ in train_batches[:8]]
+data[3][5, 0, 2, 2] = float("nan")           # a corrupt image from the data pipeline
+data = [xb[torch.isfinite(xb).flatten(1).all(1)] for xb in data]  # drop (and log) them
+calib = qk.prepare(Net(), x, qconfig=qk.default_calibration_qconfig())
+qk.calibrate(calib, data)
 """,
     fix="find where NaN/Inf appear (data or float model) and calibrate on finite data only",
     check=_check,

@@ -76,19 +76,42 @@ RULE = Rule(
         "input, so an input with a much smaller scale is represented with a few levels only: "
         "with a 16x ratio a cat input keeps 16 of 256 levels (4 bits).",
     bad="""
-def forward(self, x):
-    x = self.quant(x)
-    feat = self.backbone(x)           # values in [0, 60]
-    logits = self.head(feat)          # values in [-1, 1]
-    return self.dequant(self.cat.cat([feat, logits], 1))   # scales differ ~60x
+class Head(nn.Module):                      # learned features and raw pixels, side by side
+    def __init__(self):
+        super().__init__()
+        self.quant, self.quant_px, self.dequant = (qk.QuantStub(), qk.QuantStub(),
+                                                   qk.DeQuantStub())
+        self.conv, self.pool = nn.Conv2d(1, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1)
+        self.cat, self.fc = qk.FloatFunctional(), nn.Linear(8 + 64, 10)
+
+    def forward(self, x):
+        feat = self.pool(self.conv(self.quant(x))).flatten(1)   # 8 values, |f| < 0.5
+        pixels = self.quant_px(16 * x.flatten(1))   # the dataset's raw levels, 0..16
+        return self.dequant(self.fc(self.cat.cat([feat, pixels], 1)))
+
+
+calib = qk.prepare(Head(), x, qconfig=qk.default_calibration_qconfig())
+qk.calibrate(calib, train_batches[:8])
+report = qk.doctor.check(calib, x)          # [QK104] cat 'cat' combines inputs whose scales ...
 """,
     good="""
-def forward(self, x):
-    x = self.quant(x)
-    feat = self.backbone(x)
-    logits = self.head(feat)
-    # bring the two to similar ranges (a BN/scale layer before the cat), or keep them apart:
-    return self.dequant_feat(feat), self.dequant_logits(logits)
+class Head(nn.Module):                      # learned features and raw pixels, side by side
+    def __init__(self):
+        super().__init__()
+        self.quant, self.quant_px, self.dequant = (qk.QuantStub(), qk.QuantStub(),
+                                                   qk.DeQuantStub())
+        self.conv, self.pool = nn.Conv2d(1, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1)
+        self.cat, self.fc = qk.FloatFunctional(), nn.Linear(8 + 64, 10)
+
+    def forward(self, x):
+        feat = self.pool(self.conv(self.quant(x))).flatten(1)   # 8 values, |f| < 0.5
+        pixels = self.quant_px(x.flatten(1))        # in [0, 1], like the features
+        return self.dequant(self.fc(self.cat.cat([feat, pixels], 1)))
+
+
+calib = qk.prepare(Head(), x, qconfig=qk.default_calibration_qconfig())
+qk.calibrate(calib, train_batches[:8])
+report = qk.doctor.check(calib, x)
 """,
     fix="normalize the inputs to similar ranges before the op (e.g. a BN or a 1x1 conv on the "
         "small branch), output them separately, or use qint16 for this op where the march "

@@ -119,7 +119,7 @@ def _weight_findings(ctx: Context) -> Iterator[Finding]:
                 f"{len(bad)} of {w.shape[0]} output channels of '{name}' have a weight outlier: "
                 f"in channel {worst} max|w| is {r:.1f}x the 99th percentile of |w| (limit "
                 f"{WEIGHT_OUTLIER_RATIO:.0f}x), so 99% of its weights use at most "
-                f"{127.5 / r:.0f} of the 128 int8 levels per sign.",
+                f"{127.5 / r:.2g} of the 128 int8 levels per sign.",
                 fix="retrain with weight decay or clip the outliers (e.g. to 4x the 99th "
                     "percentile) and fine-tune; check the folded BN of the channel (a tiny "
                     "running_var inflates the folded weights)")
@@ -192,15 +192,19 @@ RULE = Rule(
         "levels; a threshold that clips too much saturates real values. Either loses accuracy "
         "that QAT can only partly recover.",
     bad="""
-with torch.no_grad():             # e.g. after a bad fine-tuning step
-    model.conv2.weight[0, 0, 1, 1] = 25.0      # every other weight is ~0.05
-calib = qk.prepare(model, x, qconfig=qk.default_calibration_qconfig())
+model = Net()
+with torch.no_grad():                        # e.g. after a bad fine-tuning step
+    model.fc.weight[3, 17] = 25.0            # every other weight is below 0.07
+report = qk.doctor.check(model, x)  # [QK105] 1 of 10 output channels of 'fc' have a weight outlier
 """,
     good="""
-with torch.no_grad():             # clip weight outliers to 4x the 99th percentile, fine-tune
-    w = model.conv2.weight
-    t = 4 * w.abs().flatten(1).quantile(0.99, dim=1).view(-1, 1, 1, 1)
-    w.copy_(torch.maximum(torch.minimum(w, t), -t))
+model = Net()
+with torch.no_grad():                        # e.g. after a bad fine-tuning step
+    model.fc.weight[3, 17] = 25.0
+    w = model.fc.weight                      # clip outliers to 4x the 99th percentile
+    t = 4 * w.abs().quantile(0.99, dim=1, keepdim=True)
+    w.copy_(torch.maximum(torch.minimum(w, t), -t))   # (then fine-tune)
+report = qk.doctor.check(model, x)
 """,
     fix="remove weight outliers (weight decay, clipping and fine-tuning), choose observers "
         "that fit the data, or use qint16 for the affected ops",

@@ -111,25 +111,39 @@ RULE = Rule(
         "it in float, and the converted model would fail on it (or, on the chip, the compiler "
         "would). Finding it at prepare saves the calibration and training time.",
     bad="""
-class Head(nn.Module):
+class Net(nn.Module):
     def __init__(self):
         super().__init__()
         self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
-        self.conv = nn.Conv2d(64, 64, 3, padding=1)
-        self.act = nn.ELU()                        # no quantized ELU
-        self.fc = nn.Linear(64, 10)
-
-    def forward(self, x):
-        x = self.act(self.conv(self.quant(x)))
-        return self.dequant(self.fc(x.mean((2, 3))))
-""",
-    good="""
-        self.act = nn.SiLU()                       # lookup-table op (or ReLU)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.act = nn.ELU()                          # no quantized ELU
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 10)
 
     def forward(self, x):
         x = self.act(self.conv(self.quant(x)))
         return self.dequant(self.fc(self.pool(x).flatten(1)))
+
+
+calib = qk.prepare(Net(), x, qconfig=qk.default_calibration_qconfig())
+# [QK106] module 'act': ELU has no quantized form in qatkit ...
+""",
+    good="""
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.act = nn.SiLU()                         # a lookup-table op (or ReLU)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.act(self.conv(self.quant(x)))
+        return self.dequant(self.fc(self.pool(x).flatten(1)))
+
+
+calib = qk.prepare(Net(), x, qconfig=qk.default_calibration_qconfig())
+qk.calibrate(calib, train_batches[:8])
+quantized = qk.convert(calib)
 """,
     fix="replace it with a supported module, or move it out of the quantized region "
         "(DeQuantStub before it, QuantStub after it) so it runs in float",
