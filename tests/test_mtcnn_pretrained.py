@@ -1,6 +1,6 @@
 """MTCNN's pretrained PNet, RNet and ONet (facenet-pytorch's weights: Conv, PReLU per channel,
-MaxPool2d(ceil_mode=True), Linear, Softmax) with PReLU and Softmax inside the quantized region, the nets as shipped (no stubs):
-calibrated on half of scikit-image's lfw_subset (100 faces, 100 non-faces), their face
+MaxPool2d(ceil_mode=True), Linear, Softmax), as shipped (no stubs), with PReLU and Softmax
+inside the quantized region: calibrated on half of scikit-image's lfw_subset (100 faces, 100 non-faces), their face
 decisions on the other half agree with float and the probabilities stay within a few softmax
 LSB of the fake-quant model. facenet-pytorch installs with ``--no-deps`` (.ci/run)."""
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import qatkit as qk

@@ -112,16 +112,23 @@ def small_net(**kw) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------ QK100
-def test_qk100_shared_and_functional_relu_warn_at_prepare():
+def test_qk100_shared_and_functional_relu_are_fused_without_warning():
+    """torchvision's habits (one ReLU module called twice, F.relu in the stem) fuse like one
+    nn.ReLU per call site: the kept ReLU call does nothing to non-negative values."""
     torch.manual_seed(0)
     m, x = warm_bn(TorchvisionBlockNet(), _x(4, 3, 16, 16)), _x(2, 3, 16, 16)
-    _, got = qk_warnings(qk.prepare, m, x, qconfig=qk.default_qat_qconfig())
-    assert got.count("QK100") == 3  # stem -> F.relu, conv1 -> relu, add -> relu (shared)
-    r = doctor.check(m, x)
-    msgs = [f.message for f in r.findings if f.code == "QK100"]
-    assert any("function relu()" in s for s in msgs)
-    assert any("'relu' is called 2 times" in s for s in msgs)
-    assert not r.errors
+    p, got = qk_warnings(qk.prepare, m, x, qconfig=qk.default_calibration_qconfig())
+    assert "QK100" not in got
+    assert p.stem.activation == p.conv1.activation == "relu"
+    assert p.add.fused_activation == "relu"
+    assert "QK100" not in codes(doctor.check(m, x))
+    separate = TorchvisionBlockNet(share_relu=False, functional_relu=False)
+    separate.load_state_dict(m.state_dict())
+    q = qk.prepare(separate.eval(), x, qconfig=qk.default_calibration_qconfig())
+    for model in (p, q):
+        qk.calibrate(model, [x])
+    with torch.no_grad():  # the very same integers as with one ReLU module per call site
+        assert torch.equal(qk.convert(p)(x), qk.convert(q)(x))
 
 
 def test_qk100_bn_left_unfused_in_prepared_model():
@@ -148,17 +155,20 @@ def test_qk100_good_one_module_per_call_site():
 
 
 # ------------------------------------------------------------------------------ QK101
-def test_qk101_unused_aux_head_reported_once_then_silenced():
+def test_qk101_training_only_head_is_not_dead_but_a_dead_head_is_reported_once():
     m, x = small_net(aux=True), _x(2, 3, 16, 16)
+    assert "QK101" not in codes(doctor.check(m, x))  # aux runs in train() mode: no dead code
+    m.dead = nn.Sequential(nn.Conv2d(16, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                           nn.Linear(8, 10))
     r = doctor.check(m, x)
     found = [f for f in r.findings if f.code == "QK101"]
-    assert [f.module for f in found] == ["aux"]  # the head, not each of its layers
-    assert "Sequential 'aux' with 226 parameters" in found[0].message
-    qk.silence(m.aux, "QK101", "auxiliary head, used for the training loss only")
+    assert [f.module for f in found] == ["dead"]  # the head, not each of its layers
+    assert "Sequential 'dead' with 226 parameters" in found[0].message
+    qk.silence(m.dead, "QK101", "kept for an experiment")
     r = doctor.check(m, x)
     assert "QK101" not in codes(r)
     assert [(f.code, f.module, f.silenced) for f in r.silenced] == [
-        ("QK101", "aux", "auxiliary head, used for the training loss only")]
+        ("QK101", "dead", "kept for an experiment")]
 
 
 def test_qk101_unused_floatfunctional_and_good_model():
@@ -201,13 +211,22 @@ class MaskedNet(nn.Module):
         return self.dequant(self.head(self.mul.mul(f, m)))
 
 
-def test_qk102_operator_in_forward_stops_prepare():
+class ExpResidual(SmallNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.bn1(self.conv1(self.quant(x))))
+        x = self.act(self.bn2(self.conv2(x)) + x)  # '+': a generated add operator
+        return self.dequant(self.fc(torch.flatten(self.pool(x.exp()), 1)))  # exp: no operator
+
+
+def test_qk102_call_without_operator_stops_prepare():
     m, x = warm_bn(PlusResidual(), _x(4, 3, 16, 16)), _x(2, 3, 16, 16)
+    p = qk.prepare(m, x, qconfig=qk.default_qat_qconfig())  # '+' is an operator now
+    assert "qatkit_ops.add_0" in dict(p.named_modules())
+    m, x = warm_bn(ExpResidual(), _x(4, 3, 16, 16)), _x(2, 3, 16, 16)
     with pytest.raises(QatkitError) as e:
         qk.prepare(m, x, qconfig=qk.default_qat_qconfig())
     assert e.value.code == "QK102"
-    assert "add()" in str(e.value) and "test_rules_qk1nn.py:" in str(e.value)
-    assert "FloatFunctional.add" in e.value.fix
+    assert "exp()" in str(e.value) and "test_rules_qk1nn.py:" in str(e.value)
     f = [f for f in doctor.check(m, x).errors if f.code == "QK102"]
     assert len(f) == 1 and f[0].source.startswith("test_rules_qk1nn.py:")
 

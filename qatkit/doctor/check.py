@@ -320,9 +320,16 @@ def check(model: nn.Module, example_inputs: Any = None, *, march: str | March | 
     work, qconfigs, graph, trace_error = model, None, None, None
     try:
         if stage == "float":  # what prepare sees: the fused copy
+            from qatkit.quantization.call_sites import install
             from qatkit.quantization.compat import from_torch_ao
             work = from_torch_ao(copy.deepcopy(model))
             if example_inputs is not None:
+                try:  # torch calls in forward -> operators, as prepare makes them
+                    install(work, example_inputs)
+                except QatkitError as e:
+                    findings.append(Finding(e.code, "error", "", e.message, e.fix))
+                except Exception:
+                    pass
                 graph = _trace(work, example_inputs)
                 work = _fuse(work, example_inputs, graph)
             qconfigs = _float_qconfigs(work, qconfig, notes)

@@ -299,9 +299,9 @@ def _map(obj: Any, fn: Any) -> Any:
     return obj
 
 
-def _hook(model: nn.Module) -> None:
-    model.register_forward_pre_hook(_enter, with_kwargs=True)
-    model.register_forward_hook(_leave, always_call=True)
+def _hook(model: nn.Module) -> list[Any]:
+    return [model.register_forward_pre_hook(_enter, with_kwargs=True),
+            model.register_forward_hook(_leave, always_call=True)]
 
 
 # ---- prepare time --------------------------------------------------------------------------
@@ -321,18 +321,34 @@ def install(model: nn.Module, example_inputs: Any) -> CallSiteOps | None:
     auto = not any(isinstance(m, QuantStub) for m in model.modules())
     ops = CallSiteOps(auto)
     model.add_module(OPS_NAME, ops)
-    if auto:
-        args, kwargs = _split(example_inputs)
-        for key, value in [*enumerate(args), *kwargs.items()]:
-            if _float(value):
-                ops.add_module(f"input_{key}", QuantStub())
-        _hook(model)
+    handles: list[Any] = []
+    try:
+        if auto:
+            args, kwargs = _split(example_inputs)
+            for key, value in [*enumerate(args), *kwargs.items()]:
+                if _float(value):
+                    ops.add_module(f"input_{key}", QuantStub())
+            handles = _hook(model)
+        return _install(model, ops, example_inputs, handles)
+    except BaseException:  # the model as it was: the caller reports the forward's failure
+        for h in handles:
+            h.remove()
+        del model._modules[OPS_NAME]
+        for m in model.modules():
+            m.__dict__.pop("_qatkit_path", None)
+        raise
+
+
+def _install(model: nn.Module, ops: CallSiteOps, example_inputs: Any, handles: list[Any]
+             ) -> CallSiteOps | None:
+    auto = ops.auto_stubs
     g = tr.trace(model, example_inputs, sites=True)
     if auto:
         for j in range(len(g.outputs)):
             ops.add_module(f"output_{j}", DeQuantStub())
     region = tr.quantized_nodes(g)
-    int16 = "qint16" in get_march(required=True).activation_dtypes
+    march = get_march()
+    int16 = march is not None and "qint16" in march.activation_dtypes
     for node in g.nodes:
         if node.kind != "function" or node.site is None or node.index not in region:
             continue
@@ -354,7 +370,7 @@ def install(model: nn.Module, example_inputs: Any) -> CallSiteOps | None:
         del model._modules[OPS_NAME]
         return None
     if not auto:
-        _hook(model)
+        handles.extend(_hook(model))
     if auto:
         n_in = sum(1 for k in ops._modules if k.startswith("input_"))
         _log.info("the model has no QuantStub: qatkit quantizes it from its %d input(s) to its "

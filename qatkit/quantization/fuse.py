@@ -85,6 +85,32 @@ def _next(g: tr.Graph, node: tr.Node) -> tr.Node | None:
     return nxt
 
 
+def _activation_after(g: tr.Graph, node: tr.Node, single: set[str], acts: tuple[type, ...]
+                      ) -> tuple[tr.Node, str, bool] | None:
+    """The ReLU (or a type in ``acts``) that alone consumes ``node``'s output (through
+    pass-through modules): (its node, activation, whether it may be replaced by Identity).
+    A module called once is replaced. A module called at several places (torchvision's
+    BasicBlock calls one ``self.relu`` twice) or a functional ``F.relu``/``torch.relu`` is
+    kept: fused into the producer it is applied twice, and a ReLU of non-negative values (or
+    a ReLU6 of values already in [0, 6]) changes nothing, in QAT as on integers."""
+    users = g.consumers(node)
+    if len(users) != 1 or node.is_output:
+        return None
+    u, dropout = users[0], False
+    while _is_pass(u):
+        if len(g.consumers(u)) != 1 or u.is_output:
+            return None
+        dropout = dropout or type(u.module) in _DROPOUT
+        u = g.consumers(u)[0]
+    if u.kind == "module" and type(u.module) in acts and len(u.inputs) == 1 and not (
+            dropout and type(u.module) is not nn.ReLU):  # dropout commutes with ReLU only
+        return u, _ACT[type(u.module)], u.target in single
+    if u.kind == "function" and u.op in ("relu", "relu_") and nn.ReLU in acts and \
+            [i for i in u.inputs if i >= 0] == [node.index]:
+        return u, "relu", False
+    return None
+
+
 def _is_add(g: tr.Graph, node: tr.Node) -> bool:
     """An add a conv's accumulator can feed: a recorded op module (a FloatFunctional, any
     subclass, or another module with a ``fused_activation``) adding two traced operands, the
@@ -131,15 +157,17 @@ def fuse(model: nn.Module, example_inputs: Any, inplace: bool = False, *,
         elif type(mod) is nn.BatchNorm2d:
             bn = fold_bn(None, mod)
             bn.user_type = "BatchNorm2d"  # messages name what the user wrote, not the 1x1 conv
+            act = _activation_after(g, node, single, tuple(_ACT))  # densenet's norm -> relu
+            if act is not None:
+                bn.activation = act[1]
+                _replace(model, act, done)
             set_submodule(model, node.target, bn)
         elif type(mod) in (nn.Linear, FusedLinear):
             fused = as_fused_linear(mod)
-            nxt = _next(g, node)
-            if nxt is not None and type(nxt.module) is nn.ReLU and fused.activation is None \
-                    and nxt.target in single:
+            act = _activation_after(g, node, single, (nn.ReLU,))
+            if act is not None and fused.activation is None:
                 fused.activation = "relu"
-                set_submodule(model, nxt.target, nn.Identity())
-                done.add(nxt.target)
+                _replace(model, act, done)
             set_submodule(model, node.target, fused)
         done.add(node.target)
     for index, convs in adds.items():
@@ -159,13 +187,15 @@ def _fuse_tail(model: nn.Module, g: tr.Graph, fused: FusedConv2d, last: tr.Node,
                ) -> None:
     """Fold a following ReLU/ReLU6, or note the FloatFunctional add the conv's output is an
     operand of (in ``adds``; the caller picks one conv per add)."""
-    nxt = _next(g, last)
-    if nxt is None or fused.activation is not None:
+    if fused.activation is not None:
         return
-    if nxt.kind == "module" and type(nxt.module) in _ACT and nxt.target in single:
-        fused.activation = _ACT[type(nxt.module)]
-        set_submodule(model, nxt.target, nn.Identity())
-        done.add(nxt.target)
+    act = _activation_after(g, last, single, tuple(_ACT))
+    if act is not None:
+        fused.activation = act[1]
+        _replace(model, act, done)
+        return
+    nxt = _next(g, last)
+    if nxt is None:
         return
     if _is_add(g, nxt):
         # ``last`` is the chain's end; the add's operand is it or the Identity after it
@@ -189,9 +219,16 @@ def _fuse_add_relu(model: nn.Module, g: tr.Graph, add: tr.Node, single: set[str]
     ff = add.module
     if add.op == "add_relu" or getattr(ff, "fused_activation", None) is not None:
         return  # add_relu has its ReLU already
-    after = _next(g, add)
-    if after is not None and after.kind == "module" and type(after.module) is nn.ReLU \
-            and after.target in single:
+    act = _activation_after(g, add, single, (nn.ReLU,))
+    if act is not None:
         ff.fused_activation = "relu"
-        set_submodule(model, after.target, nn.Identity())
-        done.add(after.target)
+        _replace(model, act, done)
+
+
+def _replace(model: nn.Module, act: tuple[tr.Node, str, bool], done: set[str]) -> None:
+    """A fused activation module called once becomes Identity; a shared or functional one
+    stays (see :func:`_activation_after`)."""
+    node, _, replace = act
+    if replace:
+        set_submodule(model, node.target, nn.Identity())
+        done.add(node.target)

@@ -2,9 +2,10 @@
 
 Found by data flow (looking through the Identity modules fusion leaves behind): a conv whose
 only consumer is a BatchNorm2d, a conv/linear without a fused activation whose only consumer
-is a ReLU/ReLU6 (module or ``F.relu``), a FloatFunctional add followed by a ReLU. After
-``prepare(fuse=True)`` such a pattern remains only when fusion could not apply (a ReLU module
-called at several places, a functional ReLU); with ``fuse=False`` every pattern remains.
+is a ReLU/ReLU6 (module or ``F.relu``), a FloatFunctional add followed by a ReLU. Fusion also
+takes a ReLU module called at several places and a functional ReLU (they are applied twice,
+which changes nothing), so after ``prepare(fuse=True)`` such a pattern remains only in forms
+fuse does not handle; with ``fuse=False`` every pattern remains.
 """
 
 from __future__ import annotations
@@ -108,8 +109,7 @@ def _check(ctx: Context) -> Iterator[Finding]:
                 f"'{node.target}' -> {_act_name(nxt)} is not fused{_act_hint(g, node, nxt)}: "
                 f"the {kind} output is quantized with a signed range of which the ReLU then "
                 "throws away the negative half (1 bit of int8 lost).",
-                fix="use an nn.ReLU/nn.ReLU6 module per call site (not F.relu, not one module "
-                    "called twice) so prepare fuses it", source=node.source)
+                fix="prepare with fuse=True (the default), which fuses it", source=node.source)
 
 
 RULE = Rule(
@@ -129,37 +129,35 @@ class Block(nn.Module):
     def __init__(self):
         super().__init__()
         self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
-        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.relu = nn.ReLU()                   # one ReLU called twice: cannot be fused
+        self.conv1, self.conv2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.relu = nn.ReLU()
 
     def forward(self, x):
-        x = self.relu(self.bn1(self.conv1(self.quant(x))))
-        return self.dequant(self.relu(self.bn2(self.conv2(x))))
+        x = self.relu(self.conv1(self.quant(x)))
+        return self.dequant(self.relu(self.conv2(x)))
 
 
-calib = qk.prepare(Block().eval(), x, qconfig=qk.default_calibration_qconfig())
-# [QK100] module 'conv1': 'conv1' -> ReLU 'relu' is not fused ('relu' is called 2 times ...
+calib = qk.prepare(Block().eval(), x, qconfig=qk.default_calibration_qconfig(), fuse=False)
+# [QK100] module 'conv1': 'conv1' -> ReLU 'relu' is not fused ...
 """,
     good="""
 class Block(nn.Module):
     def __init__(self):
         super().__init__()
         self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
-        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()   # one module per call site
+        self.conv1, self.conv2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.relu = nn.ReLU()                   # shared and F.relu fuse too
 
     def forward(self, x):
-        x = self.relu1(self.bn1(self.conv1(self.quant(x))))
-        return self.dequant(self.relu2(self.bn2(self.conv2(x))))
+        x = self.relu(self.conv1(self.quant(x)))
+        return self.dequant(self.relu(self.conv2(x)))
 
 
 calib = qk.prepare(Block().eval(), x, qconfig=qk.default_calibration_qconfig())  # fuses
 qk.calibrate(calib, train_batches[:8])
 quantized = qk.convert(calib)
 """,
-    fix="prepare with fuse=True (the default) and give every conv, BN and ReLU call site its "
-        "own module (nn.ReLU, not F.relu); use FloatFunctional.add_relu for add + ReLU",
+    fix="prepare with fuse=True (the default); ReLU modules (shared or not), F.relu and "
+        "FloatFunctional.add_relu all fuse",
     check=_check,
 )
