@@ -1,8 +1,9 @@
 """MTCNN's pretrained PNet, RNet and ONet (facenet-pytorch's weights: Conv, PReLU per channel,
 MaxPool2d(ceil_mode=True), Linear, Softmax), as shipped (no stubs), with PReLU and Softmax
-inside the quantized region: calibrated on half of scikit-image's lfw_subset (100 faces,
-100 non-faces), their face decisions on the other half agree with float and the probabilities stay within a few softmax
-LSB of the fake-quant model. facenet-pytorch installs with ``--no-deps`` (.ci/run)."""
+inside the quantized region: calibrated on half of scikit-image's lfw_subset (100 faces, 100
+non-faces), their face decisions on the other half agree with float and the probabilities stay
+within a few softmax LSB of the fake-quant model. facenet-pytorch installs with ``--no-deps``
+(.ci/run)."""
 
 from __future__ import annotations
 
