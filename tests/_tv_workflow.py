@@ -109,7 +109,7 @@ MODELS: dict[str, tuple[str, int]] = {  # name -> (builder in torchvision.models
     "mnasnet0_5": ("mnasnet0_5", 64), "squeezenet1_1": ("squeezenet1_1", 64),
     "vgg11_bn": ("vgg11_bn", 32), "densenet121": ("densenet121", 64),
     "shufflenet_v2_x1_0": ("shufflenet_v2_x1_0", 64), "googlenet": ("googlenet", 64),
-    "inception_v3": ("inception_v3", 160), "convnext_tiny": ("convnext_tiny", 64),
+    "inception_v3": ("inception_v3", 299), "convnext_tiny": ("convnext_tiny", 64),
 }
 QUANTIZABLE = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "googlenet",
                "inception_v3", "shufflenet_v2_x1_0")

