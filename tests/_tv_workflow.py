@@ -78,8 +78,9 @@ def run(model: nn.Module, size: int, march: str = "nash-e", fuse_first: bool = F
         warnings.simplefilter("always")
         cal = qk.prepare(model, x[:2], qconfig=qk.default_calibration_qconfig())
         qk.calibrate(cal, [x[i:i + 2] for i in range(0, len(x), 2)])
-        with torch.no_grad():  # post-training fixed point, as torch.ao's int8 is measured
-            ptq = qk.convert(cal)(x)
+        with torch.no_grad(), warnings.catch_warnings():  # the post-training fixed point, as
+            warnings.simplefilter("ignore")  # torch.ao's int8 is measured (its QK105 notes
+            ptq = qk.convert(cal)(x)  # on random weights are not prepare's warnings)
         qat = qk.prepare(model, x[:2], qconfig=qk.default_qat_qconfig())
         qat.load_state_dict(cal.state_dict())
         qat.train()

@@ -62,9 +62,10 @@ def _config_problem(g: tr.Graph, node: tr.Node, mod: nn.Module) -> tuple[str, st
             hw = src.shape[-2:]
             o = (out, out) if isinstance(out, int) else tuple(
                 hw[i] if v is None else v for i, v in enumerate(out))
-            if hw[0] % o[0] or hw[1] % o[1]:
+            if (hw[0] % o[0] or hw[1] % o[1]) and (o[0] % hw[0] or o[1] % hw[1]):
                 return (f"AdaptiveAvgPool2d from {tuple(hw)} to {o}: the fixed-point average "
-                        "needs an input size that is a multiple of the output size",
+                        "needs an input size that is a multiple of the output size (or an "
+                        "output size that is a multiple of the input size)",
                         "use an input size divisible by the output size, or AvgPool2d")
     return None
 
