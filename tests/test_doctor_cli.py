@@ -40,7 +40,7 @@ MODELS = textwrap.dedent('''
         def forward(self, x):
             x = self.relu1(self.bn1(self.conv1(self.quant(x))))
             y = self.bn2(self.conv2(x))
-            y = y + x if self.plus else self.add.add(y, x)
+            y = self.add.add(y, x).exp() if self.plus else self.add.add(y, x)  # exp: no op
             return self.dequant(self.fc(self.pool(self.relu2(y)).flatten(1)))
 
 
@@ -109,7 +109,7 @@ def test_subprocess_exit_1_json(models):
     d = json.loads(r.stdout)
     assert d["march"] == "nash-e" and d["summary"]["errors"] >= 1
     f = next(f for f in d["findings"] if f["code"] == "QK102")
-    assert f["severity"] == "error" and "add()" in f["message"] and "models.py:" in f["message"]
+    assert f["severity"] == "error" and "exp()" in f["message"] and "models.py:" in f["message"]
 
 
 def test_subprocess_exit_2_missing_file(tmp_path):
