@@ -83,3 +83,34 @@ def prepared_and_converted(model: nn.Module, inputs: Any, march: str, qconfig: A
         calib.eval()
         qk.set_fake_quantize(calib, qk.FakeQuantState.VALIDATION)
         return calib, qk.convert(calib)
+
+
+class NormActOps(nn.Module):
+    """The operators of docs/fixed-point.md sections 10 and 14-17: PReLU (per channel and one
+    slope), LeakyReLU, LayerNorm2d (channels first) and LayerNorm (last dim), GELU (erf and
+    tanh tables), AvgPool2d with ceil_mode + count_include_pad=False and with
+    divisor_override, Softmax over axis 1 and the last axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from tests._tv_import import import_torchvision
+        layer_norm2d = import_torchvision().models.convnext.LayerNorm2d
+        self.quant = qk.QuantStub()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.prelu, self.prelu1 = nn.PReLU(8), nn.PReLU(1)
+        self.leaky = nn.LeakyReLU(0.1)
+        self.ln2d, self.ln = layer_norm2d(8), nn.LayerNorm(4)
+        self.gelu, self.gelu_tanh = nn.GELU(), nn.GELU(approximate="tanh")
+        self.pool = nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False)
+        self.pool2 = nn.AvgPool2d(2, divisor_override=3)
+        self.fc = nn.Linear(32, 6)
+        self.softmax, self.softmax_last = nn.Softmax(dim=1), nn.Softmax(dim=-1)
+        self.dequant, self.dequant2 = qk.DeQuantStub(), qk.DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> Any:
+        x = self.leaky(self.prelu(self.conv(self.quant(x))))    # [N, 8, 7, 7]
+        x = self.pool(self.gelu(self.ln2d(x)))                  # [N, 8, 4, 4]
+        a = self.softmax_last(self.gelu_tanh(self.ln(x)))
+        y = self.prelu1(self.pool2(x))                          # [N, 8, 2, 2]
+        y = self.softmax(self.fc(y.flatten(1)))
+        return self.dequant(a), self.dequant2(y)
