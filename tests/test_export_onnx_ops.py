@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ pytest.importorskip("onnxruntime")
 import onnx
 
 import qatkit as qk
+from qatkit.base.errors import QatkitError
 from qatkit.export.verify import compare
 from tests._export_models import NormActOps, prepared_and_converted
 
@@ -52,3 +54,40 @@ def test_norm_act_ops_identical(march, dtype, level):
     r = compare(model, q, _data())
     assert r["identical"], [x for x in r["outputs"] + r["layers"] if x["identical"] < 1]
     assert set(NEW) <= {row["name"] for row in r["layers"]}  # each op's integers compared
+
+
+@pytest.mark.parametrize("dtype", ["qint8", "qint16"])
+def test_norm_act_ops_qdq_standard_ops(dtype):
+    """The qdq flavour writes each as its standard ONNX op (Gelu from opset 21, the Erf/Tanh
+    forms at 17), passes the full check and runs in onnxruntime; its distance is measured."""
+    x = torch.randn(2, 3, 7, 7)
+    _, q = prepared_and_converted(NormActOps(), x, "nash-e",
+                                  qconfig=qk.default_calibration_qconfig(dtype))
+    model = qk.export_onnx(q, x, flavour="qdq")
+    onnx.checker.check_model(model, full_check=True)
+    kinds = {n.op_type for n in model.graph.node}
+    assert {"PRelu", "LeakyRelu", "Softmax", "LayerNormalization", "AveragePool"} <= kinds
+    assert ({"Gelu"} if dtype == "qint16" else {"Erf", "Tanh"}) <= kinds
+    assert not kinds & {"ConvInteger", "MatMulInteger", "Mod", "Gather"}
+    r = compare(model, q, _data())
+    layers = {row["name"]: row for row in r["layers"]}
+    assert layers["quant"]["identical"] == 1.0 and set(NEW) <= set(layers)
+    assert np.mean([row["identical"] for row in r["layers"]]) > 0.5
+
+
+class _PoolOverride(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
+        self.pool = torch.nn.AvgPool2d(2, ceil_mode=True, divisor_override=3)
+
+    def forward(self, x):
+        return self.dequant(self.pool(self.quant(x)))
+
+
+def test_divisor_override_with_ceil_mode_refused_in_qdq_exact_in_integer():
+    x = torch.randn(2, 3, 5, 5)
+    _, q = prepared_and_converted(_PoolOverride(), x, "nash-e")
+    with pytest.raises(QatkitError, match=r"QK106.*'pool'.*divisor_override and ceil_mode"):
+        qk.export_onnx(q, x, flavour="qdq")
+    assert compare(qk.export_onnx(q, x), q, x * 3)["identical"]

@@ -9,8 +9,10 @@ onnxruntime's QDQ fusions expect:
   ``s_w[c]``); the bias is the int32 ``q_b`` of ``docs/fixed-point.md`` section 5, dequantized at
   ``float32(s_in * s_w[c])`` (the ONNX rule for QLinearConv/QGemm bias);
 * fused ReLU is ``Relu``, fused ReLU6/Hardtanh a ``Clip`` at the bounds on the output grid;
-  lookup tables are the float functions (``Sigmoid``, ``Tanh``, ``HardSwish``, ...); pools,
-  resizes, adds, concatenations are their float ONNX ops;
+  lookup tables are the float functions (``Sigmoid``, ``Tanh``, ``HardSwish``, GELU as
+  ``Gelu`` or its ``Erf``/``Tanh`` form, ...); PReLU/LeakyReLU, Softmax, LayerNorm and pools
+  are ``PRelu``/``LeakyRelu``, ``Softmax``, ``LayerNormalization``, ``AveragePool``; resizes,
+  adds, concatenations are their float ONNX ops;
 * a high-precision (int32 accumulator) output has no QuantizeLinear: the float result of the
   conv/linear goes to the output, as qatkit dequantizes the accumulator.
 
@@ -33,14 +35,18 @@ from qatkit.export.onnx_integer import RESHAPES, IntegerExporter, _refuse
 from qatkit.fixed_point import kernels as fp
 from qatkit.fixed_point.modules import (
     QAvgPool2d,
+    QAvgPool2dDivisor,
     QClamp,
     QConv2d,
     QConvTranspose2d,
     QDeQuantStub,
     QFunctional,
+    QLayerNorm,
     QLinear,
     QLookupTable,
+    QPReLU,
     QQuantStub,
+    QSoftmax,
     QUpsampleBilinear,
 )
 from qatkit.quantization import trace as tr
@@ -151,6 +157,14 @@ class QdqExporter(IntegerExporter):
                         pads=p * 2, count_include_pad=1)
         if isinstance(mod, QUpsampleBilinear):
             return self.bilinear_f(mod, x, name)
+        if isinstance(mod, QPReLU):
+            return self.prelu_f(mod, x, name)
+        if isinstance(mod, QSoftmax):
+            return b.op("Softmax", [name], "softmax", axis=mod.dim % x.q.dim())
+        if isinstance(mod, QLayerNorm):
+            return self.layer_norm_f(mod, x, name)
+        if isinstance(mod, QAvgPool2dDivisor):
+            return self.avg_pool_divisor_f(mod, name, node)
         if isinstance(mod, nn.ReLU):
             return b.op("Relu", [name])
         if isinstance(mod, (nn.Identity, nn.Dropout)):
@@ -229,7 +243,73 @@ class QdqExporter(IntegerExporter):
             return b.op("HardSwish", [name])
         if kind == "hardsigmoid":
             return b.op("HardSigmoid", [name], alpha=1.0 / 6.0, beta=0.5)
+        if kind in ("gelu", "gelu_tanh"):
+            return self.gelu_f(kind, name)
         raise _refuse(node, f"is a lookup table of {kind!r}, which has no qdq ONNX form yet.")
+
+    def gelu_f(self, kind: str, name: str) -> str:
+        """``Gelu`` from opset 20; before it the standard decompositions ``0.5 * x * (1 +
+        Erf(x / sqrt(2)))`` and ``0.5 * x * (1 + Tanh(sqrt(2 / pi) * (x + 0.044715 x^3)))``."""
+        b, f32 = self.b, np.float32
+        if self.opset >= 20:
+            return b.op("Gelu", [name], "gelu", approximate="tanh" if kind == "gelu_tanh"
+                        else "none")
+        if kind == "gelu":
+            inner = b.op("Erf", [b.op("Mul", [name, b.const(f32(2**-0.5), f32, "c")])])
+        else:
+            cube = b.op("Mul", [b.op("Mul", [name, name]), name])
+            t = b.op("Add", [name, b.op("Mul", [cube, b.const(f32(0.044715), f32, "c")])])
+            inner = b.op("Tanh", [b.op("Mul", [t, b.const(f32(np.sqrt(2 / np.pi)), f32,
+                                                          "c")])])
+        one_plus = b.op("Add", [inner, b.const(f32(1.0), f32, "one")])
+        half_x = b.op("Mul", [name, b.const(f32(0.5), f32, "half")])
+        return b.op("Mul", [half_x, one_plus], "gelu")
+
+    def prelu_f(self, mod: QPReLU, x: QTensor, name: str) -> str:
+        """``LeakyRelu`` for one slope, ``PRelu`` with the slopes shaped ``[C, 1, ...]``."""
+        slope = mod.slope.numpy().astype(np.float32)
+        if slope.size == 1:
+            return self.b.op("LeakyRelu", [name], "leaky_relu", alpha=float(slope[0]))
+        shape = [slope.size] + [1] * (x.q.dim() - 2)
+        return self.b.op("PRelu", [name, self.b.const(slope.reshape(shape), np.float32,
+                                                      "slope")], "prelu")
+
+    def layer_norm_f(self, mod: QLayerNorm, x: QTensor, name: str) -> str:
+        """``LayerNormalization`` over the last dims; channels first (LayerNorm2d) between two
+        ``Transpose`` that move axis 1 last and back."""
+        b, nd = self.b, x.q.dim()
+        shape = [x.q.shape[d] for d in mod._dims(nd)]
+        w = np.ones(shape, np.float32) if mod.weight is None else mod.weight.numpy()
+        bias = np.zeros(shape, np.float32) if mod.bias is None else mod.bias.numpy()
+        scale, shift = (b.const(np.asarray(v, np.float32).reshape(shape), np.float32, hint)
+                        for v, hint in ((w, "ln_w"), (bias, "ln_b")))
+        if mod.channel_axis is None:
+            return b.op("LayerNormalization", [name, scale, shift], "layer_norm",
+                        axis=-len(shape), epsilon=mod.eps)
+        ax = mod.channel_axis
+        perm = [d for d in range(nd) if d != ax] + [ax]
+        back = [perm.index(d) for d in range(nd)]
+        t = b.op("Transpose", [name], perm=perm)
+        t = b.op("LayerNormalization", [t, scale, shift], "layer_norm", axis=-1,
+                 epsilon=mod.eps)
+        return b.op("Transpose", [t], perm=back)
+
+    def avg_pool_divisor_f(self, mod: QAvgPool2dDivisor, name: str, node: tr.Node) -> str:
+        """``AveragePool`` with ``ceil_mode`` and ``count_include_pad``; ``divisor_override``
+        (no ONNX attribute) as the full-window average times ``kh * kw / d``, which is the
+        window sum over ``d`` only without ceil-mode windows (refused with them)."""
+        b = self.b
+        attrs = {"kernel_shape": list(mod.kernel), "strides": list(mod.stride),
+                 "pads": list(mod.padding) * 2, "ceil_mode": int(mod.ceil_mode)}
+        if mod.divisor_override is None:
+            return b.op("AveragePool", [name], "avgpool",
+                        count_include_pad=int(mod.count_include_pad), **attrs)
+        if mod.ceil_mode:
+            raise _refuse(node, "is an AvgPool2d with divisor_override and ceil_mode, which "
+                          "has no standard ONNX form (AveragePool has no divisor).")
+        avg = b.op("AveragePool", [name], "avgpool", count_include_pad=1, **attrs)
+        k = mod.kernel[0] * mod.kernel[1] / mod.divisor_override
+        return b.op("Mul", [avg, b.const(np.float32(k), np.float32, "k")], "divisor")
 
     def bilinear_f(self, mod: QUpsampleBilinear, x: QTensor, name: str) -> str:
         h, w = x.q.shape[-2:]
