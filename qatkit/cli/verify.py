@@ -1,6 +1,8 @@
-"""``qatkit verify MODEL.onnx FILE.py:FUNC [--data inputs.pt] [--json]``: onnxruntime vs qatkit's
-fixed-point model, per output and per layer (identical-element fraction, max LSB difference,
-argmax agreement).
+"""``qatkit verify MODEL.onnx FILE.py:FUNC [--checkpoint PATH] [--data inputs.pt] [--json]``:
+onnxruntime vs qatkit's fixed-point model, per output and per layer (identical-element
+fraction, max LSB difference, argmax agreement). FUNC returns ``(quantized_model,
+example_inputs)``, or with ``--checkpoint`` the float model and example inputs (see
+``qatkit export``).
 
 Exit status: 0 done (and, for the integer flavour, identical), 1 an integer-flavour file
 differs in some element or qatkit refused the model, 2 usage error.
@@ -13,14 +15,14 @@ import json
 import os
 from typing import Any
 
-from qatkit.cli.export import load_model, usage
+from qatkit.cli.export import TARGET_HELP, add_checkpoint, load_model, usage
 from qatkit.cli.target import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("onnx", metavar="MODEL.onnx")
-    p.add_argument("target", metavar="FILE.py:FUNC",
-                   help="FUNC() returns (quantized_model, example_inputs)")
+    p.add_argument("target", metavar="FILE.py:FUNC", help=TARGET_HELP)
+    add_checkpoint(p)
     p.add_argument("--data", metavar="INPUTS.pt",
                    help="a tensor or tuple of tensors saved with torch.save (default: FUNC's "
                         "example inputs)")
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         if p is not None and not os.path.isfile(p):
             return usage("verify", f"no such file: {p}")
     try:
-        model, inputs = load_model(args.target)
+        model, inputs = load_model(args.target, args.checkpoint)
     except UsageError as e:
         return usage("verify", str(e))
     if args.data:
