@@ -114,3 +114,22 @@ class NormActOps(nn.Module):
         y = self.prelu1(self.pool2(x))                          # [N, 8, 2, 2]
         y = self.softmax(self.fc(y.flatten(1)))
         return self.dequant(a), self.dequant2(y)
+
+
+class NormVariants(nn.Module):
+    """LayerNorm over many values (int16: fewer guard bits G) without affine parameters, over
+    two dims, PReLU per channel on [N, C] and Softmax on a 3-d tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
+        self.fc1, self.fc2 = nn.Linear(12, 300), nn.Linear(300, 8)
+        self.ln_wide = nn.LayerNorm(300, elementwise_affine=False)
+        self.prelu = nn.PReLU(300)
+        self.ln_2d = nn.LayerNorm([2, 4])
+        self.softmax = nn.Softmax(dim=1)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        x = self.prelu(self.ln_wide(self.fc1(self.quant(x))))
+        x = self.ln_2d(self.fc2(x).reshape(x.shape[0], 2, 4))
+        return self.dequant(self.softmax(x))

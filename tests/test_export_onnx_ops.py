@@ -91,3 +91,18 @@ def test_divisor_override_with_ceil_mode_refused_in_qdq_exact_in_integer():
     with pytest.raises(QatkitError, match=r"QK106.*'pool'.*divisor_override and ceil_mode"):
         qk.export_onnx(q, x, flavour="qdq")
     assert compare(qk.export_onnx(q, x), q, x * 3)["identical"]
+
+
+@pytest.mark.parametrize("dtype", ["qint8", "qint16"])
+def test_norm_variants_identical(dtype):
+    from tests._export_models import NormVariants
+    x = torch.randn(2, 12)
+    _, q = prepared_and_converted(NormVariants(), x, "nash-e",
+                                  qconfig=qk.default_calibration_qconfig(dtype))
+    model = qk.export_onnx(q, x)
+    data = torch.randn(5, 12, generator=torch.Generator().manual_seed(9))
+    data[0] = 0.0
+    data[1] *= 10.0
+    r = compare(model, q, data)
+    assert r["identical"], [x for x in r["outputs"] + r["layers"] if x["identical"] < 1]
+    assert {"ln_wide", "prelu", "ln_2d", "softmax"} <= {row["name"] for row in r["layers"]}
