@@ -73,15 +73,8 @@ def prepared_and_converted(model: nn.Module, inputs: Any, march: str, qconfig: A
                            batches: int = 3, seed: int = 0) -> tuple[nn.Module, nn.Module]:
     """Calibrate ``model`` on random batches shaped like ``inputs`` and convert it; returns
     (the prepared model in VALIDATION state, the fixed-point model)."""
-    torch.manual_seed(seed)
-    ins = inputs if isinstance(inputs, tuple) else (inputs,)
-    g = torch.Generator().manual_seed(seed + 1)
+    calib = calibrated(model, inputs, march, qconfig, batches, seed)
     with qk.set_march(march):
-        calib = qk.prepare(model, inputs, qconfig=qconfig or qk.default_calibration_qconfig())
-        data = [tuple(torch.randn(t.shape, generator=g) for t in ins) for _ in range(batches)]
-        calibrate(calib, data if len(ins) > 1 else [d[0] for d in data], progress=False)
-        calib.eval()
-        qk.set_fake_quantize(calib, qk.FakeQuantState.VALIDATION)
         return calib, qk.convert(calib)
 
 
@@ -133,3 +126,39 @@ class NormVariants(nn.Module):
         x = self.prelu(self.ln_wide(self.fc1(self.quant(x))))
         x = self.ln_2d(self.fc2(x).reshape(x.shape[0], 2, 4))
         return self.dequant(self.softmax(x))
+
+
+class ProfileNet(nn.Module):
+    """What the onnxruntime target profile mirrors: conv+BN+ReLU, depthwise conv+ReLU6, max
+    pooling, 1x1 conv+ReLU, flatten and a linear head (quantized output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), \
+            nn.ReLU()
+        self.dw, self.relu6 = nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU6()
+        self.pool = nn.MaxPool2d(2)
+        self.conv3, self.relu3 = nn.Conv2d(16, 8, 1), nn.ReLU()
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.bn1(self.conv1(self.quant(x))))
+        x = self.pool(self.relu6(self.dw(x)))
+        x = self.relu3(self.conv3(x))
+        return self.dequant(self.fc(torch.flatten(x, 1)))
+
+
+def calibrated(model: nn.Module, inputs: Any, march: str, qconfig: Any = None, batches: int = 3,
+               seed: int = 0) -> nn.Module:
+    """:func:`prepared_and_converted`'s calibrated model (VALIDATION state), not converted."""
+    torch.manual_seed(seed)
+    ins = inputs if isinstance(inputs, tuple) else (inputs,)
+    g = torch.Generator().manual_seed(seed + 1)
+    with qk.set_march(march):
+        calib = qk.prepare(model, inputs, qconfig=qconfig or qk.default_calibration_qconfig())
+        data = [tuple(torch.randn(t.shape, generator=g) for t in ins) for _ in range(batches)]
+        calibrate(calib, data if len(ins) > 1 else [d[0] for d in data], progress=False)
+        calib.eval()
+        qk.set_fake_quantize(calib, qk.FakeQuantState.VALIDATION)
+    return calib

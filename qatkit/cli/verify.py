@@ -4,8 +4,9 @@ fraction, max LSB difference, argmax agreement). FUNC returns ``(quantized_model
 example_inputs)``, or with ``--checkpoint`` the float model and example inputs (see
 ``qatkit export``).
 
-Exit status: 0 done (and, for the integer flavour, identical), 1 an integer-flavour file
-differs in some element or qatkit refused the model, 2 usage error.
+Exit status: 0 done (and, for the integer flavour or a qdq file of a model converted with a
+target profile, identical), 1 such a file differs in some element or qatkit refused the model,
+2 usage error.
 """
 
 from __future__ import annotations
@@ -51,9 +52,13 @@ def run(args: argparse.Namespace) -> int:
     from qatkit.export import require_onnx
     from qatkit.export.verify import compare
     proto = require_onnx().load(args.onnx)
-    flavour = {p.key: p.value for p in proto.metadata_props}.get("qatkit.flavour", "?")
+    props = {p.key: p.value for p in proto.metadata_props}
+    flavour = props.get("qatkit.flavour", "?")
+    # exact: the integer flavour, and qdq files of models converted with a target profile
+    exact = flavour == "integer" or "qatkit.profile" in props
     report = compare(proto, model, inputs)
     report["flavour"] = flavour
+    report["profile"] = props.get("qatkit.profile")
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -62,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             agree = "" if r["agree"] is None else f"  argmax agree {r['agree']:.2%}"
             print(f"  {r['name']:<28} identical {r['identical']:.4%}  max LSB "
                   f"{r['max_lsb']:g}{agree}")
-        print("identical" if report["identical"] else "DIFFERENT" if flavour == "integer" else
+        print("identical" if report["identical"] else "DIFFERENT" if exact else
               "differs: the qdq flavour requantizes with the runtime's arithmetic "
               "(docs/export.md)")
-    return 1 if flavour == "integer" and not report["identical"] else 0
+    return 1 if exact and not report["identical"] else 0

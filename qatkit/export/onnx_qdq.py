@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 import torch.nn as nn
 
 from qatkit.base.qtensor import QTensor
@@ -63,6 +64,11 @@ class QdqExporter(IntegerExporter):
         super().__init__(model, example_inputs)
         self.activations: dict[str, dict[str, Any]] = {}
         self.params: dict[str, dict[str, Any]] = {}
+        # converted with the onnxruntime profile: activations as uint8 with zero point 128
+        # (the same values) so that onnxruntime fuses every conv/linear group (see
+        # docs/export.md); the model is then its fused kernels' arithmetic exactly
+        self.profile = next((m.profile for m in model.modules()
+                             if getattr(m, "profile", None) is not None), None)
 
     def prepare(self, g: tr.Graph) -> None:
         dtypes = {n.output.dtype for n in g.nodes if isinstance(n.output, QTensor)
@@ -71,7 +77,10 @@ class QdqExporter(IntegerExporter):
 
     def extra_props(self) -> dict[str, str]:
         import json
-        return {"qatkit.encodings": json.dumps(self.encodings(), sort_keys=True)}
+        props = {"qatkit.encodings": json.dumps(self.encodings(), sort_keys=True)}
+        if self.profile is not None:
+            props["qatkit.profile"] = self.profile
+        return props
 
     def encodings(self) -> dict[str, Any]:
         """Every quantized tensor of the graph: ``{"activation_encodings": {name: {...}},
@@ -82,6 +91,8 @@ class QdqExporter(IntegerExporter):
 
     # ---- Q/DQ --------------------------------------------------------------------------
     def _zero(self, dtype: str) -> str:
+        if self.profile is not None:
+            return self.b.const(UINT8_ZERO, np.uint8, "zp")
         return self.b.const(0, np.int8 if dtype == "qint8" else np.int16, "zp")
 
     def qdq(self, name: str, x: QTensor, label: str) -> tuple[str, str]:
@@ -90,10 +101,21 @@ class QdqExporter(IntegerExporter):
         s = b.const(np.float32(x.scale), np.float32, "s")
         zp = self._zero(x.dtype)
         q = b.op("QuantizeLinear", [name, s, zp], "q")
-        self.activations[q] = {"layer": label, "dtype": f"int{BITS[x.dtype]}",
-                               "bitwidth": BITS[x.dtype], "scale": [float(x.scale)],
-                               "offset": [0], "is_symmetric": True}
+        enc = {"layer": label, "dtype": f"int{BITS[x.dtype]}", "bitwidth": BITS[x.dtype],
+               "scale": [float(x.scale)], "offset": [0], "is_symmetric": True}
+        if self.profile is not None:  # AIMET's symmetric uint8: x = (q + offset) * s
+            enc.update(dtype="uint8", offset=[-UINT8_ZERO])
+        self.activations[q] = enc
         return q, b.op("DequantizeLinear", [q, s, zp], "dq")
+
+    def layer_output(self, q: str) -> tuple[str, int]:
+        """The name and ONNX dtype of the per-layer output of the QuantizeLinear ``q``: itself,
+        or (profile) its int32 value less the zero point, so verification compares integers."""
+        if self.profile is None:
+            return q, 0
+        v = self.b.op("Sub", [self.b.cast(q, self.T.INT32),
+                              self.b.const(UINT8_ZERO, np.int32, "zp")], "layer")
+        return v, self.T.INT32
 
     def param(self, values: np.ndarray, scale: np.ndarray, dtype: str, label: str,
               axis: int = 0) -> str:
@@ -124,9 +146,11 @@ class QdqExporter(IntegerExporter):
             res = self.function(node, xs, names)
         if isinstance(out, QTensor) and out.axis is None:
             q, res = self.qdq(res, out, node.label)
+            q, dtype = self.layer_output(q)
             self.layers[node.label] = q
             self.layer_shapes[q] = ["N", *out.q.shape[1:]] if out.q.dim() else []
-            self.layer_types[q] = self.T.INT8 if out.dtype == "qint8" else self.T.INT16
+            self.layer_types[q] = dtype or (self.T.INT8 if out.dtype == "qint8" else
+                                            self.T.INT16)
         return res
 
     def module(self, node: tr.Node, mod: nn.Module, xs: list[Any], names: list[str]) -> str:
@@ -206,10 +230,17 @@ class QdqExporter(IntegerExporter):
             y = b.op("ConvTranspose", [name, w, bias], "convT", **attrs)
         elif x.q.dim() == 2:
             y = b.op("Gemm", [name, w, bias], "gemm", transB=1)
+        elif self.profile is not None:
+            raise _refuse(node, f"is a Linear on a {x.q.dim()}-d input: onnxruntime fuses "
+                          "only the 2-d Gemm group (target profile 'onnxruntime').")
         else:
             y = b.op("Add", [b.op("MatMul", [name, b.op("Transpose", [w], perm=[1, 0])]), bias])
         if mod.output_mode != "quantized" or mod.activation is None:
             return y
+        if self.profile is not None:
+            # the fused group ends at a QuantizeLinear; the activation follows on the integers
+            # (DequantizeLinear -> Relu/Clip -> QuantizeLinear reproduces them exactly)
+            y = self.qdq(y, _like(mod, x), f"{node.label}.pre_activation")[1]
         if mod.activation == "relu":
             return b.op("Relu", [y])
         lo, hi = c["clamp"]
@@ -395,6 +426,14 @@ class QdqExporter(IntegerExporter):
         else:
             raise _refuse(node, "has no qdq ONNX form yet.")
         return b.op("Relu", [y]) if mod.relu_after(op) else y
+
+
+UINT8_ZERO = 128  # the zero point of the profile's uint8 activations: q_u8 - 128 = q
+
+
+def _like(mod: nn.Module, x: QTensor) -> QTensor:
+    """A stand-in for a layer's output before its fused activation: its scale and dtype."""
+    return QTensor(x.q[:0].to(torch.int8), mod.out_scale, mod.out_dtype)
 
 
 def _pair(v: Any) -> list[int]:
