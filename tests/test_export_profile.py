@@ -47,6 +47,7 @@ def _fused(model) -> set[str]:
 
 @pytest.mark.parametrize("march,level", [("nash-e", 0), ("bayes", 0), ("nash-e", 1)])
 def test_profile_qdq_identical_in_onnxruntime(march, level):
+    torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     with qk.set_march(march), qk.set_consistency_level(level):
         calib = calibrated(ProfileNet(), x, march, QUANTIZED)
@@ -63,13 +64,12 @@ def test_profile_qdq_identical_in_onnxruntime(march, level):
     r = compare(model, q, _data())
     assert r["identical"], [x for x in r["outputs"] + r["layers"] if x["identical"] < 1]
     assert {"quant", "conv1", "dw", "pool", "conv3", "fc"} <= {x["name"] for x in r["layers"]}
-    # the default arithmetic is another one: its qdq file is not identical (the check can
-    # fail), and the profile leaves the default model's integers alone
+    # the default arithmetic is another one: its qdq file is not identical (the check can fail)
     assert not compare(qk.export_onnx(default, x, flavour="qdq"), default, _data())["identical"]
-    assert not torch.equal(q(_data()), default(_data()))
 
 
 def test_profile_refusals():
+    torch.manual_seed(0)
     x = allops_inputs()
     calib = calibrated(AllOps(conv_transpose=False), x, "nash-e", QUANTIZED)
     with qk.set_march("nash-e"), pytest.raises(QatkitError, match=r"QK106.*profile 'onnxrun"

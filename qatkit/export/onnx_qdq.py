@@ -19,7 +19,11 @@ onnxruntime's QDQ fusions expect:
 The arithmetic between QuantizeLinear and DequantizeLinear is the runtime's (onnxruntime
 requantizes its fused integer kernels in float32 with round half to even), not qatkit's
 16-bit multiplier with round half up, so results may differ by LSBs; ``qatkit verify``
-measures by how much, per layer. The sidecar encodings (:func:`encodings`) give every tensor's
+measures by how much, per layer. A model converted with ``profile="onnxruntime"``
+(``qatkit/fixed_point/ort_profile.py``) computes that arithmetic itself; its export writes
+uint8 activations with zero point 128 (the same values) and each fused ReLU/ReLU6 after the
+conv/linear group's own QuantizeLinear, the forms onnxruntime fuses into QLinearConv/QGemm, and
+is then identical in onnxruntime. The sidecar encodings (:func:`encodings`) give every tensor's
 dtype and scale, like AIMET's ``.encodings`` file.
 """
 

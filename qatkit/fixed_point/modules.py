@@ -209,8 +209,8 @@ class _QWeighted(QModule):
                 c["q_b"].abs().max()) >= fp.INT32_EXACT
         c["w"] = self._prepared_weight(weight, c["method"])
         if self.profile is not None:
-            from qatkit.fixed_point import ort_profile
-            c["ort_scale"] = ort_profile.constants(self, s_in, x.dtype, c)
+            c["ort_scale"] = fp.ort_constants(weight, x.dtype, c["q_b"], s_in, s_w, s_o,
+                                              self._who())
         return c
 
     def _wide_constants(self, c: dict[str, Any], q_b: torch.Tensor, x: QTensor,
@@ -243,8 +243,8 @@ class _QWeighted(QModule):
 
     def _finish(self, acc: torch.Tensor, c: dict[str, Any], axis: int) -> QTensor:
         if self.profile is not None:
-            from qatkit.fixed_point import ort_profile
-            return ort_profile.finish(self, acc, c, axis)
+            v = acc.to(torch.int64) + fp.along(c["q_b"], axis, acc.dim())
+            return self._out(fp.ort_requant(v, c["ort_scale"], axis).clamp_(*c["clamp"]))
         if c["wide"] is not None:
             q = fp.requant_wide(acc, c["wide"], axis)
             if self.output_mode == "quantized":

@@ -4,7 +4,8 @@ kernels compute it, so that the ``qdq`` ONNX export of a model converted with
 
 onnxruntime fuses a ``DequantizeLinear -> Conv/Gemm -> QuantizeLinear`` group into
 ``QLinearConv``/``QGemm``, which accumulate exactly in int32 and then requantize in float32
-(docs/export.md, tested by ``tests/test_export_qdq.py``)::
+(docs/export.md, tested by ``tests/test_export_qdq.py``; ``kernels.ort_constants`` and
+``kernels.ort_requant``, used by the conv/linear modules whose ``profile`` is set here)::
 
     scale[c] = float32(float32(s_in * s_w[c]) / s_o)          each step one float32 operation
     q_o      = clamp(round_half_even(float32(acc + q_b) * scale[c]), lo, hi)
@@ -27,9 +28,6 @@ import torch
 import torch.nn as nn
 
 from qatkit.base.errors import fail
-from qatkit.base.qtensor import QTensor
-from qatkit.base.quant_math import along
-from qatkit.fixed_point import kernels as fp
 from qatkit.fixed_point.modules import QConv2d, QDeQuantStub, QLinear, QModule, QQuantStub
 
 PROFILES = ("onnxruntime",)
@@ -73,29 +71,3 @@ def _refuse(name: str, mod: nn.Module, why: str) -> Exception:
     return fail("QK106", f"target profile 'onnxruntime': {type(mod).__name__} {name!r} {why}.",
                 "convert without the profile (its integer ONNX flavour is exact in any "
                 "runtime), or change the model")
-
-
-def constants(mod: nn.Module, s_in: torch.Tensor, in_dtype: str, c: dict[str, Any]
-              ) -> torch.Tensor:
-    """The float32 ``scale[c]`` of the module docstring, after checking that the int32
-    accumulator ``acc + q_b`` cannot overflow (onnxruntime's sum wraps)."""
-    weight = mod.real("weight")
-    if in_dtype != "qint8":
-        raise fail("QK106", f"target profile 'onnxruntime': {mod._who()} receives {in_dtype} "
-                   "inputs; onnxruntime fuses only 8-bit groups.", "use qint8 activations")
-    bound = fp.acc_bound(weight, in_dtype) + int(c["q_b"].abs().max())
-    if bound >= fp.INT32_EXACT:
-        raise fail("QK106", f"target profile 'onnxruntime': {mod._who()} can accumulate "
-                   f"{bound} (>= 2^31), which onnxruntime's int32 accumulator cannot hold.",
-                   "split the layer, or convert without the profile")
-    s_w = mod.real("weight_scale").to(torch.float32)
-    return (s_in.to(torch.float32) * s_w) / mod.real("out_scale").to(torch.float32)
-
-
-def finish(mod: nn.Module, acc: torch.Tensor, c: dict[str, Any], axis: int) -> QTensor:
-    """``clamp(round_half_even(float32(acc + q_b) * scale[c]))``: torch's int64 -> float32
-    conversion and float32 multiply round to nearest even, as onnxruntime's kernels do."""
-    v = acc.to(torch.int64) + along(c["q_b"], axis, acc.dim())
-    y = torch.round(v.to(torch.float32) * along(c["ort_scale"], axis, acc.dim()))
-    lo, hi = c["clamp"]
-    return QTensor(y.clamp_(lo, hi).to(torch.int8), mod.real("out_scale"), mod.out_dtype)
