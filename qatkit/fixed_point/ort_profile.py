@@ -16,8 +16,8 @@ profile moves integers without changing them (QuantStub, DeQuantStub, ReLU, max 
 ops), so the whole model is that arithmetic. A fixed-point module whose onnxruntime kernel is
 not mirrored here (add, pools with a divisor, lookup tables, ...) is refused at convert (QK106),
 as are int16 tensors and high-precision outputs (their onnxruntime form is float32 arithmetic
-between the Q/DQ nodes, whose rounding depends on the kernel's summation order), and a layer
-whose int32 accumulator a static bound cannot keep below 2^31.
+between the Q/DQ nodes, whose rounding depends on the kernel's summation order); a layer whose
+int32 accumulator a static bound cannot keep below 2^31 is refused at its first forward.
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from qatkit.base.errors import fail
 from qatkit.fixed_point.modules import QConv2d, QDeQuantStub, QLinear, QModule, QQuantStub
 
 PROFILES = ("onnxruntime",)
-# modules that move integers without changing them (float modules of the quantized region)
-MOVES = (nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
 
 
 def apply(model: nn.Module, profile: str) -> None:
