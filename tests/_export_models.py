@@ -73,6 +73,85 @@ def prepared_and_converted(model: nn.Module, inputs: Any, march: str, qconfig: A
                            batches: int = 3, seed: int = 0) -> tuple[nn.Module, nn.Module]:
     """Calibrate ``model`` on random batches shaped like ``inputs`` and convert it; returns
     (the prepared model in VALIDATION state, the fixed-point model)."""
+    calib = calibrated(model, inputs, march, qconfig, batches, seed)
+    with qk.set_march(march):
+        return calib, qk.convert(calib)
+
+
+class NormActOps(nn.Module):
+    """The operators of docs/fixed-point.md sections 10 and 14-17: PReLU (per channel and one
+    slope), LeakyReLU, LayerNorm2d (channels first) and LayerNorm (last dim), GELU (erf and
+    tanh tables), AvgPool2d with ceil_mode + count_include_pad=False and with
+    divisor_override, Softmax over axis 1 and the last axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from tests._tv_import import import_torchvision
+        layer_norm2d = import_torchvision().models.convnext.LayerNorm2d
+        self.quant = qk.QuantStub()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.prelu, self.prelu1 = nn.PReLU(8), nn.PReLU(1)
+        self.leaky = nn.LeakyReLU(0.1)
+        self.ln2d, self.ln = layer_norm2d(8), nn.LayerNorm(4)
+        self.gelu, self.gelu_tanh = nn.GELU(), nn.GELU(approximate="tanh")
+        self.pool = nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False)
+        self.pool2 = nn.AvgPool2d(2, divisor_override=3)
+        self.fc = nn.Linear(32, 6)
+        self.softmax, self.softmax_last = nn.Softmax(dim=1), nn.Softmax(dim=-1)
+        self.dequant, self.dequant2 = qk.DeQuantStub(), qk.DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> Any:
+        x = self.leaky(self.prelu(self.conv(self.quant(x))))    # [N, 8, 7, 7]
+        x = self.pool(self.gelu(self.ln2d(x)))                  # [N, 8, 4, 4]
+        a = self.softmax_last(self.gelu_tanh(self.ln(x)))
+        y = self.prelu1(self.pool2(x))                          # [N, 8, 2, 2]
+        y = self.softmax(self.fc(y.flatten(1)))
+        return self.dequant(a), self.dequant2(y)
+
+
+class NormVariants(nn.Module):
+    """LayerNorm over many values (int16: fewer guard bits G) without affine parameters, over
+    two dims, PReLU per channel on [N, C] and Softmax on a 3-d tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
+        self.fc1, self.fc2 = nn.Linear(12, 300), nn.Linear(300, 8)
+        self.ln_wide = nn.LayerNorm(300, elementwise_affine=False)
+        self.prelu = nn.PReLU(300)
+        self.ln_2d = nn.LayerNorm([2, 4])
+        self.softmax = nn.Softmax(dim=1)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        x = self.prelu(self.ln_wide(self.fc1(self.quant(x))))
+        x = self.ln_2d(self.fc2(x).reshape(x.shape[0], 2, 4))
+        return self.dequant(self.softmax(x))
+
+
+class ProfileNet(nn.Module):
+    """What the onnxruntime target profile mirrors: conv+BN+ReLU, depthwise conv+ReLU6, max
+    pooling, 1x1 conv+ReLU, flatten and a linear head (quantized output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), \
+            nn.ReLU()
+        self.dw, self.relu6 = nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU6()
+        self.pool = nn.MaxPool2d(2)
+        self.conv3, self.relu3 = nn.Conv2d(16, 8, 1), nn.ReLU()
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.bn1(self.conv1(self.quant(x))))
+        x = self.pool(self.relu6(self.dw(x)))
+        x = self.relu3(self.conv3(x))
+        return self.dequant(self.fc(torch.flatten(x, 1)))
+
+
+def calibrated(model: nn.Module, inputs: Any, march: str, qconfig: Any = None, batches: int = 3,
+               seed: int = 0) -> nn.Module:
+    """:func:`prepared_and_converted`'s calibrated model (VALIDATION state), not converted."""
     torch.manual_seed(seed)
     ins = inputs if isinstance(inputs, tuple) else (inputs,)
     g = torch.Generator().manual_seed(seed + 1)
@@ -82,4 +161,4 @@ def prepared_and_converted(model: nn.Module, inputs: Any, march: str, qconfig: A
         calibrate(calib, data if len(ins) > 1 else [d[0] for d in data], progress=False)
         calib.eval()
         qk.set_fake_quantize(calib, qk.FakeQuantState.VALIDATION)
-        return calib, qk.convert(calib)
+    return calib

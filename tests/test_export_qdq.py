@@ -104,3 +104,64 @@ def test_cli_qdq_writes_sidecar_and_verify_reports(tmp_path):
     assert r.returncode == 0, r.stderr  # a qdq file may differ: a report, not a failure
     rep = json.loads(r.stdout)
     assert rep["flavour"] == "qdq" and {x["name"] for x in rep["layers"]} >= {"quant", "conv1"}
+
+
+def _ort_requant_probe(op: str, act: str, seed: int = 5):
+    """A DQ -> Conv/Gemm -> Q group over K = 1 (``acc = x * w[c] + b[c]``, every int8 ``x``),
+    with biases chosen so that ``acc * s_in * s_w[c] / s_o`` lands within a float32 rounding of
+    ``k + 1/2``: orders of evaluating the scale then give different integers."""
+    from onnx import TensorProto, helper
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    s_in, s_o = f32(0.0173), f32(0.0517)
+    xs = np.arange(-128, 128)
+
+    def orders(acc, sw):  # the float32 order of the fused kernels, and the exact value
+        return (np.round(acc.astype(f32) * ((s_in * sw) / s_o).astype(f32)),
+                np.round(acc * (np.float64(s_in) * np.float64(sw) / np.float64(s_o))))
+
+    w, b, s_w = [], [], []
+    while len(w) < 64:  # channels where the two orders differ for some x, unsaturated
+        sw, wc = f32(rng.uniform(1e-4, 1e-2)), int(rng.integers(1, 128)) * int(rng.choice([-1, 1]))
+        k, x = int(rng.integers(-120, 120)), int(rng.choice(xs))
+        bc = round((k + 0.5) / float((s_in * sw) / s_o)) - x * wc + int(rng.integers(-3, 4))
+        a, e = orders(xs * wc + bc, sw)
+        if (a != e).any() and np.abs(np.concatenate([a, e])).max() < 127:
+            w.append(wc)
+            s_w.append(sw)
+            b.append(bc)
+    w, b, s_w = np.array(w), np.array(b), np.array(s_w, f32)
+    npd, zp, et = (np.uint8, 128, TensorProto.UINT8) if act == "u8" else (
+        np.int8, 0, TensorProto.INT8)
+    c = len(w)
+    wshape, xshape = ((c, 1, 1, 1), [256, 1, 1, 1]) if op == "Conv" else ((c, 1), [256, 1])
+    inits = [numpy_helper.from_array(v, n) for v, n in (
+        (s_in, "s_in"), (np.array(zp, npd), "zp"), (w.reshape(wshape).astype(np.int8), "w"),
+        (s_w, "s_w"), (np.zeros(c, np.int8), "zpw"), (b.astype(np.int32), "b"),
+        ((s_in * s_w).astype(f32), "s_b"), (np.zeros(c, np.int32), "zpb"), (s_o, "s_o"))]
+    nodes = [helper.make_node("DequantizeLinear", ["xq", "s_in", "zp"], ["x"]),
+             helper.make_node("DequantizeLinear", ["w", "s_w", "zpw"], ["wf"], axis=0),
+             helper.make_node("DequantizeLinear", ["b", "s_b", "zpb"], ["bf"], axis=0),
+             helper.make_node(op, ["x", "wf", "bf"], ["y"], **({} if op == "Conv" else
+                                                                {"transB": 1})),
+             helper.make_node("QuantizeLinear", ["y", "s_o", "zp"], ["yq"])]
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("xq", et, xshape)],
+                              [helper.make_tensor_value_info("yq", et, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    from qatkit.export.verify import session
+    got = session(model).run(None, {"xq": (xs + zp).astype(npd).reshape(xshape)})[0]
+    got = got.astype(np.int64).reshape(256, c) - zp
+    want, other = orders(xs.reshape(-1, 1) * w.reshape(1, -1) + b.reshape(1, -1), s_w)
+    return got, want, other  # numpy: float32 products, round half to even
+
+
+@pytest.mark.parametrize("op,act", [("Conv", "u8"), ("Gemm", "u8"), ("Gemm", "s8")])
+def test_onnxruntime_fused_requantization_is_float32(op, act):
+    """What docs/export.md states of onnxruntime's fused QLinearConv/QGemm, which an
+    onnxruntime-mirroring profile would build on: ``round_half_even(float32(acc) *
+    float32(float32(s_in * s_w[c]) / s_o))`` on inputs where other evaluation orders of the
+    same scale give other integers."""
+    got, want, other = _ort_requant_probe(op, act)
+    assert (want != other).sum() >= 64  # the probe tells the orders apart
+    assert np.array_equal(got, want)

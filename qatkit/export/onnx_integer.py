@@ -32,17 +32,23 @@ import torch.nn.functional as F
 from qatkit.base.errors import fail
 from qatkit.base.qtensor import QTensor
 from qatkit.base.quant_math import qrange
+from qatkit.fixed_point import kernels as fp
 from qatkit.fixed_point.modules import (
     QAvgPool2d,
+    QAvgPool2dDivisor,
     QClamp,
     QConv2d,
     QConvTranspose2d,
     QDeQuantStub,
     QFunctional,
+    QLayerNorm,
     QLinear,
     QLookupTable,
+    QPReLU,
     QQuantStub,
+    QSoftmax,
     QUpsampleBilinear,
+    _key,
 )
 from qatkit.quantization import trace as tr
 
@@ -122,17 +128,28 @@ class IntegerExporter:
         m = np.asarray(torch.as_tensor(m).tolist(), dtype=np.int64)
         n = np.asarray(torch.as_tensor(n).tolist(), dtype=np.int64)
         m, n = np.broadcast_arrays(m, n)
+        return self.requant_shaped(v, _along(m, axis, ndim), _along(n, axis, ndim))
+
+    def requant_shaped(self, v: str, m: np.ndarray, n: np.ndarray) -> str:
+        """:meth:`requant` with int64 ``m``, ``n`` already shaped to broadcast against ``v``
+        (e.g. one multiplier per output position)."""
+        m, n = np.broadcast_arrays(np.asarray(m, np.int64), np.asarray(n, np.int64))
         big = n >= 63  # |v * m| < 2^62: the result is 0, as requant_mn's shift by 63 gives
         m, n = np.where(big, 0, m), np.where(big, 1, n)
         right, left = np.maximum(n, 0), np.maximum(-n, 0)
         b, T = self.b, np.int64
-        t = b.op("Mul", [v, b.const(_along(m * (2**left), axis, ndim), T, "m")])
+        t = b.op("Mul", [v, b.const(m * (2**left), T, "m")])
         if (right > 0).any():
             rnd = np.where(right > 0, 2 ** np.maximum(right - 1, 0), 0)
-            t = b.op("Add", [t, b.const(_along(rnd, axis, ndim), T, "rnd")])
-            div = b.const(_along(2**right, axis, ndim), T, "pow2")
-            t = b.op("Div", [b.op("Sub", [t, b.op("Mod", [t, div], fmod=0)]), div], "shift")
+            t = b.op("Add", [t, b.const(rnd, T, "rnd")])
+            t = self.floor_div(t, b.const(2**right, T, "pow2"))
         return t
+
+    def floor_div(self, t: str, d: str) -> str:
+        """``floor(t / d)`` for int64 ``t`` and positive ``d``: ``(t - Mod(t, d)) / d`` (the
+        remainder of ``Mod`` with ``fmod=0`` is in ``[0, d)``, so the ``Div`` is exact)."""
+        b = self.b
+        return b.op("Div", [b.op("Sub", [t, b.op("Mod", [t, d], fmod=0)]), d], "floordiv")
 
     def clip32(self, v: str, lo: int, hi: int) -> str:
         c = self.b.op("Clip", [v, self.b.const(lo, np.int64, "lo"),
@@ -228,13 +245,16 @@ class IntegerExporter:
         d = b.op("Mul", [b.cast(name, self.T.DOUBLE), b.const(s, np.float64, "s")])
         return b.cast(d, self.T.FLOAT)
 
-    def window_sum(self, x: QTensor, name: str, kernel: Any, stride: Any, padding: Any) -> str:
+    def window_sum(self, x: QTensor, name: str, kernel: Any, stride: Any, padding: Any,
+                   after: tuple[int, int] | None = None) -> str:
+        """Exact window sums (zero padding) by a depthwise ConvInteger with a ones kernel;
+        ``after``: other bottom/right padding (ceil-mode windows), else ``padding``."""
         kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
         sh, sw = (stride, stride) if isinstance(stride, int) else (stride or (kh, kw))
         ph, pw = (padding, padding) if isinstance(padding, int) else padding
         ch = x.q.shape[1]
         ones = self.b.const(np.ones((ch, 1, kh, kw)), np.int8, "ones")
-        attrs = {"strides": [sh, sw], "group": ch, "pads": [ph, pw, ph, pw]}
+        attrs = {"strides": [sh, sw], "group": ch, "pads": [ph, pw, *(after or (ph, pw))]}
         return self.accumulate(name, x.dtype,
                                lambda t: self.b.op("ConvInteger", [t, ones], "sum", **attrs))
 
@@ -280,6 +300,109 @@ class IntegerExporter:
                       kernel_shape=kernel, strides=stride, pads=[ph, pw, ph, pw],
                       dilations=pair(dilation), ceil_mode=int(bool(ceil_mode)))
         return self.b.cast(f, self.T.INT32)
+
+    # ---- sections 14 to 17 --------------------------------------------------------------
+    def reduce(self, op: str, v: str, axes: list[int], keepdims: int = 1) -> str:
+        """``ReduceSum``/``ReduceMax`` over ``axes`` (an input from opset 18, ReduceSum 13)."""
+        if op == "ReduceSum" or self.opset >= 18:
+            return self.b.op(op, [v, self.b.const(axes, np.int64, "axes")], keepdims=keepdims)
+        return self.b.op(op, [v], axes=axes, keepdims=keepdims)
+
+    def prelu(self, mod: QPReLU, x: QTensor, name: str, node: tr.Node) -> str:
+        """``requant(q, M_pos)`` where ``q >= 0``, else ``requant(q, M_neg[c])`` (section 14),
+        the two requants side by side and a ``Where``."""
+        M_pos, M_neg = _cached(mod, _key(x), node)
+        nd, b = x.q.dim(), self.b
+        axis = 1 if mod.slope.numel() > 1 else None
+        v = self.i64(name)
+        pos = self.requant(v, *fp.multiplier(M_pos), None, nd)
+        neg = self.requant(v, *fp.multiplier(M_neg if axis else M_neg.reshape(())), axis, nd)
+        sel = b.op("Where", [b.op("GreaterOrEqual", [v, b.const(0, np.int64, "zero")]), pos,
+                             neg], "prelu")
+        return self.clip32(sel, *qrange(mod.out_dtype))
+
+    def softmax(self, mod: QSoftmax, x: QTensor, name: str, node: tr.Node) -> str:
+        """Section 15 in int64: ``e = Gather(t, max - q)``, ``S = ReduceSum(e)``, ``r = (e *
+        2^31 + S) / (2 * S)`` (both positive: the truncating ``Div`` is the floor), then the
+        requant by ``M = 2^-30 / s_o``."""
+        table, M = _cached(mod, _key(x), node)
+        nd, b, T = x.q.dim(), self.b, np.int64
+        axes = [mod.dim % nd]
+        v = self.i64(name)
+        d = b.op("Sub", [self.reduce("ReduceMax", v, axes), v])
+        e = b.op("Gather", [b.const(table.numpy(), T, "exp"), d], "exp", axis=0)
+        total = self.reduce("ReduceSum", e, axes)
+        num = b.op("Add", [b.op("Mul", [e, b.const(2**(fp.SOFTMAX_FRAC + 1), T)]), total])
+        r = b.op("Div", [num, b.op("Mul", [total, b.const(2, T)])], "ratio")
+        return self.clip32(self.requant(r, *fp.multiplier(M), None, nd), *qrange(mod.out_dtype))
+
+    def layer_norm(self, mod: QLayerNorm, x: QTensor, name: str, node: tr.Node) -> str:
+        """Section 16 in int64, as ``kernels.layer_norm_normalize`` computes it: the sums, ``D``
+        and ``c``; the bit length of ``D`` as the count of powers of two it reaches; shifts as
+        multiplications/divisions by powers of two ``Gather``ed from a table (``D >= 0``: the
+        truncating ``Div`` is the floor); ``isqrt`` as the float64 square root corrected by one
+        step each way (exact whatever the last bit of ``Sqrt``); then the affine requants."""
+        nd, b, T = x.q.dim(), self.b, np.int64
+        dims = mod._dims(nd)
+        E, M_w, b_i, G = _cached(mod, (*_key(x), nd), node)
+        n = 1
+        for dim in dims:
+            n *= x.q.shape[dim]
+        axes = list(dims)
+
+        def k(v: int) -> str:
+            return b.const(v, T, "k")
+
+        def as_i64(t: str) -> str:
+            return b.cast(t, self.T.INT64)
+
+        q = self.i64(name)
+        s1 = self.reduce("ReduceSum", q, axes)
+        s2 = self.reduce("ReduceSum", b.op("Mul", [q, q]), axes)
+        var = b.op("Sub", [b.op("Mul", [s2, k(n)]), b.op("Mul", [s1, s1])])
+        D = b.op("Add", [b.op("Mul", [var, k(2**G)]), k(E)], "D")
+        c = b.op("Sub", [b.op("Mul", [q, k(n)]), s1])
+        pow2 = b.const(2 ** np.arange(63, dtype=T), T, "pow2")
+        reached = b.op("GreaterOrEqual", [b.op("Unsqueeze", [D, b.const([nd], T, "axes")]),
+                                          pow2])
+        bits = self.reduce("ReduceSum", as_i64(reached), [nd], keepdims=0)
+        kk = self.floor_div(b.op("Sub", [bits, k(31)]), k(2))  # D / 4^kk in [2^30, 2^32)
+        two_k = b.op("Mul", [kk, k(2)])
+        right = b.op("Max", [two_k, k(0)])
+        left = b.op("Max", [b.op("Neg", [two_k]), k(0)])
+        Dn = b.op("Mul", [b.op("Div", [D, b.op("Gather", [pow2, right], axis=0)]),
+                          b.op("Gather", [pow2, left], axis=0)], "Dn")
+        v = b.op("Mul", [Dn, k(2**16)])  # < 2^48: exact in float64
+        r = as_i64(b.op("Floor", [b.op("Sqrt", [b.cast(v, self.T.DOUBLE)])]))
+        r = b.op("Sub", [r, as_i64(b.op("Greater", [b.op("Mul", [r, r]), v]))])
+        r1 = b.op("Add", [r, k(1)])
+        sq = b.op("Add", [r, as_i64(b.op("LessOrEqual", [b.op("Mul", [r1, r1]), v]))], "isqrt")
+        shift = b.op("Sub", [k(32 + G // 2), kk])  # 16 + G/2 .. 48 + G/2
+        num = b.op("Mul", [c, b.op("Gather", [pow2, shift], axis=0)])
+        live = b.op("Greater", [D, k(0)])
+        sq = b.op("Where", [live, sq, k(1)])
+        y = self.floor_div(b.op("Add", [b.op("Mul", [num, k(2)]), sq]), b.op("Mul", [sq, k(2)]))
+        y = b.op("Where", [live, y, k(0)], "norm")
+        m, nw = fp.multiplier(M_w)
+        t = b.op("Add", [self.requant_shaped(y, m.numpy(), nw.numpy()),
+                         b.const(b_i.numpy(), T, "b")])
+        return self.clip32(self.requant(t, 1, 8, None, nd), *qrange(mod.out_dtype))
+
+    def avg_pool_divisor(self, mod: QAvgPool2dDivisor, x: QTensor, name: str, node: tr.Node
+                         ) -> str:
+        """Section 17: the window sums, ceil-mode windows by more zero padding after (zeros
+        add nothing; ``max(0, (out - 1) * s + k - size - p)`` makes exactly PyTorch's output
+        count), then one requant per output position."""
+        if x.q.dim() != 4:
+            raise _refuse(node, "needs an NCHW input.")
+        h, w = x.q.shape[-2:]
+        m, n = _cached(mod, (*_key(x), h, w), node)
+        after = tuple(max(0, (fp.pool_out_size(size, k, s, p, mod.ceil_mode) - 1) * s + k
+                          - size - p)
+                      for size, k, s, p in zip((h, w), mod.kernel, mod.stride, mod.padding))
+        acc = self.window_sum(x, name, mod.kernel, mod.stride, mod.padding, after)
+        q = self.requant_shaped(acc, m.numpy(), n.numpy())
+        return self.clip32(q, *qrange(mod.out_dtype))
 
     def relu(self, name: str) -> str:
         return self.b.op("Max", [name, self.b.const(0, np.int32, "zero")], "relu")
@@ -457,6 +580,14 @@ class IntegerExporter:
             return self.clip32(self.requant(acc, m, n, None, x.q.dim()), *qrange(mod.out_dtype))
         if isinstance(mod, QUpsampleBilinear):
             return self.bilinear(mod, x, name)
+        if isinstance(mod, QPReLU):
+            return self.prelu(mod, x, name, node)
+        if isinstance(mod, QSoftmax):
+            return self.softmax(mod, x, name, node)
+        if isinstance(mod, QLayerNorm):
+            return self.layer_norm(mod, x, name, node)
+        if isinstance(mod, QAvgPool2dDivisor):
+            return self.avg_pool_divisor(mod, x, name, node)
         if isinstance(mod, nn.ReLU):
             return self.relu(name)
         if isinstance(mod, (nn.Identity, nn.Dropout)):
@@ -522,6 +653,15 @@ class IntegerExporter:
         shape = tuple(node.shape or ())
         # keep the batch size free when the op keeps the leading axis
         return (0, *shape[1:]) if shape and x.shape and shape[0] == x.shape[0] else shape
+
+
+def _cached(mod: nn.Module, key: Any, node: tr.Node) -> Any:
+    """The constants ``mod`` computed for its input scale in the traced forward: exactly the
+    numbers the fixed-point model used."""
+    c = mod._cache.get(key)
+    if c is None:
+        raise _refuse(node, "has no constants for its input (it did not run in the trace).")
+    return c
 
 
 def _needed(g: tr.Graph, outs: list[tr.Node]) -> set[int]:

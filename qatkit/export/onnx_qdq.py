@@ -9,15 +9,21 @@ onnxruntime's QDQ fusions expect:
   ``s_w[c]``); the bias is the int32 ``q_b`` of ``docs/fixed-point.md`` section 5, dequantized at
   ``float32(s_in * s_w[c])`` (the ONNX rule for QLinearConv/QGemm bias);
 * fused ReLU is ``Relu``, fused ReLU6/Hardtanh a ``Clip`` at the bounds on the output grid;
-  lookup tables are the float functions (``Sigmoid``, ``Tanh``, ``HardSwish``, ...); pools,
-  resizes, adds, concatenations are their float ONNX ops;
+  lookup tables are the float functions (``Sigmoid``, ``Tanh``, ``HardSwish``, GELU as
+  ``Gelu`` or its ``Erf``/``Tanh`` form, ...); PReLU/LeakyReLU, Softmax, LayerNorm and pools
+  are ``PRelu``/``LeakyRelu``, ``Softmax``, ``LayerNormalization``, ``AveragePool``; resizes,
+  adds, concatenations are their float ONNX ops;
 * a high-precision (int32 accumulator) output has no QuantizeLinear: the float result of the
   conv/linear goes to the output, as qatkit dequantizes the accumulator.
 
 The arithmetic between QuantizeLinear and DequantizeLinear is the runtime's (onnxruntime
 requantizes its fused integer kernels in float32 with round half to even), not qatkit's
 16-bit multiplier with round half up, so results may differ by LSBs; ``qatkit verify``
-measures by how much, per layer. The sidecar encodings (:func:`encodings`) give every tensor's
+measures by how much, per layer. A model converted with ``profile="onnxruntime"``
+(``qatkit/fixed_point/ort_profile.py``) computes that arithmetic itself; its export writes
+uint8 activations with zero point 128 (the same values) and each fused ReLU/ReLU6 after the
+conv/linear group's own QuantizeLinear, the forms onnxruntime fuses into QLinearConv/QGemm, and
+is then identical in onnxruntime. The sidecar encodings (:func:`encodings`) give every tensor's
 dtype and scale, like AIMET's ``.encodings`` file.
 """
 
@@ -26,6 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 import torch.nn as nn
 
 from qatkit.base.qtensor import QTensor
@@ -33,14 +40,18 @@ from qatkit.export.onnx_integer import RESHAPES, IntegerExporter, _refuse
 from qatkit.fixed_point import kernels as fp
 from qatkit.fixed_point.modules import (
     QAvgPool2d,
+    QAvgPool2dDivisor,
     QClamp,
     QConv2d,
     QConvTranspose2d,
     QDeQuantStub,
     QFunctional,
+    QLayerNorm,
     QLinear,
     QLookupTable,
+    QPReLU,
     QQuantStub,
+    QSoftmax,
     QUpsampleBilinear,
 )
 from qatkit.quantization import trace as tr
@@ -57,6 +68,11 @@ class QdqExporter(IntegerExporter):
         super().__init__(model, example_inputs)
         self.activations: dict[str, dict[str, Any]] = {}
         self.params: dict[str, dict[str, Any]] = {}
+        # converted with the onnxruntime profile: activations as uint8 with zero point 128
+        # (the same values) so that onnxruntime fuses every conv/linear group (see
+        # docs/export.md); the model is then its fused kernels' arithmetic exactly
+        self.profile = next((m.profile for m in model.modules()
+                             if getattr(m, "profile", None) is not None), None)
 
     def prepare(self, g: tr.Graph) -> None:
         dtypes = {n.output.dtype for n in g.nodes if isinstance(n.output, QTensor)
@@ -65,7 +81,10 @@ class QdqExporter(IntegerExporter):
 
     def extra_props(self) -> dict[str, str]:
         import json
-        return {"qatkit.encodings": json.dumps(self.encodings(), sort_keys=True)}
+        props = {"qatkit.encodings": json.dumps(self.encodings(), sort_keys=True)}
+        if self.profile is not None:
+            props["qatkit.profile"] = self.profile
+        return props
 
     def encodings(self) -> dict[str, Any]:
         """Every quantized tensor of the graph: ``{"activation_encodings": {name: {...}},
@@ -76,6 +95,8 @@ class QdqExporter(IntegerExporter):
 
     # ---- Q/DQ --------------------------------------------------------------------------
     def _zero(self, dtype: str) -> str:
+        if self.profile is not None:
+            return self.b.const(UINT8_ZERO, np.uint8, "zp")
         return self.b.const(0, np.int8 if dtype == "qint8" else np.int16, "zp")
 
     def qdq(self, name: str, x: QTensor, label: str) -> tuple[str, str]:
@@ -84,10 +105,21 @@ class QdqExporter(IntegerExporter):
         s = b.const(np.float32(x.scale), np.float32, "s")
         zp = self._zero(x.dtype)
         q = b.op("QuantizeLinear", [name, s, zp], "q")
-        self.activations[q] = {"layer": label, "dtype": f"int{BITS[x.dtype]}",
-                               "bitwidth": BITS[x.dtype], "scale": [float(x.scale)],
-                               "offset": [0], "is_symmetric": True}
+        enc = {"layer": label, "dtype": f"int{BITS[x.dtype]}", "bitwidth": BITS[x.dtype],
+               "scale": [float(x.scale)], "offset": [0], "is_symmetric": True}
+        if self.profile is not None:  # AIMET's symmetric uint8: x = (q + offset) * s
+            enc.update(dtype="uint8", offset=[-UINT8_ZERO])
+        self.activations[q] = enc
         return q, b.op("DequantizeLinear", [q, s, zp], "dq")
+
+    def layer_output(self, q: str) -> tuple[str, int]:
+        """The name and ONNX dtype of the per-layer output of the QuantizeLinear ``q``: itself,
+        or (profile) its int32 value less the zero point, so verification compares integers."""
+        if self.profile is None:
+            return q, 0
+        v = self.b.op("Sub", [self.b.cast(q, self.T.INT32),
+                              self.b.const(UINT8_ZERO, np.int32, "zp")], "layer")
+        return v, self.T.INT32
 
     def param(self, values: np.ndarray, scale: np.ndarray, dtype: str, label: str,
               axis: int = 0) -> str:
@@ -118,9 +150,11 @@ class QdqExporter(IntegerExporter):
             res = self.function(node, xs, names)
         if isinstance(out, QTensor) and out.axis is None:
             q, res = self.qdq(res, out, node.label)
+            q, dtype = self.layer_output(q)
             self.layers[node.label] = q
             self.layer_shapes[q] = ["N", *out.q.shape[1:]] if out.q.dim() else []
-            self.layer_types[q] = self.T.INT8 if out.dtype == "qint8" else self.T.INT16
+            self.layer_types[q] = dtype or (self.T.INT8 if out.dtype == "qint8" else
+                                            self.T.INT16)
         return res
 
     def module(self, node: tr.Node, mod: nn.Module, xs: list[Any], names: list[str]) -> str:
@@ -151,6 +185,14 @@ class QdqExporter(IntegerExporter):
                         pads=p * 2, count_include_pad=1)
         if isinstance(mod, QUpsampleBilinear):
             return self.bilinear_f(mod, x, name)
+        if isinstance(mod, QPReLU):
+            return self.prelu_f(mod, x, name)
+        if isinstance(mod, QSoftmax):
+            return b.op("Softmax", [name], "softmax", axis=mod.dim % x.q.dim())
+        if isinstance(mod, QLayerNorm):
+            return self.layer_norm_f(mod, x, name)
+        if isinstance(mod, QAvgPool2dDivisor):
+            return self.avg_pool_divisor_f(mod, name, node)
         if isinstance(mod, nn.ReLU):
             return b.op("Relu", [name])
         if isinstance(mod, (nn.Identity, nn.Dropout)):
@@ -192,10 +234,17 @@ class QdqExporter(IntegerExporter):
             y = b.op("ConvTranspose", [name, w, bias], "convT", **attrs)
         elif x.q.dim() == 2:
             y = b.op("Gemm", [name, w, bias], "gemm", transB=1)
+        elif self.profile is not None:
+            raise _refuse(node, f"is a Linear on a {x.q.dim()}-d input: onnxruntime fuses "
+                          "only the 2-d Gemm group (target profile 'onnxruntime').")
         else:
             y = b.op("Add", [b.op("MatMul", [name, b.op("Transpose", [w], perm=[1, 0])]), bias])
         if mod.output_mode != "quantized" or mod.activation is None:
             return y
+        if self.profile is not None:
+            # the fused group ends at a QuantizeLinear; the activation follows on the integers
+            # (DequantizeLinear -> Relu/Clip -> QuantizeLinear reproduces them exactly)
+            y = self.qdq(y, _like(mod, x), f"{node.label}.pre_activation")[1]
         if mod.activation == "relu":
             return b.op("Relu", [y])
         lo, hi = c["clamp"]
@@ -229,7 +278,73 @@ class QdqExporter(IntegerExporter):
             return b.op("HardSwish", [name])
         if kind == "hardsigmoid":
             return b.op("HardSigmoid", [name], alpha=1.0 / 6.0, beta=0.5)
+        if kind in ("gelu", "gelu_tanh"):
+            return self.gelu_f(kind, name)
         raise _refuse(node, f"is a lookup table of {kind!r}, which has no qdq ONNX form yet.")
+
+    def gelu_f(self, kind: str, name: str) -> str:
+        """``Gelu`` from opset 20; before it the standard decompositions ``0.5 * x * (1 +
+        Erf(x / sqrt(2)))`` and ``0.5 * x * (1 + Tanh(sqrt(2 / pi) * (x + 0.044715 x^3)))``."""
+        b, f32 = self.b, np.float32
+        if self.opset >= 20:
+            return b.op("Gelu", [name], "gelu", approximate="tanh" if kind == "gelu_tanh"
+                        else "none")
+        if kind == "gelu":
+            inner = b.op("Erf", [b.op("Mul", [name, b.const(f32(2**-0.5), f32, "c")])])
+        else:
+            cube = b.op("Mul", [b.op("Mul", [name, name]), name])
+            t = b.op("Add", [name, b.op("Mul", [cube, b.const(f32(0.044715), f32, "c")])])
+            inner = b.op("Tanh", [b.op("Mul", [t, b.const(f32(np.sqrt(2 / np.pi)), f32,
+                                                          "c")])])
+        one_plus = b.op("Add", [inner, b.const(f32(1.0), f32, "one")])
+        half_x = b.op("Mul", [name, b.const(f32(0.5), f32, "half")])
+        return b.op("Mul", [half_x, one_plus], "gelu")
+
+    def prelu_f(self, mod: QPReLU, x: QTensor, name: str) -> str:
+        """``LeakyRelu`` for one slope, ``PRelu`` with the slopes shaped ``[C, 1, ...]``."""
+        slope = mod.slope.numpy().astype(np.float32)
+        if slope.size == 1:
+            return self.b.op("LeakyRelu", [name], "leaky_relu", alpha=float(slope[0]))
+        shape = [slope.size] + [1] * (x.q.dim() - 2)
+        return self.b.op("PRelu", [name, self.b.const(slope.reshape(shape), np.float32,
+                                                      "slope")], "prelu")
+
+    def layer_norm_f(self, mod: QLayerNorm, x: QTensor, name: str) -> str:
+        """``LayerNormalization`` over the last dims; channels first (LayerNorm2d) between two
+        ``Transpose`` that move axis 1 last and back."""
+        b, nd = self.b, x.q.dim()
+        shape = [x.q.shape[d] for d in mod._dims(nd)]
+        w = np.ones(shape, np.float32) if mod.weight is None else mod.weight.numpy()
+        bias = np.zeros(shape, np.float32) if mod.bias is None else mod.bias.numpy()
+        scale, shift = (b.const(np.asarray(v, np.float32).reshape(shape), np.float32, hint)
+                        for v, hint in ((w, "ln_w"), (bias, "ln_b")))
+        if mod.channel_axis is None:
+            return b.op("LayerNormalization", [name, scale, shift], "layer_norm",
+                        axis=-len(shape), epsilon=mod.eps)
+        ax = mod.channel_axis
+        perm = [d for d in range(nd) if d != ax] + [ax]
+        back = [perm.index(d) for d in range(nd)]
+        t = b.op("Transpose", [name], perm=perm)
+        t = b.op("LayerNormalization", [t, scale, shift], "layer_norm", axis=-1,
+                 epsilon=mod.eps)
+        return b.op("Transpose", [t], perm=back)
+
+    def avg_pool_divisor_f(self, mod: QAvgPool2dDivisor, name: str, node: tr.Node) -> str:
+        """``AveragePool`` with ``ceil_mode`` and ``count_include_pad``; ``divisor_override``
+        (no ONNX attribute) as the full-window average times ``kh * kw / d``, which is the
+        window sum over ``d`` only without ceil-mode windows (refused with them)."""
+        b = self.b
+        attrs = {"kernel_shape": list(mod.kernel), "strides": list(mod.stride),
+                 "pads": list(mod.padding) * 2, "ceil_mode": int(mod.ceil_mode)}
+        if mod.divisor_override is None:
+            return b.op("AveragePool", [name], "avgpool",
+                        count_include_pad=int(mod.count_include_pad), **attrs)
+        if mod.ceil_mode:
+            raise _refuse(node, "is an AvgPool2d with divisor_override and ceil_mode, which "
+                          "has no standard ONNX form (AveragePool has no divisor).")
+        avg = b.op("AveragePool", [name], "avgpool", count_include_pad=1, **attrs)
+        k = mod.kernel[0] * mod.kernel[1] / mod.divisor_override
+        return b.op("Mul", [avg, b.const(np.float32(k), np.float32, "k")], "divisor")
 
     def bilinear_f(self, mod: QUpsampleBilinear, x: QTensor, name: str) -> str:
         h, w = x.q.shape[-2:]
@@ -315,6 +430,14 @@ class QdqExporter(IntegerExporter):
         else:
             raise _refuse(node, "has no qdq ONNX form yet.")
         return b.op("Relu", [y]) if mod.relu_after(op) else y
+
+
+UINT8_ZERO = 128  # the zero point of the profile's uint8 activations: q_u8 - 128 = q
+
+
+def _like(mod: nn.Module, x: QTensor) -> QTensor:
+    """A stand-in for a layer's output before its fused activation: its scale and dtype."""
+    return QTensor(x.q[:0].to(torch.int8), mod.out_scale, mod.out_dtype)
 
 
 def _pair(v: Any) -> list[int]:

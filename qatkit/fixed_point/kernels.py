@@ -687,3 +687,31 @@ def avg_pool_divisors(size: int, k: int, s: int, p: int, ceil_mode: bool,
     if count_include_pad:
         return end - start
     return torch.clamp(end, max=size) - torch.clamp(start, min=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The onnxruntime target profile (qatkit/fixed_point/ort_profile.py): conv/linear requantization
+# as onnxruntime's fused QLinearConv/QGemm compute it, in place of section 4's
+
+
+def ort_constants(q_w: torch.Tensor, in_dtype: str, q_b: torch.Tensor, s_in: torch.Tensor,
+                  s_w: torch.Tensor, s_o: torch.Tensor, who: str) -> torch.Tensor:
+    """``scale[c] = float32(float32(s_in * s_w[c]) / s_o)`` (each step one float32 operation),
+    after refusing (QK106) inputs onnxruntime does not fuse (16-bit) and an accumulator ``acc +
+    q_b`` that a static bound does not keep below 2^31 (onnxruntime's int32 sum would wrap)."""
+    if in_dtype != "qint8":
+        raise fail("QK106", f"target profile 'onnxruntime': {who} receives {in_dtype} inputs; "
+                   "onnxruntime fuses only 8-bit groups.", "use qint8 activations")
+    bound = acc_bound(q_w, in_dtype) + int(q_b.abs().max())
+    if bound >= INT32_EXACT:
+        raise fail("QK106", f"target profile 'onnxruntime': {who} can accumulate {bound} "
+                   "(>= 2^31), which onnxruntime's int32 accumulator cannot hold.",
+                   "split the layer, or convert without the profile")
+    return (s_in.to(torch.float32) * s_w.to(torch.float32)) / s_o.to(torch.float32)
+
+
+def ort_requant(v: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+    """``round_half_even(float32(v) * scale[c])`` per channel along ``axis``, before saturation:
+    torch's int64 -> float32 conversion and float32 multiply round to nearest even, as
+    onnxruntime's kernels do."""
+    return torch.round(v.to(torch.float32) * along(scale, axis, v.dim()))

@@ -163,6 +163,10 @@ def _clamp_bounds(act: str | None, s_o: float, dtype: str, lo: float = 0.0, hi: 
 class _QWeighted(QModule):
     """Shared by conv, linear and transposed conv (spec section 5)."""
 
+    # a target profile's requantization in place of section 4's (set by qk.convert(...,
+    # profile=...); see qatkit/fixed_point/ort_profile.py); None: qatkit's own arithmetic
+    profile: str | None = None
+
     def __init__(self, qat: nn.Module, w_oc_first: torch.Tensor, activation: str | None
                  ) -> None:
         """``qat``: the QAT module; ``w_oc_first``: its weight with output channels first."""
@@ -204,6 +208,9 @@ class _QWeighted(QModule):
             c["check"] = fp.acc_bound(weight, x.dtype) + int(
                 c["q_b"].abs().max()) >= fp.INT32_EXACT
         c["w"] = self._prepared_weight(weight, c["method"])
+        if self.profile is not None:
+            c["ort_scale"] = fp.ort_constants(weight, x.dtype, c["q_b"], s_in, s_w, s_o,
+                                              self._who())
         return c
 
     def _wide_constants(self, c: dict[str, Any], q_b: torch.Tensor, x: QTensor,
@@ -235,6 +242,9 @@ class _QWeighted(QModule):
         return f"{type(self).__name__} {name!r}" if name else type(self).__name__
 
     def _finish(self, acc: torch.Tensor, c: dict[str, Any], axis: int) -> QTensor:
+        if self.profile is not None:
+            v = acc.to(torch.int64) + fp.along(c["q_b"], axis, acc.dim())
+            return self._out(fp.ort_requant(v, c["ort_scale"], axis).clamp_(*c["clamp"]))
         if c["wide"] is not None:
             q = fp.requant_wide(acc, c["wide"], axis)
             if self.output_mode == "quantized":

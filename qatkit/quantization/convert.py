@@ -21,10 +21,15 @@ from qatkit.quantization.fake_quant import fake_quants
 from qatkit.quantization.registry import has_own_output, is_weighted, to_fixed_point
 
 
-def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Return the fixed-point model (a copy unless ``inplace``)."""
+def convert(model: nn.Module, inplace: bool = False, profile: str | None = None) -> nn.Module:
+    """Return the fixed-point model (a copy unless ``inplace``). ``profile="onnxruntime"``:
+    conv/linear requantize as onnxruntime's fused kernels do, so that the qdq ONNX export is
+    identical in onnxruntime (``qatkit/fixed_point/ort_profile.py``; other ops refused)."""
     validate.model(model, "qk.convert")
     validate.stage(model, "qk.convert", ("prepared",))
+    if profile is not None:
+        from qatkit.fixed_point import ort_profile
+        ort_profile.check_name(profile)
     m = meta.get(model)
     if m is None or not fake_quants(model):
         from qatkit.base.errors import fail
@@ -45,6 +50,8 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     for name, mod in model.named_modules():  # left float: never reached at prepare
         if is_weighted(mod) or has_own_output(mod):
             mod._qatkit_unreached = name  # named if quantized values ever reach it (QK008)
+    if profile is not None:
+        ort_profile.apply(model, profile)
     meta.attach(model, m.march, "converted")
     forwards.announce(model, fixed_point=True)  # keeps the QAT model's lineage number
     model.eval()
