@@ -324,17 +324,21 @@ def setup_qatkit_qat_train_step(case: Case) -> Callable[[], object]:
     return lambda: train_step(model, opt, case.x, case.y)
 
 
-#: models whose QAT step is also timed under torch.compile: each fake quant still breaks the
-#: graph (``bool(buffer)`` guards), and compiling ResNet's 40-odd graphs forward and backward
-#: takes minutes on 2 cores, past the bench's budget.
-COMPILED_QAT_MODELS = ("small_cnn",)
+#: where the QAT step is also timed under torch.compile (model -> batch sizes; None: all). The
+#: prepared model compiles to one graph (tests/test_compile_qat.py); Inductor takes 1-3 minutes
+#: for ResNet's forward and backward on 2 cores, so only its headline batch is compiled.
+COMPILED_QAT_MODELS: dict[str, tuple[int, ...] | None] = {"small_cnn": None,
+                                                         "resnet18_like": (8,)}
 
 
 def setup_qatkit_qat_train_step_compiled(case: Case) -> Callable[[], object] | None:
     """:func:`setup_qatkit_qat_train_step` with ``torch.compile(model)`` (Inductor; compiled in
     the warm-up calls). None (left out) when the run does not compile (quick mode) and for
-    models not in :data:`COMPILED_QAT_MODELS`."""
+    cases not in :data:`COMPILED_QAT_MODELS`."""
     if not case.compile or case.model_name not in COMPILED_QAT_MODELS:
+        return None
+    batches = COMPILED_QAT_MODELS[case.model_name]
+    if batches is not None and case.batch not in batches:
         return None
     model = _qatkit_qat_model(case)
     opt = case.optimizer(model)
@@ -445,6 +449,9 @@ HEADLINE: dict[str, tuple[str, str, tuple[str, float] | None]] = {
         "speed", "fixedpoint_compiled_over_reference", None),
     "qat_step_over_float": ("speed", "qat_step_over_float", ("<=", 1.15)),
     "qat_step_over_pt2e_qat_step": ("speed", "qat_step_over_pt2e_qat_step", None),
+    # the QAT step under torch.compile (Inductor), beside the eager one
+    "compiled_qat_step_over_eager": ("speed", "compiled_qat_step_over_eager", None),
+    "compiled_qat_step_over_float": ("speed", "compiled_qat_step_over_float", None),
     "torchao_qat_step_over_float": ("speed", "torchao_qat_step_over_float", None),
     "calibration_over_float_eval": ("speed", "calibration_over_float_eval", (">=", 0.9)),
     "calibration_minmax_over_float_eval": (

@@ -99,8 +99,9 @@ class FakeQuantize(nn.Module):
             self._mark_initialized()
 
     def _mark_initialized(self) -> None:
-        if not self._is_initialized or not torch.compiler.is_compiling():
-            self.initialized.fill_(1)  # compiled: once, not a buffer write per step
+        # written, never read, on the weights' path: the first QAT step is not a transition
+        # that recompiles
+        self.initialized.fill_(1)
         self._is_initialized = True
 
     def _sync_flags(self) -> None:
@@ -179,10 +180,9 @@ class FakeQuantize(nn.Module):
         st = active_state(self.state, self.training)
         if torch.compiler.is_exporting():
             return self._exported_forward(x)
-        initialized, calibrated = self._flags()
         if recorder.active() is not None:  # a trace observes the model; it must not change it
             return fake_quantize(x, self.scale, self.dtype, self.ch_axis) \
-                if initialized and st is not FakeQuantState.CALIBRATION else x
+                if self._flags()[0] and st is not FakeQuantState.CALIBRATION else x
         if self.is_weight:  # weights: scale from the current weights, every step
             if st is FakeQuantState.CALIBRATION:
                 return x
@@ -193,6 +193,7 @@ class FakeQuantize(nn.Module):
                 self.scale.copy_(s)
             self._mark_initialized()
             return fake_quantize(x, s, self.dtype, self.ch_axis)
+        initialized, calibrated = self._flags()
         if st is FakeQuantState.CALIBRATION:
             if self.training:
                 raise _mode_error(st, self.training)
@@ -207,7 +208,7 @@ class FakeQuantize(nn.Module):
             self.update_scale()
         elif self._pending:
             self.update_scale()
-        if not self._is_initialized:  # update_scale may have set it just now
+        if not (initialized or self._is_initialized):  # update_scale may have set it now
             raise fail("QK008", "a fake quant has no scale yet: it never saw data in "
                        "calibration or QAT.", "calibrate (or train in QAT state) before validation")
         return fake_quantize(x, self.scale, self.dtype)
