@@ -103,8 +103,9 @@ class Config:
 
     @classmethod
     def quick_config(cls, threads: int) -> Config:
-        """Seconds-long smoke run: small inputs, one batch size, one timed call, digits instead of
-        Fashion-MNIST, nothing compiled (peers that need torch.compile run eagerly)."""
+        """Seconds-long smoke run: small inputs, one batch size, one call per entry (no warm-up:
+        the figure includes first-call costs), digits instead of Fashion-MNIST and one short
+        epoch, nothing compiled (peers that need torch.compile run eagerly)."""
         shapes = {k: v[1] for k, v in MODELS.items()}
         shapes["resnet18_like"] = (3, 32, 32)  # layer4 is 1x1: BatchNorm trains on batch 2
         return cls(
@@ -112,15 +113,15 @@ class Config:
             threads=threads,
             input_shapes=shapes,
             batch_sizes=(2,),
-            warmup=1,
+            warmup=0,
             rounds=1,
             min_time_s=0.0,
             calib_batches=1,
             memory_batch=None,
             accuracy_dataset="digits",
-            epochs=2,
-            calib_images=256,
-            qat_images=512,
+            epochs=1,
+            calib_images=128,
+            qat_images=256,
             compile=False,
         )
 
