@@ -37,7 +37,7 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     for _, fq in fake_quants(model):
         fq.finish_calibration()
     # Names, not modules: a list of the modules would keep every QAT module, float32 weights
-    # and all, alive until the last one is converted (with inplace=True, past convert too).
+    # and all, alive until the last layer is converted, beside the new integer weights.
     for name in [n for n, _ in model.named_modules()]:
         try:
             mod = model.get_submodule(name)
