@@ -41,8 +41,15 @@ def convert(model: nn.Module, inplace: bool = False, profile: str | None = None)
         model = copy.deepcopy(model)
     for _, fq in fake_quants(model):
         fq.finish_calibration()
-    for name, mod in list(model.named_modules()):
+    # Names, not modules: a list of the modules would keep every QAT module, float32 weights
+    # and all, alive until the last layer is converted, beside the new integer weights.
+    for name in [n for n, _ in model.named_modules()]:
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:  # inside a module converted already
+            continue
         new = to_fixed_point(mod)  # the registry row's fixed-point form
+        del mod
         if new is not None and name:
             if hasattr(new, "qualified_name"):  # named in its errors (QK105)
                 new.qualified_name = name

@@ -20,6 +20,14 @@ Weights are fake-quantized per output channel with the scale of the *current* we
 scale convert computes from the final weights is the one the last QAT step used. Activation
 scales that came from calibration stay fixed in QAT (the vendor's fixed-activation QAT); scales
 that were never calibrated follow their observer.
+
+Under ``torch.compile`` the QAT and VALIDATION forwards are one graph per model: the
+``initialized``/``calibrated`` buffers (kept for ``state_dict``) are mirrored by Python flags
+that change only at state transitions (a scale made, a calibration forward, a checkpoint loaded,
+:func:`set_fake_quantize`), so no forward reads a buffer as a Python value while compiling; a
+transition costs one recompile. Eager forwards read the buffers themselves, as before, so code
+that fills them directly keeps working. QAT with activation scales that were never calibrated
+runs the observer every step, whose data-dependent checks still break the graph.
 """
 
 from __future__ import annotations
@@ -58,6 +66,10 @@ def active_state(state: FakeQuantState, training: bool) -> FakeQuantState:
 class FakeQuantize(nn.Module):
     """Observer + fake quant of one tensor (an activation, or a weight when ``is_weight``)."""
 
+    # defaults for objects pickled before the mirrors existed (load_state_dict syncs them)
+    _is_initialized = False
+    _is_calibrated = False
+
     def __init__(self, spec: QuantSpec, pow2: bool = False, is_weight: bool = False) -> None:
         super().__init__()
         if is_weight and (spec.observer != "minmax" or spec.fixed_scale is not None):
@@ -74,6 +86,9 @@ class FakeQuantize(nn.Module):
         self.register_buffer("calibrated", torch.tensor(0, dtype=torch.uint8))
         self.calibration_world = 1  # the torch.distributed world size the state was set in
         self._pending = False  # observer saw calibration data its scale does not hold yet
+        # Python mirrors of the two flag buffers: what a compiled forward branches on
+        self._is_initialized = False
+        self._is_calibrated = False
         if isinstance(self.observer, FixedScaleObserver):
             if self.pow2_scale and not is_pow2(torch.tensor(self.observer.fixed_scale)):
                 raise fail("QK000", f"fixed scale {self.observer.fixed_scale!r} is not a power "
@@ -81,7 +96,25 @@ class FakeQuantize(nn.Module):
                            "use a power-of-two fixed scale (e.g. 1/128), or consistency level 0")
             self.scale.fill_(float(self.scale_for(torch.tensor(
                 self.observer.fixed_scale * _half_range(self.dtype)))))
-            self.initialized.fill_(1)
+            self._mark_initialized()
+
+    def _mark_initialized(self) -> None:
+        # written, never read, on the weights' path: the first QAT step is not a transition
+        # that recompiles
+        self.initialized.fill_(1)
+        self._is_initialized = True
+
+    def _sync_flags(self) -> None:
+        """Read the flag buffers into their Python mirrors (outside a compiled region)."""
+        self._is_initialized = bool(self.initialized)
+        self._is_calibrated = bool(self.calibrated)
+
+    def _flags(self) -> tuple[bool, bool]:
+        """(initialized, calibrated): the mirrors while compiling, else the buffers (which
+        code outside this class may have filled), refreshing the mirrors."""
+        if not torch.compiler.is_compiling():
+            self._sync_flags()
+        return self._is_initialized, self._is_calibrated
 
     @property
     def scale_pending(self) -> bool:
@@ -98,6 +131,7 @@ class FakeQuantize(nn.Module):
         """The scale was set from statistics merged elsewhere (several processes): nothing
         is pending any more."""
         self._pending = False
+        self._sync_flags()  # the merge filled the flag buffers
 
     @property
     def fixed(self) -> bool:
@@ -123,7 +157,7 @@ class FakeQuantize(nn.Module):
             self.scale = s.clone()
         else:
             self.scale.copy_(s)
-        self.initialized.fill_(1)
+        self._mark_initialized()
         self._pending = False
 
     def weight_scale(self, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,7 +182,7 @@ class FakeQuantize(nn.Module):
             return self._exported_forward(x)
         if recorder.active() is not None:  # a trace observes the model; it must not change it
             return fake_quantize(x, self.scale, self.dtype, self.ch_axis) \
-                if bool(self.initialized) and st is not FakeQuantState.CALIBRATION else x
+                if self._flags()[0] and st is not FakeQuantState.CALIBRATION else x
         if self.is_weight:  # weights: scale from the current weights, every step
             if st is FakeQuantState.CALIBRATION:
                 return x
@@ -157,8 +191,9 @@ class FakeQuantize(nn.Module):
                 self.scale = s.clone()
             else:
                 self.scale.copy_(s)
-            self.initialized.fill_(1)
+            self._mark_initialized()
             return fake_quantize(x, s, self.dtype, self.ch_axis)
+        initialized, calibrated = self._flags()
         if st is FakeQuantState.CALIBRATION:
             if self.training:
                 raise _mode_error(st, self.training)
@@ -166,13 +201,14 @@ class FakeQuantize(nn.Module):
             self.observer(x)
             self._pending = True
             self.calibrated.fill_(1)
+            self._is_calibrated = True
             return x
-        if st is FakeQuantState.QAT and not self.fixed and not bool(self.calibrated):
+        if st is FakeQuantState.QAT and not self.fixed and not calibrated:
             self.observer(x)
             self.update_scale()
         elif self._pending:
             self.update_scale()
-        if not bool(self.initialized):
+        if not (initialized or self._is_initialized):  # update_scale may have set it now
             raise fail("QK008", "a fake quant has no scale yet: it never saw data in "
                        "calibration or QAT.", "calibrate (or train in QAT state) before validation")
         return fake_quantize(x, self.scale, self.dtype)
@@ -206,6 +242,7 @@ class FakeQuantize(nn.Module):
             self.scale = torch.empty_like(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._pending = False
+        self._sync_flags()
 
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -280,4 +317,5 @@ def set_fake_quantize(model: nn.Module, state: FakeQuantState) -> nn.Module:
             fq.update_scale()
         fq.state = state
         fq.calibration_world = world
+        fq._sync_flags()  # a listener (distributed calibration) may have filled the buffers
     return model.module if isinstance(model, nn.DataParallel) else model

@@ -32,6 +32,11 @@ class _QATWeighted:
         self.qconfig = qconfig
         self.output_mode = output_mode
         self.weight_fake_quant = FakeQuantize(qconfig.weight, pow2, is_weight=True)
+        wfq = self.weight_fake_quant
+        if wfq.ch_axis == 0:  # sized now: a buffer resized in the first step would recompile
+            n_out = self._weight_oc_first().shape[0] if hasattr(self, "_weight_oc_first") \
+                else self.weight.shape[0]
+            wfq.scale = torch.ones(n_out, device=self.weight.device)
         self.activation_post_process = (
             FakeQuantize(qconfig.activation, pow2) if output_mode == "quantized" else None)
 
