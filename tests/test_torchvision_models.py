@@ -21,7 +21,7 @@ SUBSET = ("resnet18", "mobilenet_v2", "squeezenet1_1", "shufflenet_v2_x1_0")
 # fixed point against the fake-quant model it was converted from. Each layer adds at most one
 # LSB (tests/test_call_sites.py, the bit-exact tests); through 20-50 layers of random weights
 # those flips grow to 8-30 dB at the output (docs/models.md). A broken operator gives ~0 dB.
-MIN_SQNR_DB = 6.0
+MIN_SQNR_DB = 3.0
 CI_SIZE = 32  # the subset runs on smaller photos than the sweep, to keep the suite short
 
 
