@@ -31,10 +31,10 @@ class Net(nn.Module):
         s = self.add.add(a, b)
         if self.fixed:
             t = self.add2.add(s, b)  # one FloatFunctional per call site
-            y = self.cat.cat([s, t], 1)
+            y = self.cat.cat([s, t], 1)  # (torch.cat would do too: it becomes an operator)
         else:
             t = self.add.add(s, b)  # mistake: the same FloatFunctional called twice
-            y = torch.cat([s, t], 1)  # mistake: a float op on quantized values
+            y = torch.cat([s, t.exp()], 1)  # mistake: exp has no fixed-point operator
         return self.dequant(self.head(y))
 
 

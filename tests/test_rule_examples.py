@@ -34,7 +34,9 @@ def findings(rule: Rule, which: str) -> list[tuple[str, str, str]]:
     """(code, how, message) of everything the ``which`` ("bad"/"good") example of ``rule``
     gets, run as a program after the preamble."""
     src = EXAMPLE_PREAMBLE.lstrip("\n") + "\n\n" + getattr(rule, which).strip("\n") + "\n"
-    name = f"<{rule.code} {which} example>"
+    # a user file's name: a "<...>" name counts as generated library code, whose torch calls
+    # are no call sites (qatkit/base/frames.py), and the example would not run as a user's does
+    name = f"{rule.code.lower()}_{which}_example.py"
     linecache.cache[name] = (len(src), None, src.splitlines(True), name)  # readable tracebacks
     qk006.reset()  # QK006 follows models across calls: each program starts afresh
     got: list[tuple[str, str, str]] = []

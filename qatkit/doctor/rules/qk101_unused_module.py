@@ -102,8 +102,8 @@ RULE = Rule(
             "FloatFunctionals, that are never called in a traced (eval-mode) forward. "
             "qatkit_meta, fake quants and observers are not counted.",
     why="An unused FloatFunctional or stub usually means the forward does something other "
-        "than what the author intended: e.g. `x + y` written instead of `self.add.add(x, y)`, "
-        "or a QuantStub that is bypassed. Its observer never sees data, so it has no scale. "
+        "than what the author intended: e.g. a residual add that was dropped, or a "
+        "QuantStub that is bypassed. Its observer never sees data, so it has no scale. "
         "Unused layers also waste memory and checkpoint size.",
     bad="""
 class Net(nn.Module):

@@ -152,9 +152,11 @@ RULE = Rule(
     stages=("prepare", "calibration", "qat", "validation", "converted"),
     summary="Finds, by data flow, (1) ops in the quantized region that also take a float "
             "tensor that did not pass a QuantStub, (2) torch functions on quantized values "
-            "other than shape-only ops, ReLU, max pooling, dropout and nearest resizing "
-            "(e.g. `x + y` or `torch.cat` in forward), naming the function and its source "
-            "line, (3) quantizable modules in the region whose qconfig is None.",
+            "that have no operator: neither a scale-keeping op (shape-only ops, ReLU, max "
+            "pooling, dropout, nearest resizing) nor one prepare turns into an operator per "
+            "call site (`x + y`, `torch.cat`, `x.mean(...)`... are; `x.exp()` is not), naming "
+            "the function and its source line, (3) quantizable modules in the region whose "
+            "qconfig is None.",
     why="In the fixed-point model every value between QuantStub and DeQuantStub is an integer "
         "tensor with a scale. A float operand has no scale; a torch function has no observer, "
         "so no calibrated output scale and no integer implementation; a module kept float "
@@ -169,11 +171,11 @@ class Net(nn.Module):
 
     def forward(self, x):
         y = self.conv1(self.quant(x))
-        return self.dequant(torch.cat([y, self.conv2(y) + y], 1))  # '+' and torch.cat
+        return self.dequant(torch.cat([y, self.conv2(y).exp()], 1))  # exp: no operator
 
 
 calib = qk.prepare(Net(), x, qconfig=qk.default_calibration_qconfig())
-# [QK102] torch function add() at ... is applied to quantized values ...
+# [QK102] torch function exp() at ... is applied to quantized values ...
 """,
     good="""
 class Net(nn.Module):
@@ -182,18 +184,19 @@ class Net(nn.Module):
         self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
         self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.add, self.cat = qk.FloatFunctional(), qk.FloatFunctional()
 
     def forward(self, x):
         y = self.conv1(self.quant(x))
-        return self.dequant(self.cat.cat([y, self.add.add(self.conv2(y), y)], 1))
+        z = self.dequant(torch.cat([y, self.conv2(y)], 1))  # torch.cat: an operator
+        return torch.cat([z[:, :8], z[:, 8:].exp()], 1)     # exp on float values
 
 
 calib = qk.prepare(Net(), x, qconfig=qk.default_calibration_qconfig())
 qk.calibrate(calib, train_batches[:8])
 quantized = qk.convert(calib)
 """,
-    fix="use a FloatFunctional (one per call site) or a module for arithmetic on quantized "
-        "values, and a QuantStub on every path by which float data enters",
+    fix="express the op with one that has an operator (a module, a FloatFunctional, or a "
+        "torch call prepare turns into one), or apply it after the DeQuantStub; pass float "
+        "data through a QuantStub on every path by which it enters",
     check=_check,
 )
