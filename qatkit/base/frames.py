@@ -43,6 +43,17 @@ def user_stacklevel(level: int) -> int:
     return level
 
 
+def module_of(frame: FrameType) -> torch.nn.Module | None:
+    """The module whose method ``frame`` runs (its first argument, whatever its name), or
+    None."""
+    code = frame.f_code
+    if code.co_argcount:
+        first = frame.f_locals.get(code.co_varnames[0])
+        if isinstance(first, torch.nn.Module):
+            return first
+    return None
+
+
 def where(frame: FrameType | None) -> str:
     """``file.py:line`` of ``frame`` ("" for None)."""
     if frame is None:

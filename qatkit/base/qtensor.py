@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.overrides import handle_torch_function
 
 from qatkit.base.errors import fail
+from qatkit.base.frames import module_of
 
 
 class QTensor:
@@ -160,9 +161,8 @@ def _left_float() -> Exception | None:
     because no example input or calibration batch ever reached it (``_qatkit_unreached``)."""
     f = sys._getframe(2)
     while f is not None:
-        code = f.f_code
-        mod = f.f_locals.get(code.co_varnames[0]) if code.co_argcount else None
-        if isinstance(mod, torch.nn.Module):
+        mod = module_of(f)
+        if mod is not None:
             name = mod.__dict__.get("_qatkit_unreached")
             if name is None:
                 return None

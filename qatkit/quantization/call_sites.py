@@ -306,12 +306,6 @@ def _hook(model: nn.Module) -> list[Any]:
 
 # ---- prepare time --------------------------------------------------------------------------
 
-def _split(example_inputs: Any) -> tuple[tuple, dict]:
-    if isinstance(example_inputs, dict):
-        return (), example_inputs
-    return (example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)), {}
-
-
 def install(model: nn.Module, example_inputs: Any) -> CallSiteOps | None:
     """Give every value-changing torch call in ``model``'s quantized region its own operator
     (and, without QuantStubs, stubs at its inputs and outputs). Returns the operators' holder,
@@ -324,7 +318,7 @@ def install(model: nn.Module, example_inputs: Any) -> CallSiteOps | None:
     handles: list[Any] = []
     try:
         if auto:
-            args, kwargs = _split(example_inputs)
+            args, kwargs = tr.split_inputs(example_inputs)
             for key, value in [*enumerate(args), *kwargs.items()]:
                 if _float(value):
                     ops.add_module(f"input_{key}", QuantStub())
@@ -356,13 +350,13 @@ def _install(model: nn.Module, ops: CallSiteOps, example_inputs: Any, handles: l
         if made is None:
             continue
         owner_name, path, k = node.site
-        module, method, signature = made
+        module, method, signature, operands = made
         model.get_submodule(owner_name)._qatkit_path = owner_name
         label = BY_FUNCTION[node.op].kind if method is None else method
         where = ops.place(owner_name, label, module)
         key = f"{owner_name}|{path}|{k}"
         ops.sites[key] = (where, method, signature)
-        i = _constant_operand(node, region) if method is not None else None
+        i = _constant_operand(node, region, method, operands)
         if i is not None:  # int16 where the march has it: a learned per-channel factor
             stub = QuantStub(dtype="qint16" if int16 else "qint8")
             ops.constants[key] = (i, ops.place(owner_name, f"{label}_constant", stub))
@@ -379,17 +373,17 @@ def _install(model: nn.Module, ops: CallSiteOps, example_inputs: Any, handles: l
     return ops
 
 
-def _constant_operand(node: tr.Node, region: set[int]) -> int | None:
+def _constant_operand(node: tr.Node, region: set[int], method: str | None,
+                      operands: tuple) -> int | None:
     """Position (among the method's operands) of a two-tensor op's operand that is not a
     value of the region (a parameter, a buffer), or None."""
-    args, kwargs = node.arguments
-    got = _method_call(BY_FUNCTION[node.op], node.op, args, kwargs)
-    if isinstance(got, str) or got[0] not in _TWO_TENSOR:
+    if method not in _TWO_TENSOR:
         return None
+    args, kwargs = node.arguments
     tensors: list[Any] = []
     tr._walk((args, kwargs), tensors.append)
     producer = {id(t): p for t, p in zip(tensors, node.inputs, strict=False)}
-    outside = [i for i, o in enumerate(got[1][:2])
+    outside = [i for i, o in enumerate(operands[:2])
                if _is_value(o) and producer.get(id(o), -1) not in region]
     return outside[0] if len(outside) == 1 else None
 
@@ -397,22 +391,24 @@ def _constant_operand(node: tr.Node, region: set[int]) -> int | None:
 _TWO_TENSOR = frozenset({"add", "sub", "mul", "maximum", "minimum"})
 
 
-def _operator(row: Op, node: tr.Node) -> tuple[nn.Module, str | None, str] | None:
-    """The operator module for one traced call (None: the call keeps its input scale)."""
+def _operator(row: Op, node: tr.Node) -> tuple[nn.Module, str | None, str, tuple] | None:
+    """The operator module for one traced call, the FloatFunctional method it runs (None for
+    a module), the call's non-tensor arguments and the method's operands (None: the call
+    keeps its input scale)."""
     args, kwargs = node.arguments
     if row.call == "module":
         assert row.from_call is not None
         module = row.from_call(args, kwargs)
         if module is None:
             return None
-        return module, None, _signature(args[1:], kwargs)
+        return module, None, _signature(args[1:], kwargs), ()
     got = _method_call(row, node.op, args, kwargs)
     if isinstance(got, str):
         raise fail("QK102", f"{node.op}() at {node.source} computes {got} on quantized values; "
                    "it has no fixed-point operator.",
                    "rewrite it with a supported form (x * (1 / c), y - x with both tensors), "
                    "or move it after the DeQuantStub")
-    return FloatFunctional(), got[0], ""
+    return FloatFunctional(), got[0], "", got[1]
 
 
 def operators(model: nn.Module) -> dict[str, nn.Module]:

@@ -20,7 +20,7 @@ from types import CodeType, FrameType
 
 import torch.nn as nn
 
-from qatkit.base.frames import is_library_file
+from qatkit.base.frames import is_library_file, module_of
 from qatkit.quantization.registry import BY_FUNCTION
 
 # names of the torch functions and tensor methods that can be a call site's operator
@@ -36,15 +36,6 @@ def _is_library(code: CodeType) -> bool:
     if hit is None:
         hit = _library[code] = is_library_file(code.co_filename)
     return hit
-
-
-def _module_self(f: FrameType) -> nn.Module | None:
-    code = f.f_code
-    if code.co_argcount:  # a method's first argument, whatever its name
-        s = f.f_locals.get(code.co_varnames[0])
-        if isinstance(s, nn.Module):
-            return s
-    return None
 
 
 def _where(code: CodeType, at: int) -> str:
@@ -64,7 +55,7 @@ def site_of(depth: int = 1) -> tuple[nn.Module, str, bool] | None:
     chain: list[tuple[CodeType, int, int]] = []
     while f is not None:
         code = f.f_code
-        owner = _module_self(f)
+        owner = module_of(f)
         if _is_library(code):
             if owner is not None:
                 return None

@@ -229,12 +229,17 @@ def trace(model: nn.Module, example_inputs: Any, *, sites: bool = False,
     return _trace(model, example_inputs, sites, False)
 
 
+def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of example inputs: a dict is keywords, a tuple the positional
+    inputs, anything else the one input."""
+    if isinstance(example_inputs, dict):
+        return (), example_inputs
+    return (example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)), {}
+
+
 def _trace(model: nn.Module, example_inputs: Any, sites: bool, training: bool) -> Graph:
     tracer = _Tracer(model, sites)
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    kwargs: dict = {}
-    if isinstance(example_inputs, dict):
-        args, kwargs = (), example_inputs
+    args, kwargs = split_inputs(example_inputs)
     for a in (args, kwargs):
         _walk(a, lambda x: tracer.add("input", "input", "input", None, (), x))
     modes = {m: m.training for m in model.modules()}
