@@ -307,3 +307,20 @@ def test_sequential_root_and_models_without_torch_calls_are_unchanged() -> None:
     qk.calibrate(cal, [x])
     out = qk.convert(cal)(x)
     assert isinstance(out, torch.Tensor) and out.shape == (2, 2)
+
+
+def test_scale_keeping_calls_move_the_integers_unchanged() -> None:
+    """chunk/split/repeat/expand/zero pad/adaptive max pool on a QTensor: the integers of the
+    same call on ``q``, the scale carried (any other pad value is refused)."""
+    from qatkit.base.qtensor import QTensor
+    q = torch.randint(-128, 128, (2, 4, 5, 6), dtype=torch.int8)
+    x = QTensor(q, torch.tensor(0.1), "qint8")
+    for got, want in ((x.chunk(2, 1), q.chunk(2, 1)), (x.split([1, 3], 1), q.split([1, 3], 1))):
+        assert all(torch.equal(g.q, w) and g.scale == x.scale for g, w in zip(got, want))
+    assert torch.equal(x.repeat(1, 2, 1, 1).q, q.repeat(1, 2, 1, 1))
+    assert torch.equal(x[:, :1].expand(2, 3, 5, 6).q, q[:, :1].expand(2, 3, 5, 6))
+    assert torch.equal(F.pad(x, (1, 2)).q, F.pad(q, (1, 2)))
+    assert torch.equal(F.adaptive_max_pool2d(x, 2).q,
+                       F.adaptive_max_pool2d(q.float(), 2).to(torch.int8))
+    with pytest.raises(QatkitError, match="QK102.*only zero padding"):
+        F.pad(x, (1, 1), value=1.0)
