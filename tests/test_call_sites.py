@@ -322,5 +322,5 @@ def test_scale_keeping_calls_move_the_integers_unchanged() -> None:
     assert torch.equal(F.pad(x, (1, 2)).q, F.pad(q, (1, 2)))
     assert torch.equal(F.adaptive_max_pool2d(x, 2).q,
                        F.adaptive_max_pool2d(q.float(), 2).to(torch.int8))
-    with pytest.raises(QatkitError, match="QK102.*only zero padding"):
+    with pytest.raises(QatkitError, match=r"QK102.*only zero padding"):
         F.pad(x, (1, 1), value=1.0)
