@@ -8,26 +8,33 @@ from __future__ import annotations
 import sys
 from types import ModuleType
 
-import pytest
 import torch
 
 _LIB: list[torch.library.Library] = []
 
 
-def import_torchvision() -> ModuleType:
-    """torchvision, importable (the test is skipped where it is not installed)."""
+def torchvision() -> ModuleType:
+    """torchvision, importable beside the CPU torch wheel (ImportError where not installed)."""
     try:
-        import torchvision
-    except ImportError:
-        pytest.skip("torchvision is not installed (.ci/run installs torchvision==0.28.0)")
+        import torchvision as tv
+        return tv
     except RuntimeError as e:
         if "torchvision::nms" not in str(e):
             raise
-        for k in [k for k in sys.modules if k.startswith("torchvision")]:
-            del sys.modules[k]
-        lib = torch.library.Library("torchvision", "DEF")
-        for op in ("nms", "qnms"):
-            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _LIB.append(lib)
-        import torchvision
-    return torchvision
+    for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
+        del sys.modules[k]
+    lib = torch.library.Library("torchvision", "DEF")
+    for op in ("nms", "qnms"):
+        lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _LIB.append(lib)
+    import torchvision as tv
+    return tv
+
+
+def import_torchvision() -> ModuleType:
+    """:func:`torchvision` in a test: skipped where torchvision is not installed."""
+    import pytest
+    try:
+        return torchvision()
+    except ImportError:
+        pytest.skip("torchvision is not installed (.ci/run installs torchvision==0.28.0)")

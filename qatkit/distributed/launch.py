@@ -7,6 +7,7 @@ before wrapping it; ``save`` writes on rank 0 only (atomically) and every rank w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import socket
@@ -117,12 +118,17 @@ def _worker(rank: int, world: int, port: int, backend: str, threads: int, timeou
                             world_size=world, timeout=timedelta(seconds=timeout_s))
     try:
         result = fn(rank, world, *args)
+        _write(d, f"rank{rank}.pkl", result)
+        # Leave together: a rank that tears down its gloo pairs while a peer's background
+        # thread still reads from them makes that peer abort (SIGABRT, "connection closed").
+        # Pairs that a timed-out collective already closed fail the barrier: nothing to wait for.
+        with contextlib.suppress(RuntimeError):
+            dist.barrier()
     except QatkitError as e:
         _write(d, f"error{rank}.pkl", (e.code, e.message, e.fix))
         raise
     finally:
         dist.destroy_process_group()
-    _write(d, f"rank{rank}.pkl", result)
 
 
 def _write(d: str, name: str, obj: Any) -> None:

@@ -56,7 +56,7 @@ def top_level_sequential():
 
 @case(None, "torchvision")
 def torchvision_quantizable_resnet18():
-    from tests._torchvision import torchvision
+    from tests._tv_import import torchvision
     torchvision()
     from torchvision.models.quantization import resnet18
     with qk.set_march("nash-e"):
@@ -67,7 +67,7 @@ def torchvision_quantizable_resnet18():
 @case(None, "torchvision")
 def torchvision_blocks_with_unused_skip_add():
     """torchvision's inverted residual creates skip_add even where it has no residual."""
-    from tests._torchvision import torchvision
+    from tests._tv_import import torchvision
     torchvision()
     from torchvision.models.quantization.mobilenetv2 import QuantizableInvertedResidual
     blocks = nn.Sequential(QuantizableInvertedResidual(8, 16, 2, 2),

@@ -86,7 +86,7 @@ def preprocessing_conv_in_a_helper():
 
 @case("QK001", "torchvision")
 def torchvision_resnet_with_its_criterion():
-    from tests._torchvision import torchvision
+    from tests._tv_import import torchvision
     torchvision()
     from torchvision.models.quantization import resnet18
     m = resnet18(weights=None, quantize=False).eval()
