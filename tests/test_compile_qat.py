@@ -12,6 +12,7 @@ import qatkit as qk
 from qatkit.base.errors import QatkitError
 from qatkit.demo.recipe import calibration_batches, centered
 from qatkit.quantization.fake_quant import fake_quants
+from qatkit.quantization.observers import MinMaxObserver, MovingAverageMinMaxObserver
 from tests.models import BasicBlock, ResNet
 
 
@@ -48,9 +49,11 @@ def _explain(model: torch.nn.Module, x: torch.Tensor):
     return torch._dynamo.explain(model)(x)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["qat", "validation"])
-def test_prepared_model_compiles_to_one_graph(digits, training):
-    qat = _qat_model(digits)
+@pytest.mark.parametrize("training,calibrate", [(True, True), (False, True), (True, False)],
+                         ids=["qat", "validation", "qat-uncalibrated"])
+def test_prepared_model_compiles_to_one_graph(digits, training, calibrate):
+    """Uncalibrated: the activation observers still collect in every QAT step."""
+    qat = _qat_model(digits, calibrate)
     x, _ = _batch(digits, 0)
     qat.train(training)  # straight after loading the calibration checkpoint
     n_fq = len(fake_quants(qat))
@@ -68,8 +71,9 @@ def _step(model, opt, x, y) -> torch.Tensor:
     return loss.detach()
 
 
-def test_compiled_qat_steps_match_eager_and_reload(digits):
-    eager = _qat_model(digits)
+@pytest.mark.parametrize("calibrate", [True, False], ids=["calibrated", "uncalibrated"])
+def test_compiled_qat_steps_match_eager_and_reload(digits, calibrate):
+    eager = _qat_model(digits, calibrate)
     compiled_model = copy.deepcopy(eager)
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.05, momentum=0.9)
     opt_c = torch.optim.SGD(compiled_model.parameters(), lr=0.05, momentum=0.9)
@@ -85,8 +89,9 @@ def test_compiled_qat_steps_match_eager_and_reload(digits):
         x, y = _batch(digits, i)
         le, lc = _step(eager, opt_e, x, y), _step(run, opt_c, x, y)
         assert torch.equal(le, lc), (i, float(le), float(lc))
-    # the first step makes the weight scales, which is no transition: compiled once
-    assert len(graphs) == 1
+    # the first step makes the weight scales, which is no transition: compiled once; without
+    # calibration it makes the first activation scales too, a transition: one recompile
+    assert len(graphs) == (1 if calibrate else 2)
     se, sc = eager.state_dict(), compiled_model.state_dict()
     assert se.keys() == sc.keys()
     tensors = [k for k in se if isinstance(se[k], torch.Tensor)]  # and qatkit's own entry
@@ -94,6 +99,9 @@ def test_compiled_qat_steps_match_eager_and_reload(digits):
     for k in tensors:  # weights, scales (written inside the graph) and flags
         assert torch.equal(se[k], sc[k]), k
     assert all(bool(fq.initialized) for _, fq in fake_quants(compiled_model))
+    if not calibrate:  # the observers collected in the graph (their buffers matched above)
+        acts = [fq for _, fq in fake_quants(compiled_model) if not fq.is_weight and not fq.fixed]
+        assert acts and all(int(fq.observer.count) > 0 for fq in acts)
 
     # validation of the compiled model (eval: frozen scales), then the checkpoint reloads
     compiled_model.eval()
@@ -135,3 +143,23 @@ def test_buffers_filled_outside_reach_the_compiled_forward(digits):
     run = torch.compile(qat, backend="eager", fullgraph=True)
     with torch.no_grad():
         assert torch.equal(run(x), qat(x))
+
+
+@pytest.mark.parametrize("cls", [MinMaxObserver, MovingAverageMinMaxObserver])
+def test_compiled_observer_counts_nonfinite_as_eager(cls):
+    """Batches with inf and NaN: the graph's unconditional zeroing pass gives eager's range,
+    count and non-finite count (eager runs that pass only when the range is not finite)."""
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(4, 3, 5, 5, generator=g) * 3 for _ in range(4)]
+    batches[1][0, 1, 2, 2], batches[2][3, 0, 0, 4] = float("inf"), float("nan")
+    batches[2][1, 2, 3, 3] = float("-inf")
+    eager, compiled = cls(), cls()
+    torch._dynamo.reset()
+    run = torch.compile(compiled, backend="aot_eager", fullgraph=True)
+    for b in batches:
+        eager(b)
+        run(b)
+    assert int(eager.nonfinite) == 3
+    for name, t in eager.state_dict().items():
+        assert torch.equal(t, compiled.state_dict()[name]), name
+    assert eager.seen and compiled.seen

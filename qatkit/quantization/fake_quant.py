@@ -27,7 +27,9 @@ that change only at state transitions (a scale made, a calibration forward, a ch
 :func:`set_fake_quantize`), so no forward reads a buffer as a Python value while compiling; a
 transition costs one recompile. Eager forwards read the buffers themselves, as before, so code
 that fills them directly keeps working. QAT with activation scales that were never calibrated
-runs the observer every step, whose data-dependent checks still break the graph.
+runs the observer every step inside the graph (min/max and moving-average observers; the
+histogram observers' bin growth and threshold search still break it); the first scales made
+are one recompile.
 """
 
 from __future__ import annotations

@@ -29,6 +29,10 @@ class Observer(nn.Module):
 
     #: True when the result depends on the order of batches (refused in synchronized calibration)
     order_dependent = False
+    # Python mirror of ``count > 0`` that only ever claims True when it holds (counts only
+    # grow; loading a checkpoint re-reads it): :attr:`seen` right after a forward reads no
+    # buffer, so a compiled QAT step that observes and then makes its scale does not break.
+    _has_data = False
 
     def __init__(self, ch_axis: int | None = None, dtype: str = "qint8") -> None:
         super().__init__()
@@ -40,15 +44,26 @@ class Observer(nn.Module):
 
     @property
     def seen(self) -> bool:
-        return bool(self.count > 0)
+        if not self._has_data:
+            self._has_data = bool(self.count > 0)
+        return self._has_data
+
+    def _aminmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.ch_axis is None:
+            return torch.aminmax(x)
+        flat = x.transpose(0, self.ch_axis).reshape(x.shape[self.ch_axis], -1)
+        return torch.aminmax(flat, dim=1)
 
     def _batch_minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.detach()
-        if self.ch_axis is None:
-            lo, hi = torch.aminmax(x)
-        else:
-            flat = x.transpose(0, self.ch_axis).reshape(x.shape[self.ch_axis], -1)
-            lo, hi = torch.aminmax(flat, dim=1)
+        if torch.compiler.is_compiling():
+            # No data-dependent branch in a graph: count and zero the non-finite values
+            # unconditionally (one fused pass). Eager skips that pass when the batch's min and
+            # max are finite; both add the same count and return the same range.
+            bad = ~torch.isfinite(x)
+            self.nonfinite += bad.sum()
+            return self._aminmax(torch.where(bad, 0.0, x))
+        lo, hi = self._aminmax(x)
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
             bad = ~torch.isfinite(x)
             self.nonfinite += bad.sum()
@@ -56,10 +71,13 @@ class Observer(nn.Module):
             return self._batch_minmax(x)
         return lo, hi
 
-    def _merge(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+    def _size_like(self, lo: torch.Tensor) -> None:
         if self.min_val.shape != lo.shape:  # first per-channel batch sizes the buffers
             self.min_val = torch.full_like(lo, float("inf"))
-            self.max_val = torch.full_like(hi, float("-inf"))
+            self.max_val = torch.full_like(lo, float("-inf"))
+
+    def _merge(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        self._size_like(lo)
         torch.minimum(self.min_val, lo, out=self.min_val)
         torch.maximum(self.max_val, hi, out=self.max_val)
 
@@ -69,6 +87,7 @@ class Observer(nn.Module):
         lo, hi = self._batch_minmax(x)
         self._merge(lo, hi)
         self.count += x.numel()
+        self._has_data = True
 
     def amax(self) -> torch.Tensor:
         return torch.maximum(self.min_val.abs(), self.max_val.abs()).nan_to_num(0.0, 0.0, 0.0)
@@ -80,6 +99,7 @@ class Observer(nn.Module):
             if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(state_dict[key]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._has_data = bool(self.count > 0)
 
 
 class MinMaxObserver(Observer):
@@ -101,13 +121,17 @@ class MovingAverageMinMaxObserver(Observer):
         if x.numel() == 0:
             return
         lo, hi = self._batch_minmax(x)
-        if not self.seen:
-            self._merge(lo, hi)
-        else:
-            c = self.averaging_constant
-            self.min_val.lerp_(lo, c)
-            self.max_val.lerp_(hi, c)
+        self._size_like(lo)
+        # The first batch merges into the empty range, later ones move it; selected on the
+        # tensor ``count == 0`` rather than a Python branch, so a compiled QAT step that is
+        # still collecting holds no graph break. Each result is that of the op it selects.
+        first, c = self.count == 0, self.averaging_constant
+        self.min_val.copy_(torch.where(first, torch.minimum(self.min_val, lo),
+                                       torch.lerp(self.min_val, lo, c)))
+        self.max_val.copy_(torch.where(first, torch.maximum(self.max_val, hi),
+                                       torch.lerp(self.max_val, hi, c)))
         self.count += x.numel()
+        self._has_data = True
 
 
 class HistogramObserver(Observer):
@@ -144,6 +168,7 @@ class HistogramObserver(Observer):
         lo, hi = self._batch_minmax(x)
         self._merge(lo, hi)
         self.count += x.numel()
+        self._has_data = True
         a = x.detach().reshape(-1)
         if self.nonfinite > 0:
             a = a[torch.isfinite(a)]
