@@ -156,3 +156,47 @@ def test_torchvision_mnasnet_round_trip(tmp_path: str) -> None:
     with torch.no_grad():
         assert torch.equal(rebuilt(batches[1]), calib(batches[1]))
         assert torch.equal(again(batches[1]), fixed(batches[1]))
+
+
+def test_converted_weights_held_once_and_loaded_both_ways(tmp_path: str) -> None:
+    """A converted conv/linear keeps its int8 weights once: the matrix its ``_int_mm`` kernel
+    reads is the ``weight`` buffer's own storage. The state_dict still holds ``weight`` as
+    int8 [O, C, kh, kw] / [O, K]; a contiguous state (as saved before this layout) loads into
+    it, and its state loads into a module holding contiguous weights."""
+    from qatkit.fixed_point.modules import QConv2d, QLinear
+    batches = _data()
+    torch.manual_seed(0)
+    with qk.set_march("nash-e"):
+        fixed = qk.convert(_calibrated(Net().eval(), batches))
+    weighted = {n: m for n, m in fixed.named_modules() if isinstance(m, (QConv2d, QLinear))}
+    assert set(weighted) == {"block.conv", "fc"}
+    with torch.no_grad():
+        want = fixed(batches[1])
+    for m in weighted.values():
+        (c,) = m._cache.values()
+        assert c["method"] == "int_mm"
+        assert c["w"].untyped_storage().data_ptr() == m.weight.untyped_storage().data_ptr()
+        assert c["w"].untyped_storage().nbytes() == m.weight.numel()  # one int8 copy
+    state = fixed.state_dict()
+    assert state["block.conv.weight"].shape == (8, 3, 3, 3)
+    assert state["fc.weight"].shape == (4, 8)
+    assert all(state[f"{n}.weight"].dtype == torch.int8 for n in weighted)
+
+    dense = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    dense = type(state)(dense)
+    dense._metadata = state._metadata  # type: ignore[attr-defined]
+    path = os.path.join(tmp_path, "dense.pt")
+    torch.save(dense, path)
+    torch.manual_seed(1)
+    with qk.set_march("nash-e"):
+        into = qk.convert(_calibrated(Net().eval(), _data(1)))
+    into.load_state_dict(torch.load(path))  # contiguous weights into the column layout
+    with torch.no_grad():
+        assert torch.equal(into(batches[1]), want)
+    for n, m in into.named_modules():
+        if n in weighted:  # loading copied into the buffer: still one copy
+            assert m.weight.stride() == weighted[n].weight.stride()
+            m.weight = m.weight.contiguous()  # a module holding contiguous weights
+    into.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(into(batches[1]), want)

@@ -414,7 +414,11 @@ def int_mm(a: torch.Tensor, b: torch.Tensor, cuda_rules: bool | None = None) -> 
 
 
 def prepared_weight(q_w: torch.Tensor, method: str) -> torch.Tensor:
-    return weight_columns(q_w) if method == "int_mm" else q_w.to(FLOAT_METHODS[method])
+    """For ``int_mm`` the column matrix (a view when ``q_w`` is stored as one, see
+    :func:`columns_as_weight`); for a float method a contiguous float copy."""
+    if method == "int_mm":
+        return weight_columns(q_w)
+    return q_w.to(FLOAT_METHODS[method], memory_format=torch.contiguous_format)
 
 
 def canonical(t: torch.Tensor) -> torch.Tensor:
@@ -433,6 +437,13 @@ def canonical(t: torch.Tensor) -> torch.Tensor:
 def weight_columns(q_w: torch.Tensor) -> torch.Tensor:
     """int8 weights [O, C, kh, kw] as the [kh*kw*C, O] matrix of the NHWC im2col."""
     return canonical(q_w.permute(2, 3, 1, 0).reshape(-1, q_w.shape[0]))
+
+
+def columns_as_weight(w_cols: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The [O, C, kh, kw] view of a [kh*kw*C, O] column matrix: :func:`weight_columns` of it
+    is ``w_cols`` again, without a copy."""
+    o, c, kh, kw = shape
+    return w_cols.view(kh, kw, c, o).permute(3, 2, 0, 1)
 
 
 def _conv2d_int_mm(q: torch.Tensor, q_w: torch.Tensor, stride: tuple[int, int],

@@ -178,8 +178,8 @@ class _QWeighted(QModule):
         self.qualified_name = ""  # convert names it, for errors about this module
         self.output_mode, self.activation = qat.output_mode, activation
         self.register_buffer("weight_scale", s_w.detach().clone().to(torch.float32))
-        self.register_buffer("weight", fp.quantize_weight(w_oc_first.detach(), s_w,
-                                                          qat.weight_fake_quant.dtype))
+        self.register_buffer("weight", self._stored_weight(fp.quantize_weight(
+            w_oc_first.detach(), s_w, qat.weight_fake_quant.dtype), qat))
         self.register_buffer("bias", None if bias is None else bias.detach().clone().float())
 
     def _prep(self, x: QTensor) -> dict[str, Any]:
@@ -233,6 +233,13 @@ class _QWeighted(QModule):
             c["check"] = True
         c["wide"] = fp.wide_plan(q_b, m, n, bounds, self._who())
 
+    def _stored_weight(self, q_w: torch.Tensor, qat: nn.Module) -> torch.Tensor:
+        """The ``weight`` buffer: ``q_w`` itself, or a view of it in the kernel's layout, so
+        that :meth:`_prepared_weight` is a view of the buffer, not a second copy of it.
+        ``load_state_dict`` copies into the buffer in place, keeping that layout; the
+        state_dict holds the documented shape and dtype whatever the strides."""
+        return q_w
+
     def _prepared_weight(self, weight: torch.Tensor, method: str) -> torch.Tensor:
         """The weights in the layout the kernel of ``method`` reads."""
         raise NotImplementedError
@@ -285,6 +292,12 @@ class QConv2d(_QWeighted):
                         self.groups, c["method"], c["w"])
         return self._finish(acc, c, 1)
 
+    def _stored_weight(self, q_w: torch.Tensor, qat: nn.Module) -> torch.Tensor:
+        # int8 weights of an ungrouped conv feed _int_mm: kept as its [kh*kw*C, O] matrix
+        if q_w.dtype == torch.int8 and qat.groups == 1:
+            return fp.columns_as_weight(fp.weight_columns(q_w), q_w.shape)
+        return q_w
+
     def _prepared_weight(self, weight: torch.Tensor, method: str) -> torch.Tensor:
         return fp.prepared_weight(weight, method)
 
@@ -299,8 +312,11 @@ class QLinear(_QWeighted):
         acc = fp.linear(x.q, c["w"], c["method"])
         return self._finish(acc, c, acc.dim() - 1)
 
+    def _stored_weight(self, q_w: torch.Tensor, qat: nn.Module) -> torch.Tensor:
+        return q_w.t().contiguous().t()  # the [K, O] matrix the kernels read, viewed as [O, K]
+
     def _prepared_weight(self, weight: torch.Tensor, method: str) -> torch.Tensor:
-        w = weight.t().contiguous()
+        w = weight.t().contiguous()  # a view of the buffer (see _stored_weight)
         return w if method == "int_mm" else w.to(torch.int64)
 
 
