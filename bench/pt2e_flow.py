@@ -90,7 +90,8 @@ def pt2e_int8_model(
     quantizer, calibrate on ``calib_batches``, convert; compiled by Inductor (freezing on) unless
     ``compile`` is False (then the q/dq reference graph runs eagerly, for smoke runs). The
     returned callable runs without autograd. ``dynamic_batch``: export with a symbolic batch
-    size (inputs of any batch size; the accuracy section evaluates in chunks)."""
+    size (inputs of any batch size; the accuracy section evaluates in chunks); Inductor still
+    compiles each batch size it sees with static shapes (see the comment at the compile)."""
     api = _api()
     model = copy.deepcopy(float_model).eval()
     gm = _export(model, example, dynamic_batch)
@@ -105,7 +106,12 @@ def pt2e_int8_model(
             with torch.no_grad():
                 return converted(x)
         return run_eager
-    compiled = torch.compile(converted, dynamic=dynamic_batch or None)
+    # Static shapes in Inductor even for a dynamic-batch export (one compile per batch size):
+    # with symbolic shapes, torch 2.13's conv lowering expects a contiguous output for a
+    # contiguous 1-channel input (right for the unpacked float conv), but the quantized conv
+    # it lowers to runs on prepacked weights and always writes channels last, so the first
+    # conv of a 1x28x28 model fails its stride assertion. Static shapes expect channels last.
+    compiled = torch.compile(converted, dynamic=False)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         # freezing is read when Inductor compiles (first call, and any recompile)
