@@ -145,6 +145,26 @@ class IntegerExporter:
             t = self.floor_div(t, b.const(2**right, T, "pow2"))
         return t
 
+    def requant_wide(self, acc: str, plan: dict[str, torch.Tensor], axis: int, nd: int) -> str:
+        """``requant(acc + q_b, m, n)`` for a bias ``q_b`` beyond int32, from the module's own
+        plan (``kernels.wide_plan``, docs/fixed-point.md section 5) in int64:
+        ``((bump + floor((acc * m + A) / 2^right)) * 2^left) + H``. ``|acc * m|`` and ``|A|``
+        are below 2^62, so the sum is an int64; a right shift of 63 (``2^63`` is no int64) is
+        two exact floor divisions, by 2^62 and by 2 (``floor(floor(t / a) / b) = floor(t /
+        (a b))``)."""
+        b, T = self.b, np.int64
+        p = {k: _along(v.cpu().numpy().astype(T), axis, nd) for k, v in plan.items()}
+        t = b.op("Add", [b.op("Mul", [acc, b.const(p["m"], T, "m")]), b.const(p["A"], T, "A")])
+        first = np.minimum(p["right"], 62)
+        for d in (first, p["right"] - first):
+            if (d > 0).any():
+                t = self.floor_div(t, b.const(2**d, T, "pow2"))
+        if (p["bump"] != 0).any():
+            t = b.op("Add", [t, b.const(p["bump"], T, "bump")])
+        if (p["left"] > 0).any():
+            t = b.op("Mul", [t, b.const(2 ** p["left"], T, "pow2")])
+        return b.op("Add", [t, b.const(p["H"], T, "H")], "wide")
+
     def floor_div(self, t: str, d: str) -> str:
         """``floor(t / d)`` for int64 ``t`` and positive ``d``: ``(t - Mod(t, d)) / d`` (the
         remainder of ``Mod`` with ``fmod=0`` is in ``[0, d)``, so the ``Div`` is exact)."""
@@ -226,6 +246,11 @@ class IntegerExporter:
 
     def _weighted_out(self, mod: Any, c: dict, acc: str, axis: int, nd: int) -> tuple[str, Any]:
         b = self.b
+        if c["wide"] is not None:  # a bias beyond int32 (section 5): added in the requant
+            q = self.requant_wide(acc, c["wide"], axis, nd)
+            if mod.output_mode == "quantized":
+                return self.clip32(q, *c["clamp"]), None
+            return self.clip32(q, *qrange("qint32")), axis
         acc = b.op("Add", [acc, b.const(_along(c["q_b"].numpy(), axis, nd), np.int64, "bias")])
         if mod.output_mode == "quantized":
             m, n = c["mn"]
@@ -555,10 +580,6 @@ class IntegerExporter:
                           "QuantStub and DeQuantStub is exported.")
         if x.axis is not None and not isinstance(mod, (nn.ReLU, nn.Identity, nn.Dropout)):
             raise _refuse(node, "receives a per-channel (high-precision) tensor.")
-        if isinstance(mod, (QConv2d, QLinear, QConvTranspose2d)) and mod._prep(x)["q_b"] is None:
-            raise _refuse(node, "has a bias beyond int32 at the accumulator scale (held exactly "
-                          "in its requantization, docs/fixed-point.md section 5), which this "
-                          "exporter does not write yet.")
         if isinstance(mod, QConv2d):
             return self.conv(mod, x, name, node)[0]
         if isinstance(mod, QLinear):

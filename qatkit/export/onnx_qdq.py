@@ -215,7 +215,8 @@ class QdqExporter(IntegerExporter):
         c = mod._prep(x)
         if c["q_b"] is None:  # QDQ holds an int32 bias at s_in * s_w only
             raise _refuse(node, "has a bias beyond int32 at the accumulator scale, which a QDQ "
-                          "bias (int32 at s_in * s_w) cannot hold.")
+                          "bias (int32 at s_in * s_w) cannot hold; the integer flavour "
+                          "(flavour='integer') exports it exactly.")
         s_w = mod.weight_scale.numpy()
         if isinstance(mod, QConvTranspose2d):
             w = self.transposed_weight(mod, s_w, node.label)
