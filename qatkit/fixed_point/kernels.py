@@ -455,6 +455,10 @@ def _conv2d_int_mm(q: torch.Tensor, q_w: torch.Tensor, stride: tuple[int, int],
         return int_mm(a, w_cols).view(n, ho, wo, o).permute(0, 3, 1, 2)
     if padding[0] or padding[1]:
         x = F.pad(x, (0, 0, padding[1], padding[1], padding[0], padding[0]))
+    # as_strided reads memory, not values: on a view (the NHWC permute of an NCHW tensor) its
+    # strides are the view's, which torch.export does not keep (an exported program computed
+    # other integers); an int8 copy is small next to the columns
+    x = x.contiguous()
     hp, wp = x.shape[1], x.shape[2]
     ho = (hp - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (wp - dilation[1] * (kw - 1) - 1) // stride[1] + 1
