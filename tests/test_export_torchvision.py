@@ -10,9 +10,6 @@ model in every configuration."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -105,18 +102,16 @@ def build():
 '''
 
 
-def test_cli_verify_torchvision(tmp_path):
+def test_cli_verify_torchvision(tmp_path, monkeypatch, capsys):
+    """``qatkit export`` and ``qatkit verify`` as commands (in this process: the subprocess entry
+    point is tests/test_export_checkpoint.py's), per layer the generated operators too."""
+    from qatkit.cli.main import main
     (tmp_path / "target.py").write_text(TARGET)
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
-
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "qatkit", *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=600)
-
-    out = tmp_path / "squeezenet.onnx"
-    r = cli("export", "target.py:build", "--output", str(out))
-    assert r.returncode == 0, r.stderr
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "target.py:build", "--output", "squeezenet.onnx"]) == 0
     torch.save(photos(SIZE, 4), tmp_path / "photos.pt")
-    r = cli("verify", str(out), "target.py:build", "--data", "photos.pt")
-    assert r.returncode == 0 and r.stdout.strip().endswith("identical"), r.stdout + r.stderr
-    assert "qatkit_ops." in r.stdout, r.stdout  # per layer, the generated operators too
+    capsys.readouterr()
+    code = main(["verify", "squeezenet.onnx", "target.py:build", "--data", "photos.pt"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.strip().endswith("identical"), out
+    assert "qatkit_ops." in out, out
