@@ -131,6 +131,10 @@ class Recorder:
             c.output = output
             self.end(c)
 
+    def torch_call(self, func: Any, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        """A torch call on a quantized tensor that the call-site dispatcher ran itself (it
+        does not reach the torch function modes below it)."""
+
     def is_leaf(self, module: nn.Module) -> bool:
         """Whether calls of ``module`` are recorded as one op (see :func:`is_leaf`)."""
         return is_leaf(module)

@@ -55,6 +55,9 @@ from qatkit.quantization import trace as tr
 OPSET = 17
 RESHAPES = frozenset({"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous",
                       "view_as", "reshape_as", "unflatten"})
+# ops that move values without changing them (the same ONNX form in both flavours); a split
+# has several outputs, each consumer picks its part (``Node.picks``)
+SPLITS = frozenset({"chunk", "split"})
 
 
 def _refuse(node: tr.Node, why: str) -> Exception:
@@ -84,9 +87,14 @@ class Builder:
         return name
 
     def op(self, op_type: str, inputs: list[str], hint: str = "", **attrs: Any) -> str:
-        out = self.name(hint or op_type.lower())
-        self.nodes.append(self.helper.make_node(op_type, inputs, [out], **attrs))
-        return out
+        return self.ops(op_type, inputs, 1, hint, **attrs)[0]
+
+    def ops(self, op_type: str, inputs: list[str], n: int, hint: str = "", **attrs: Any
+            ) -> list[str]:
+        """A node with ``n`` outputs."""
+        outs = [self.name(hint or op_type.lower()) for _ in range(n)]
+        self.nodes.append(self.helper.make_node(op_type, inputs, outs, **attrs))
+        return outs
 
     def cast(self, x: str, to: int) -> str:
         return self.op("Cast", [x], "cast", to=to)
@@ -144,6 +152,26 @@ class IntegerExporter:
             t = b.op("Add", [t, b.const(rnd, T, "rnd")])
             t = self.floor_div(t, b.const(2**right, T, "pow2"))
         return t
+
+    def requant_wide(self, acc: str, plan: dict[str, torch.Tensor], axis: int, nd: int) -> str:
+        """``requant(acc + q_b, m, n)`` for a bias ``q_b`` beyond int32, from the module's own
+        plan (``kernels.wide_plan``, docs/fixed-point.md section 5) in int64:
+        ``((bump + floor((acc * m + A) / 2^right)) * 2^left) + H``. ``|acc * m|`` and ``|A|``
+        are below 2^62, so the sum is an int64; a right shift of 63 (``2^63`` is no int64) is
+        two exact floor divisions, by 2^62 and by 2 (``floor(floor(t / a) / b) = floor(t /
+        (a b))``)."""
+        b, T = self.b, np.int64
+        p = {k: _along(v.cpu().numpy().astype(T), axis, nd) for k, v in plan.items()}
+        t = b.op("Add", [b.op("Mul", [acc, b.const(p["m"], T, "m")]), b.const(p["A"], T, "A")])
+        first = np.minimum(p["right"], 62)
+        for d in (first, p["right"] - first):
+            if (d > 0).any():
+                t = self.floor_div(t, b.const(2**d, T, "pow2"))
+        if (p["bump"] != 0).any():
+            t = b.op("Add", [t, b.const(p["bump"], T, "bump")])
+        if (p["left"] > 0).any():
+            t = b.op("Mul", [t, b.const(2 ** p["left"], T, "pow2")])
+        return b.op("Add", [t, b.const(p["H"], T, "H")], "wide")
 
     def floor_div(self, t: str, d: str) -> str:
         """``floor(t / d)`` for int64 ``t`` and positive ``d``: ``(t - Mod(t, d)) / d`` (the
@@ -226,6 +254,11 @@ class IntegerExporter:
 
     def _weighted_out(self, mod: Any, c: dict, acc: str, axis: int, nd: int) -> tuple[str, Any]:
         b = self.b
+        if c["wide"] is not None:  # a bias beyond int32 (section 5): added in the requant
+            q = self.requant_wide(acc, c["wide"], axis, nd)
+            if mod.output_mode == "quantized":
+                return self.clip32(q, *c["clamp"]), None
+            return self.clip32(q, *qrange("qint32")), axis
         acc = b.op("Add", [acc, b.const(_along(c["q_b"].numpy(), axis, nd), np.int64, "bias")])
         if mod.output_mode == "quantized":
             m, n = c["mn"]
@@ -526,10 +559,35 @@ class IntegerExporter:
         tr._walk(outputs[-1], flat.append)
         return g, flat
 
-    def emit(self, node: tr.Node, g: tr.Graph) -> str:
-        ins = [i for i in node.inputs if i >= 0]
-        names = [self.values[i] for i in ins]
-        xs = [g.nodes[i].output for i in ins]
+    def operands(self, node: tr.Node, g: tr.Graph) -> tuple[list[Any], list[str]]:
+        """The traced inputs of ``node`` and their ONNX names; of a producer with several
+        outputs (chunk), the part the node took."""
+        xs: list[Any] = []
+        names: list[str] = []
+        for i, pick in zip(node.inputs, node.picks or [0] * len(node.inputs), strict=True):
+            if i < 0:
+                continue
+            x, name = g.nodes[i].output, self.values[i]
+            if isinstance(name, list):
+                parts: list[Any] = []
+                tr._walk(x, parts.append)
+                x, name = parts[pick], name[pick]
+            xs.append(x)
+            names.append(name)
+        return xs, names
+
+    def split(self, node: tr.Node, x: Any, name: str) -> list[str]:
+        """chunk/split as one ONNX ``Split`` with the traced parts' sizes (values unchanged)."""
+        args, kwargs = node.arguments or ((), {})
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else 0) % len(x.shape)
+        parts: list[Any] = []
+        tr._walk(node.output, parts.append)
+        sizes = [int(p.shape[dim]) for p in parts]
+        return self.b.ops("Split", [name, self.b.const(sizes, np.int64, "sizes")], len(parts),
+                          "split", axis=dim)
+
+    def emit(self, node: tr.Node, g: tr.Graph) -> Any:
+        xs, names = self.operands(node, g)
         mod, out = node.module, node.output
         if node.kind == "functional":
             if not isinstance(mod, QFunctional):
@@ -540,7 +598,7 @@ class IntegerExporter:
         else:
             res = self.function(node, xs, names)
         if isinstance(out, QTensor) and node.kind != "input":
-            self.layers[node.label] = res
+            self.layers[layer_key(node)] = res
             self.layer_shapes[res] = ["N", *out.q.shape[1:]] if out.q.dim() else []
         return res
 
@@ -555,10 +613,6 @@ class IntegerExporter:
                           "QuantStub and DeQuantStub is exported.")
         if x.axis is not None and not isinstance(mod, (nn.ReLU, nn.Identity, nn.Dropout)):
             raise _refuse(node, "receives a per-channel (high-precision) tensor.")
-        if isinstance(mod, (QConv2d, QLinear, QConvTranspose2d)) and mod._prep(x)["q_b"] is None:
-            raise _refuse(node, "has a bias beyond int32 at the accumulator scale (held exactly "
-                          "in its requantization, docs/fixed-point.md section 5), which this "
-                          "exporter does not write yet.")
         if isinstance(mod, QConv2d):
             return self.conv(mod, x, name, node)[0]
         if isinstance(mod, QLinear):
@@ -622,6 +676,8 @@ class IntegerExporter:
                 perm = list(range(nd))
                 perm[d0 % nd], perm[d1 % nd] = perm[d1 % nd], perm[d0 % nd]
             return self.b.op("Transpose", [name], perm=perm)
+        if op in SPLITS:
+            return self.split(node, x, name)  # type: ignore[return-value]
         if not isinstance(x, QTensor):
             raise _refuse(node, "runs on float values; only the quantized region between "
                           "QuantStub and DeQuantStub is exported.")
@@ -653,6 +709,12 @@ class IntegerExporter:
         shape = tuple(node.shape or ())
         # keep the batch size free when the op keeps the leading axis
         return (0, *shape[1:]) if shape and x.shape and shape[0] == x.shape[0] else shape
+
+
+def layer_key(node: tr.Node) -> str:
+    """A layer's name in ``qatkit.layers``: the module's label; a torch call (``reshape``,
+    which a model makes many of) with its place in the trace."""
+    return f"{node.op}@{node.index}" if node.kind == "function" else node.label
 
 
 def _cached(mod: nn.Module, key: Any, node: tr.Node) -> Any:

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from qatkit.base.qtensor import QTensor
-from qatkit.export.onnx_integer import RESHAPES, IntegerExporter, _refuse
+from qatkit.export.onnx_integer import RESHAPES, SPLITS, IntegerExporter, _refuse, layer_key
 from qatkit.fixed_point import kernels as fp
 from qatkit.fixed_point.modules import (
     QAvgPool2d,
@@ -135,10 +135,8 @@ class QdqExporter(IntegerExporter):
         return b.op("DequantizeLinear", [q, s, zp], "dq", axis=axis)
 
     # ---- the walk ------------------------------------------------------------------------
-    def emit(self, node: tr.Node, g: tr.Graph) -> str:
-        ins = [i for i in node.inputs if i >= 0]
-        names = [self.values[i] for i in ins]
-        xs = [g.nodes[i].output for i in ins]
+    def emit(self, node: tr.Node, g: tr.Graph) -> Any:
+        xs, names = self.operands(node, g)
         mod, out = node.module, node.output
         if node.kind == "functional":
             if not isinstance(mod, QFunctional):
@@ -151,7 +149,7 @@ class QdqExporter(IntegerExporter):
         if isinstance(out, QTensor) and out.axis is None:
             q, res = self.qdq(res, out, node.label)
             q, dtype = self.layer_output(q)
-            self.layers[node.label] = q
+            self.layers[layer_key(node)] = q
             self.layer_shapes[q] = ["N", *out.q.shape[1:]] if out.q.dim() else []
             self.layer_types[q] = dtype or (self.T.INT8 if out.dtype == "qint8" else
                                             self.T.INT16)
@@ -215,7 +213,8 @@ class QdqExporter(IntegerExporter):
         c = mod._prep(x)
         if c["q_b"] is None:  # QDQ holds an int32 bias at s_in * s_w only
             raise _refuse(node, "has a bias beyond int32 at the accumulator scale, which a QDQ "
-                          "bias (int32 at s_in * s_w) cannot hold.")
+                          "bias (int32 at s_in * s_w) cannot hold; the integer flavour "
+                          "(flavour='integer') exports it exactly.")
         s_w = mod.weight_scale.numpy()
         if isinstance(mod, QConvTranspose2d):
             w = self.transposed_weight(mod, s_w, node.label)
@@ -373,7 +372,7 @@ class QdqExporter(IntegerExporter):
         op, x, name = node.op, xs[0], names[0]
         if isinstance(x, QTensor) and x.axis is not None:
             raise _refuse(node, "is applied to a per-channel (high-precision) tensor.")
-        if op in RESHAPES or op in ("permute", "transpose", "t"):
+        if op in RESHAPES or op in SPLITS or op in ("permute", "transpose", "t"):
             return super().function(node, xs, names)  # moves values: dtype-agnostic
         if not isinstance(x, QTensor):
             raise _refuse(node, "runs on float values; only the quantized region between "

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from qatkit.base.errors import fail
 from qatkit.base.qtensor import QTensor
+from qatkit.export.onnx_integer import layer_key
 from qatkit.quantization import trace as tr
 
 
@@ -75,8 +76,8 @@ def compare(onnx_model: Any, quantized_model: nn.Module, inputs: Any) -> dict[st
         rows.append(_row(f"output_{i}", got[f"output_{i}"], want.detach().numpy(), lsb))
     layer_rows = []
     for node in g.nodes:
-        name = layers.get(node.label)
+        name = layers.get(layer_key(node))
         if name is not None and isinstance(node.output, QTensor) and name in got:
-            layer_rows.append(_row(node.label, got[name], node.output.q.numpy()))
+            layer_rows.append(_row(layer_key(node), got[name], node.output.q.numpy()))
     identical = all(r["identical"] == 1.0 for r in rows + layer_rows)
     return {"outputs": rows, "layers": layer_rows, "identical": identical}

@@ -466,6 +466,10 @@ def _conv2d_int_mm(q: torch.Tensor, q_w: torch.Tensor, stride: tuple[int, int],
         return int_mm(a, w_cols).view(n, ho, wo, o).permute(0, 3, 1, 2)
     if padding[0] or padding[1]:
         x = F.pad(x, (0, 0, padding[1], padding[1], padding[0], padding[0]))
+    # as_strided reads memory, not values: on a view (the NHWC permute of an NCHW tensor) its
+    # strides are the view's, which torch.export does not keep (an exported program computed
+    # other integers); an int8 copy is small next to the columns
+    x = x.contiguous()
     hp, wp = x.shape[1], x.shape[2]
     ho = (hp - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (wp - dilation[1] * (kw - 1) - 1) // stride[1] + 1
@@ -709,10 +713,22 @@ def ort_constants(q_w: torch.Tensor, in_dtype: str, q_b: torch.Tensor, s_in: tor
                   s_w: torch.Tensor, s_o: torch.Tensor, who: str) -> torch.Tensor:
     """``scale[c] = float32(float32(s_in * s_w[c]) / s_o)`` (each step one float32 operation),
     after refusing (QK106) inputs onnxruntime does not fuse (16-bit) and an accumulator ``acc +
-    q_b`` that a static bound does not keep below 2^31 (onnxruntime's int32 sum would wrap)."""
+    q_b`` that a static bound does not keep below 2^31 (onnxruntime's int32 sum would wrap).
+    ``q_b``: the exact bias integers (:func:`bias_integers`); one beyond int32 is refused too:
+    QLinearConv/QGemm take an int32 bias at ``s_in * s_w``, which cannot hold it (wrapping it
+    would be silently wrong)."""
     if in_dtype != "qint8":
         raise fail("QK106", f"target profile 'onnxruntime': {who} receives {in_dtype} inputs; "
                    "onnxruntime fuses only 8-bit groups.", "use qint8 activations")
+    if not fits_int32(q_b):
+        lo, hi = qrange("qint32")
+        c = int((~((q_b >= lo) & (q_b <= hi))).nonzero()[0, 0])
+        raise fail("QK106", f"target profile 'onnxruntime': {who}: the bias of output channel "
+                   f"{c} is {float(q_b[c]):.6g} at the accumulator scale s_in * s_w = "
+                   f"{float(s_in) * float(s_w.flatten()[c]):.4g}, beyond int32; onnxruntime's "
+                   "QLinearConv/QGemm take an int32 bias there, which cannot hold it.",
+                   "convert without the profile (the integer ONNX flavour holds such a bias "
+                   "exactly), or give the layer larger weights or input scale")
     bound = acc_bound(q_w, in_dtype) + int(q_b.abs().max())
     if bound >= INT32_EXACT:
         raise fail("QK106", f"target profile 'onnxruntime': {who} can accumulate {bound} "

@@ -209,7 +209,7 @@ class _QWeighted(QModule):
                 c["q_b"].abs().max()) >= fp.INT32_EXACT
         c["w"] = self._prepared_weight(weight, c["method"])
         if self.profile is not None:
-            c["ort_scale"] = fp.ort_constants(weight, x.dtype, c["q_b"], s_in, s_w, s_o,
+            c["ort_scale"] = fp.ort_constants(weight, x.dtype, q_b, s_in, s_w, s_o,
                                               self._who())
         return c
 

@@ -17,7 +17,9 @@ ops), so the whole model is that arithmetic. A fixed-point module whose onnxrunt
 not mirrored here (add, pools with a divisor, lookup tables, ...) is refused at convert (QK106),
 as are int16 tensors and high-precision outputs (their onnxruntime form is float32 arithmetic
 between the Q/DQ nodes, whose rounding depends on the kernel's summation order); a layer whose
-int32 accumulator a static bound cannot keep below 2^31 is refused at its first forward.
+int32 accumulator a static bound cannot keep below 2^31, or whose bias is beyond int32 at
+``s_in * s_w`` (the int32 bias of QLinearConv/QGemm cannot hold it), is refused at its first
+forward, when its input scale is known (``kernels.ort_constants``).
 """
 
 from __future__ import annotations

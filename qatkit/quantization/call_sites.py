@@ -194,8 +194,13 @@ class _Dispatch(TorchFunctionMode):
                     if entry is not None:
                         return self.run(entry, name, args, kwargs, site[2],
                                         self.ops.constants.get(key))
-        if args and isinstance(args[0], QTensor):  # a tensor method on a QTensor
-            return QTensor.__torch_function__(func, types, args, kwargs)
+        if args and isinstance(args[0], QTensor):  # a tensor method on a QTensor (x.chunk:
+            # a descriptor no mode below could call), reported to a trace
+            out = QTensor.__torch_function__(func, types, args, kwargs)
+            rec = recorder.active()
+            if rec is not None:
+                rec.torch_call(func, args, kwargs, out)
+            return out
         return func(*args, **kwargs)
 
     def _module(self, path: str) -> nn.Module:

@@ -44,6 +44,8 @@ class Node:
     module: nn.Module | None = None
     call: int = 0  # 0 for the first call of a module in this forward, 1 for the second...
     inputs: list[int] = field(default_factory=list)  # producer nodes; -1 = not a traced tensor
+    # per input, which tensor of its producer's output (in _walk order: chunk's k-th part)
+    picks: list[int] = field(default_factory=list)
     users: list[int] = field(default_factory=list)
     source: str = ""  # "file.py:line" of the call site in user code
     shape: tuple[int, ...] | None = None
@@ -94,6 +96,7 @@ class _Tracer(recorder.Recorder):
         self.alive: list[Any] = []  # keep traced tensors alive so their ids stay unique
         self.sites = sites
         self.site_counts: dict[tuple[int, str], int] = {}
+        self.position: dict[int, int] = {}  # id(tensor) -> its place in its producer's output
 
     def is_leaf(self, module: nn.Module) -> bool:
         # Finding call sites: a model's own childless module that is no operator qatkit knows
@@ -105,11 +108,24 @@ class _Tracer(recorder.Recorder):
             return is_library_file(home or "<")
         return leaf
 
+    def torch_call(self, func: Any, args: tuple, kwargs: dict[str, Any], output: Any,
+                   depth: int = 2) -> None:
+        """Record a top-level torch call (from the trace's mode, or the call-site
+        dispatcher's own run of a call on a QTensor); ``depth``: frames up to the caller."""
+        name = getattr(func, "__name__", str(func))
+        if self.depth == 0 and name not in _SKIP_FUNCS:
+            site = self.site(depth) if self.sites and name in ROUTABLE else None
+            hit: list[bool] = []
+            _walk(output, lambda _: hit.append(True))
+            if hit:
+                self.add("function", name, name, None, (args, kwargs), output).site = site
+
     def alias(self, obj: Any, same_as: Any) -> None:
         """``obj`` now holds the value ``same_as`` holds (an in-place op on ``obj``)."""
         i = self.producer.get(id(same_as))
         if i is not None:
             self.producer[id(obj)] = i
+            self.position[id(obj)] = self.position.get(id(same_as), 0)
 
     def site(self, depth: int) -> tuple[str, str, int] | None:
         """The call site of the torch call being recorded, numbered by occurrence."""
@@ -131,13 +147,17 @@ class _Tracer(recorder.Recorder):
         node = Node(len(self.nodes), kind, target, op, module, call, self._inputs(args),
                     source=where(user_frame(1)), output=out,
                     arguments=args if kind == "function" else None)
+        _walk(args, lambda t: node.picks.append(self.position.get(id(t), 0)))
         for i in node.inputs:
             if i >= 0:
                 self.nodes[i].users.append(node.index)
         self.nodes.append(node)
 
+        count = [0]
+
         def mark(t: Any) -> None:
             self.producer[id(t)] = node.index
+            self.position[id(t)], count[0] = count[0], count[0] + 1
             self.alive.append(t)
             if node.shape is None and hasattr(t, "shape"):
                 node.shape = tuple(t.shape)
@@ -190,16 +210,13 @@ class _Mode(TorchFunctionMode):
         self.tracer = tracer
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        from qatkit.base.qtensor import QTensor
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        t = self.tracer
-        name = getattr(func, "__name__", str(func))
-        if t.depth == 0 and name not in _SKIP_FUNCS:
-            site = t.site(1) if t.sites and name in ROUTABLE else None
-            hit: list[bool] = []
-            _walk(out, lambda _: hit.append(True))
-            if hit:
-                t.add("function", name, name, None, (args, kwargs), out).site = site
+        if args and isinstance(args[0], QTensor):  # also a tensor method (x.chunk) on one
+            out = QTensor.__torch_function__(func, types, args, kwargs)
+        else:
+            out = func(*args, **kwargs)
+        self.tracer.torch_call(func, args, kwargs, out, 2)
         return out
 
 
