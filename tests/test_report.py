@@ -203,6 +203,11 @@ def test_cli_demo(tmp_path, capsys):
     assert line["metrics"]["fixed_point"] < line["metrics"]["float"] - 5
     r = json.loads(out.with_suffix(".json").read_text())
     assert r["model"]["stage"] == "QAT" and len(r["monitor"]) == 1
+    # the doctor names conv2 too, from the QAT model's observed ranges (no histogram there)
+    qk105 = [f for f in r["doctor"]["findings"] if f["code"] == "QK105"]
+    assert [f["module"] for f in qk105] == ["conv2"]
+    assert "what its observed range needs" in qk105[0]["message"]
+    assert re.search(r'href="[^"]*QK105\.md">QK105</a>', out.read_text())
     assert r["monitor_unit"] == "%" and r["monitor"][0]["fixed_point"] > 50
     # QAT moved the weights: the float-vs-QAT view sees it
     assert all(w["change"] > 0 for w in r["weight_drift"])

@@ -416,6 +416,28 @@ def test_qk105_threshold_clipping_too_much():
     assert "QK105" in got
 
 
+def test_qk105_scale_far_wider_than_observed_range_in_qat_and_reloaded_models():
+    """The min/max every observer keeps (and checkpoints carry) finds a scale made far too
+    large by hand, in a QAT model (moving-average observers, no histogram) as at convert."""
+    from qatkit.analysis.report import damage
+    x = _x(8, 3, 16, 16)
+    net = small_net()
+    calib = calibrate(qk.prepare(net, x, qconfig=qk.default_calibration_qconfig()), [x])
+    qat = qk.prepare(net, x, qconfig=qk.default_qat_qconfig())
+    qat.load_state_dict(calib.state_dict())
+    qk.set_fake_quantize(qat, qk.FakeQuantState.QAT)
+    qat.eval()
+    assert "QK105" not in codes(doctor.check(qat, x))  # scales from the data: none
+    damage(qat, "conv1", 20.0)
+    found = [f for f in doctor.check(qat, x).findings if f.code == "QK105"]
+    assert [f.module for f in found] == ["conv1"]
+    assert "what its observed range needs" in found[0].message
+    _, got = qk_warnings(qk.convert, qat)  # and the guard warns at convert
+    assert "QK105" in got
+    damage(qat, "conv1", 1 / 4)  # 5x the data's range: under 3 bits wasted, no finding
+    assert "QK105" not in codes(doctor.check(qat, x))
+
+
 # ------------------------------------------------------------------------------ QK106
 def test_qk106_unsupported_type_stops_prepare_and_lists_supported():
     m, x = small_net(act=nn.ELU()), _x(2, 3, 16, 16)

@@ -31,8 +31,8 @@ from qatkit.analysis.compare import Comparison, _num
 from qatkit.analysis.sensitivity import Sensitivity
 from qatkit.analysis.stats import Stats
 from qatkit.base.march import March, resolve
+from qatkit.doctor.rules.qk105_range import RANGE_USE as BAD_SCALE_RANGE_USE
 
-BAD_SCALE_RANGE_USE = 1 / 8  # the data's max lands below qmax/8: > 3 bits wasted
 OUTLIER_TAIL_RATIO = 4.0
 
 

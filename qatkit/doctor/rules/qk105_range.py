@@ -16,6 +16,16 @@ Activations (histogram observers: the calibration defaults MSE and percentile):
   typical values round to 0, 1 or 2 levels (over 25% relative error, nearly ternary values),
   because a few huge values stretched the range. Post-ReLU activations of trained CNNs with
   MSE thresholds sit around 5-20 steps; 4 already fires on heavy-tailed but healthy layers.
+
+Activations (any observer: the min/max every observer keeps, which checkpoints carry, so a QAT
+model's moving-average observers and a reloaded calibration are checked too):
+
+* scale far too large: the largest ``|x|`` observed needs under ``RANGE_USE`` (1/8) of the int
+  range at the scale in use (over 3 bits wasted). A scale made from its own observer uses at
+  least half of it (all of it for min/max; MSE and percentile thresholds lie below the maximum;
+  a power-of-two scale rounds up at most 2x), so this fires only on a scale that did not come
+  from the data: set, scaled or loaded by hand, or from another model. Clipping needs the
+  distribution, so only histogram observers are checked for it.
 """
 
 from __future__ import annotations
@@ -29,8 +39,8 @@ import torch.nn as nn
 from qatkit.base.quant_math import qrange
 from qatkit.doctor.rules import Context, Finding, Rule
 from qatkit.doctor.rules.common import effective_scale, fmt, owner_name, region
-from qatkit.quantization.fake_quant import fake_quants
-from qatkit.quantization.observers import HistogramObserver
+from qatkit.quantization.fake_quant import FakeQuantize, fake_quants
+from qatkit.quantization.observers import HistogramObserver, Observer
 from qatkit.quantization.registry import op_kind
 
 WEIGHT_OUTLIER_RATIO = 8.0
@@ -38,6 +48,7 @@ MIN_WEIGHTS = 64
 PERCENTILE = 0.99
 CLIP_FRACTION = 0.01
 TYPICAL_LEVELS = 2.0
+RANGE_USE = 1 / 8  # the largest observed |x| below qmax/8 steps: over 3 bits wasted
 
 
 def _weight_oc_first(mod: nn.Module) -> torch.Tensor | None:
@@ -125,14 +136,39 @@ def _weight_findings(ctx: Context) -> Iterator[Finding]:
                     "running_var inflates the folded weights)")
 
 
+def _wasted_range(name: str, fq: FakeQuantize, s: float) -> Finding | None:
+    """The scale in use is far wider than the observed min/max need (any observer)."""
+    peak = float(Observer.amax(fq.observer))
+    qmax = qrange(fq.dtype)[1]
+    if not (peak > 0 and math.isfinite(peak)) or peak >= RANGE_USE * qmax * s:
+        return None
+    owner = owner_name(name)
+    need = peak / qmax
+    return RULE.finding(
+        owner,
+        f"the output scale of '{owner}' ({fmt(s)}) is {s / need:.0f}x what its observed range "
+        f"needs ({fmt(need)} for the largest |x| seen, {fmt(peak)}): the data spans "
+        f"{peak / s:.1f} of {qmax} {fq.dtype} levels (limit {RANGE_USE * qmax:.0f}), so its "
+        "values are rounded to a handful of steps.",
+        fix="re-calibrate this op's output scale on representative data and check that no "
+            "scale was set, scaled or loaded by hand (or from another model)")
+
+
 def _activation_findings(ctx: Context) -> Iterator[Finding]:
     for name, fq in fake_quants(ctx.model):
         obs = fq.observer
-        if fq.is_weight or fq.fixed or not isinstance(obs, HistogramObserver):
+        if fq.is_weight or fq.fixed or not obs.seen:
             continue
-        total = int(obs.hist.sum())
         s = effective_scale(fq, ctx)
-        if total == 0 or s is None or s.numel() != 1:
+        if s is None or s.numel() != 1:
+            continue
+        wasted = _wasted_range(name, fq, float(s))
+        if wasted is not None:
+            yield wasted
+            continue
+        # the histogram is not in checkpoints: a reloaded observer has none
+        total = int(obs.hist.sum()) if isinstance(obs, HistogramObserver) else 0
+        if total == 0:
             continue
         owner = owner_name(name)
         w = obs.bin_width()
@@ -141,7 +177,7 @@ def _activation_findings(ctx: Context) -> Iterator[Finding]:
         hist = obs.hist.to(torch.float64)
         first_clipped = min(math.ceil(amax / w - 1e-9), hist.numel())  # bins above threshold
         clipped = float(hist[first_clipped:].sum()) / total
-        peak = float(super(HistogramObserver, obs).amax())
+        peak = float(Observer.amax(obs))
         if clipped > CLIP_FRACTION:
             yield RULE.finding(
                 owner,
@@ -186,11 +222,15 @@ RULE = Rule(
             f"99th percentile of |w|. Activations with histogram statistics (MSE, percentile "
             f"observers): calibrated thresholds that clip more than {100 * CLIP_FRACTION:.0f}% "
             f"of the data, or ranges so wide that the median non-zero value is under "
-            f"{TYPICAL_LEVELS:.0f} quantization steps. Runs in the doctor and at convert.",
+            f"{TYPICAL_LEVELS:.0f} quantization steps. Activations with any observer (a QAT "
+            f"model's too): scales so large that the largest value observed needs under "
+            "1/8 of the int range (a scale set, scaled or loaded by hand). Runs in "
+            "the doctor and at convert.",
     why="int8 has 256 levels spread uniformly over the range. A weight outlier or a rare "
         "huge activation stretches the range so that the bulk of the values fall on a few "
-        "levels; a threshold that clips too much saturates real values. Either loses accuracy "
-        "that QAT can only partly recover.",
+        "levels; a scale larger than the data needs (edited, or loaded from another model) "
+        "does the same to every value; a threshold that clips too much saturates real values. "
+        "Each loses accuracy that QAT can only partly recover.",
     bad="""
 model = Net()
 with torch.no_grad():                        # e.g. after a bad fine-tuning step
@@ -207,6 +247,7 @@ with torch.no_grad():                        # e.g. after a bad fine-tuning step
 report = qk.doctor.check(model, x)
 """,
     fix="remove weight outliers (weight decay, clipping and fine-tuning), choose observers "
-        "that fit the data, or use qint16 for the affected ops",
+        "that fit the data, re-calibrate scales that did not come from the data, or use qint16 "
+        "for the affected ops",
     check=_check,
 )
