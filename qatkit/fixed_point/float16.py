@@ -1,0 +1,265 @@
+"""float16 operators of the fixed-point model (``docs/fixed-point.md`` section 19).
+
+On nash-p/nash-h every operator but a GEMM may run in IEEE float16. In the fixed-point model a
+float16 value is a ``torch.float16`` tensor (not a QTensor). Every float16 result here is the
+exact real result rounded once to float16 (round to nearest, ties to even), or, for the
+operators without a closed form (softmax, layer norm, the transcendental activations, bilinear
+resizing), PyTorch's float64 kernel on the exact float64 values of the float16 inputs, rounded
+once. A result that rounds beyond the finite float16 range (|x| >= 65520) is refused, never
+saturated or left as inf.
+
+Rounding float64 to float16 is done here, not by ``Tensor.to(torch.float16)``: PyTorch's CPU
+conversion from float64 goes through float32 and rounds twice (a float64 just above a float16
+tie becomes the tie in float32 and then rounds to even). :func:`f16` rounds to float32 *to odd*
+first, which makes the second rounding the correct one (24 >= 11 + 2 bits).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qatkit.base import recorder
+from qatkit.base.errors import fail
+from qatkit.base.qtensor import QTensor
+from qatkit.base.quant_math import along
+from qatkit.fixed_point.kernels import accumulator_scale, avg_pool_divisors
+from qatkit.fixed_point.modules import QModule, _adaptive_kernel
+
+F16_MAX = 65504.0
+# float16 values are multiples of 2^-24 below 2^16: up to this many of them sum exactly in
+# float64, and a mean of that many is rounded correctly by float64 division then float16
+# rounding (section 19: the float64 quotient cannot land on a float16 midpoint it is not)
+MAX_REDUCE = 8191
+
+
+def f16(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (float64) rounded once to float16, round to nearest even, as IEEE 754."""
+    x = x.to(torch.float64)
+    y = x.to(torch.float32)  # nearest; then toward zero where it rounded away
+    y = torch.where(y.to(torch.float64).abs() > x.abs(), torch.nextafter(y, torch.zeros_like(y)),
+                    y)
+    inexact = y.to(torch.float64) != x
+    bits = y.view(torch.int32)
+    y = torch.where(inexact & ~torch.isnan(x), bits | 1, bits).view(torch.float32)  # to odd
+    return y.to(torch.float16)
+
+
+def check_finite(y: torch.Tensor, who: str) -> torch.Tensor:
+    """Refuse (QK103) a float16 result beyond the float16 range (inf) or NaN."""
+    if not bool(torch.isfinite(y).all()):
+        raise overflow_error(y, who)
+    return y
+
+
+def overflow_error(y: torch.Tensor, who: str) -> Exception:
+    n_inf = int(torch.isinf(y).sum())
+    n_nan = int(torch.isnan(y).sum())
+    return fail("QK103", f"{who} runs in float16 and {n_inf} of its results exceed the float16 "
+                f"range (|x| >= 65520 rounds to inf; the largest float16 is {F16_MAX:g})"
+                + (f" and {n_nan} are NaN" if n_nan else "") + ": float16 would not hold them "
+                "on the chip either, and saturating them would be silently wrong.",
+                "give this operator an integer qconfig (QuantSpec('qint16') has a calibrated "
+                "range), or scale its inputs down")
+
+
+def dequantize_f16(x: QTensor) -> torch.Tensor:
+    """int -> float16: ``q * s`` in float64 (exact for int8/int16: at most 16 + 24 bits; for an
+    int32 accumulator rounded once in float64), rounded once to float16."""
+    s = along(x.scale.to(torch.float64), x.axis, x.q.dim())
+    return f16(x.q.to(torch.float64) * s)
+
+
+def as_f16(x: Any, who: str) -> torch.Tensor:
+    """A float16 operator's input: a float16 tensor as it is, a QTensor dequantized to float16."""
+    if isinstance(x, QTensor):
+        return check_finite(dequantize_f16(x), who)
+    if isinstance(x, torch.Tensor) and x.dtype == torch.float16:
+        return x
+    raise fail("QK102", f"{who} runs in float16 and received "
+               + (f"a {str(x.dtype).removeprefix('torch.')} tensor" if isinstance(
+                   x, torch.Tensor) else type(x).__name__)
+               + ": a value reached it without passing a QuantStub.",
+               "put a QuantStub on every path by which data enters the quantized region")
+
+
+def gemm_output(acc: torch.Tensor, acc_scale: torch.Tensor, axis: int, activation: str | None,
+                who: str) -> torch.Tensor:
+    """A conv/linear with float16 output: its accumulator (int, bias included) times the
+    accumulator scale, in float64, rounded once to float16; a fused ReLU/ReLU6 after that
+    (exact: it selects or clamps float16 values)."""
+    y = f16(acc.to(torch.float64) * along(acc_scale.to(torch.float64), axis, acc.dim()))
+    if activation == "relu":
+        y = torch.clamp_min(y, 0)
+    elif activation == "relu6":
+        y = torch.clamp(y, 0, 6)
+    return check_finite(y, who)
+
+
+class _F16Module(QModule):
+    """A float16 operator: no output scale (``out_scale`` is None), ``out_dtype`` float16."""
+
+    def __init__(self) -> None:
+        super().__init__(None, "float16")
+        self.qualified_name = ""  # convert names it, for errors about this module
+
+    def who(self) -> str:
+        name = self.qualified_name
+        return f"{type(self).__name__} {name!r}" if name else type(self).__name__
+
+    def _round(self, y64: torch.Tensor) -> torch.Tensor:
+        return check_finite(f16(y64), self.who())
+
+
+class QFloat16QuantStub(_F16Module):
+    """float -> float16 at the region's entry: the float32 input rounded once to float16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise fail("QK000", "the fixed-point model's QuantStub needs a float tensor.",
+                       "pass x.float()")
+        return self._round(x.to(torch.float64))
+
+
+class QFloat16Op(_F16Module):
+    """An operator that runs in float16 (activations, softmax, layer norm, pooling, resizing):
+    inputs as float16, PyTorch's float64 kernel on their exact values, one rounding. Average
+    pooling divides its exact window sum itself (one rounding, section 19)."""
+
+    def __init__(self, op: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.op = copy.deepcopy(op).double()  # float64 parameters: float32 ones, exactly
+
+    def forward(self, x: Any) -> torch.Tensor:
+        v = as_f16(x, self.who()).to(torch.float64)
+        if self.kind in ("avg_pool2d", "adaptive_avg_pool2d"):
+            y = self._avg_pool(v)
+        else:
+            with recorder.inside_leaf():
+                y = self.op(v)
+        return self._round(y)
+
+    def _avg_pool(self, v: torch.Tensor) -> torch.Tensor:
+        op = self.op
+        if self.kind == "adaptive_avg_pool2d":
+            k = _adaptive_kernel(v.shape[-2:], op.output_size)
+            s, p, ceil, incl, override = k, (0, 0), False, True, None
+        else:
+            k, s, p = _pair(op.kernel_size), _pair(op.stride or op.kernel_size), _pair(op.padding)
+            ceil, incl, override = op.ceil_mode, op.count_include_pad, op.divisor_override
+        sums = F.avg_pool2d(v, k, s, p, ceil_mode=ceil, count_include_pad=True,
+                            divisor_override=1)  # exact: at most MAX_REDUCE float16 values
+        if override is not None:
+            d = torch.tensor(float(override), dtype=torch.float64)
+        else:
+            dh, dw = (avg_pool_divisors(n, k_, s_, p_, ceil, incl)
+                      for n, k_, s_, p_ in zip(v.shape[-2:], k, s, p))
+            d = (dh[:, None] * dw[None, :]).to(torch.float64)
+        if k[0] * k[1] > MAX_REDUCE:
+            raise _reduce_error(self.who(), k[0] * k[1])
+        return sums / d
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _reduce_error(who: str, n: int) -> Exception:
+    return fail("QK106", f"{who} averages or sums {n} float16 values; the fixed-point model "
+                f"rounds such a reduction exactly only up to {MAX_REDUCE} values.",
+                "reduce in two steps (e.g. pool, then pool again), or give it an integer "
+                "qconfig")
+
+
+class QFloat16Functional(_F16Module):
+    """FloatFunctional's methods in float16 (section 19): each result is the exact result of the
+    float16 operands rounded once (sums and products of float16 values are exact in float64)."""
+
+    def __init__(self, fused_activation: str | None) -> None:
+        super().__init__()
+        self.fused_activation = fused_activation
+
+    def forward(self, *args: Any) -> None:
+        raise fail("QK000", "FloatFunctional is not called directly.", "call one of its methods")
+
+    def _v(self, x: Any) -> torch.Tensor:
+        return as_f16(x, self.who()).to(torch.float64)
+
+    def _fin(self, y64: torch.Tensor, op: str, inputs: tuple, **arguments: Any) -> torch.Tensor:
+        y = self._round(y64)
+        if self.fused_activation == "relu" or op == "add_relu":
+            y = torch.clamp_min(y, 0)
+        rec = recorder.active()
+        if rec is not None:
+            rec.functional(self, op, tuple(inputs), y, arguments)
+        return y
+
+    def add(self, a: Any, b: Any) -> torch.Tensor:
+        return self._fin(self._v(a) + self._v(b), "add", (a, b))
+
+    def add_relu(self, a: Any, b: Any) -> torch.Tensor:
+        return self._fin(self._v(a) + self._v(b), "add_relu", (a, b))
+
+    def sub(self, a: Any, b: Any) -> torch.Tensor:
+        return self._fin(self._v(a) - self._v(b), "sub", (a, b))
+
+    def add_scalar(self, a: Any, c: float) -> torch.Tensor:  # the constant held in float16
+        return self._fin(self._v(a) + _const(c), "add_scalar", (a,), c=c)
+
+    def mul(self, a: Any, b: Any) -> torch.Tensor:
+        return self._fin(self._v(a) * self._v(b), "mul", (a, b))
+
+    def mul_scalar(self, a: Any, c: float) -> torch.Tensor:
+        return self._fin(self._v(a) * _const(c), "mul_scalar", (a,), c=c)
+
+    def maximum(self, a: Any, b: Any) -> torch.Tensor:
+        return self._fin(torch.maximum(self._v(a), self._v(b)), "maximum", (a, b))
+
+    def minimum(self, a: Any, b: Any) -> torch.Tensor:
+        return self._fin(torch.minimum(self._v(a), self._v(b)), "minimum", (a, b))
+
+    def cat(self, xs: Any, dim: int = 0) -> torch.Tensor:
+        return self._fin(torch.cat([self._v(x) for x in xs], dim), "cat", tuple(xs), dim=dim)
+
+    concat = cat
+
+    def stack(self, xs: Any, dim: int = 0) -> torch.Tensor:
+        return self._fin(torch.stack([self._v(x) for x in xs], dim), "stack", tuple(xs),
+                         dim=dim)
+
+    def _reduce(self, a: Any, dim: Any, keepdim: bool, op: str) -> torch.Tensor:
+        v = self._v(a)
+        s = v.sum(dim, keepdim=keepdim)
+        n = v.numel() // max(s.numel(), 1)
+        if n > MAX_REDUCE:
+            raise _reduce_error(self.who(), n)
+        return self._fin(s if op == "sum" else s / n, op, (a,), dim=dim, keepdim=keepdim)
+
+    def sum(self, a: Any, dim: Any, keepdim: bool = False) -> torch.Tensor:
+        return self._reduce(a, dim, keepdim, "sum")
+
+    def mean(self, a: Any, dim: Any, keepdim: bool = False) -> torch.Tensor:
+        return self._reduce(a, dim, keepdim, "mean")
+
+    def matmul(self, a: Any, b: Any) -> torch.Tensor:
+        """A GEMM: integer operands, the exact integer product (float64 holds it: products
+        below 2^31, sums below 2^53), the float16 output of :func:`gemm_output`."""
+        if not (isinstance(a, QTensor) and isinstance(b, QTensor)) or a.axis is not None \
+                or b.axis is not None:
+            raise fail("QK102", f"{self.who()}: matmul is a GEMM, whose operands are integers "
+                       "on the chip; it received a float16 (or per-channel) operand.",
+                       "put a QuantStub before each operand that comes from a float16 operator")
+        acc = torch.matmul(a.q.to(torch.float64), b.q.to(torch.float64))
+        y = gemm_output(acc, accumulator_scale(a.scale, b.scale), acc.dim() - 1, None,
+                        self.who())
+        return self._fin(y.to(torch.float64), "matmul", (a, b))
+
+
+def _const(c: float) -> torch.Tensor:
+    """A scalar operand as the float16 constant the chip holds (rounded once)."""
+    return f16(torch.tensor(float(c), dtype=torch.float64)).to(torch.float64)
