@@ -139,10 +139,29 @@ class QFloat16Op(_F16Module):
         v = as_f16(x, self.who()).to(torch.float64)
         if self.kind in ("avg_pool2d", "adaptive_avg_pool2d"):
             y = self._avg_pool(v)
+        elif self.kind in ("leaky_relu", "prelu"):
+            y = self._prelu(v)
         else:
             with recorder.inside_leaf():
                 y = self.op(v)
         return self._round(y)
+
+    def _prelu(self, v: torch.Tensor) -> torch.Tensor:
+        """x for x >= 0, else x times the slope held in float16 (like every constant operand
+        of a float16 elementwise op); the product is exact in float64."""
+        op = self.op
+        slope = torch.as_tensor(op.negative_slope if isinstance(op, nn.LeakyReLU)
+                                else op.weight.detach(), dtype=torch.float64).reshape(-1)
+        slope = f16(slope).to(torch.float64)
+        if slope.numel() > 1:
+            if v.dim() < 2 or v.shape[1] != slope.numel():
+                raise fail("QK106", f"{self.who()}: PReLU with {slope.numel()} slopes received "
+                           f"a tensor of shape {tuple(v.shape)} (channels are axis 1).",
+                           "use num_parameters equal to the channel count, or 1")
+            slope = along(slope, 1, v.dim())
+        else:
+            slope = slope.reshape(())
+        return torch.where(v >= 0, v, v * slope)
 
     def _avg_pool(self, v: torch.Tensor) -> torch.Tensor:
         op = self.op
