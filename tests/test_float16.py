@@ -331,6 +331,10 @@ def test_mixed_model_end_to_end_bit_exact() -> None:
         from qatkit.analysis.compare import compare
         layers = {lc.name: lc for lc in compare(p, c, data[0]).ranking()}
         assert layers["norm"].dtype == "float16" and layers["norm"].max_error_lsb is None
+        assert not qk.doctor.check(c, data[0]).findings  # the doctor reads float16 ops
+        pytest.importorskip("onnx")
+        with pytest.raises(QatkitError, match=r"QK106.*fc1.*float16"):
+            qk.export_onnx(c, data[0])
 
 
 def test_gemm_float16_output_with_relu() -> None:
@@ -394,3 +398,34 @@ def test_overflow_refused_in_qat_and_fixed_point() -> None:
         c = qk.convert(p)
         with pytest.raises(QatkitError, match=r"QK103.*fc1"):
             c(x * 100)  # within the int8 input range, beyond float16 after fc1
+
+
+class Entry(nn.Module):
+    """float16 from the QuantStub on: max pooling, ReLU, a torch.sigmoid call site, nearest
+    resizing and a flatten on float16 values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = qk.QuantStub()
+        self.pool = nn.MaxPool2d(2)
+        self.dequant = qk.DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.sigmoid(torch.relu(self.pool(self.quant(x))))
+        return self.dequant(nn.functional.interpolate(y, scale_factor=2).flatten(1))
+
+
+def test_float16_entry_and_value_moving_ops() -> None:
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 4, 6) * 4
+    with qk.set_march("nash-p"):
+        p = qk.prepare(Entry().eval(), x, qk.QConfig(qk.QuantSpec("float16")))
+        qk.calibrate(p, [x])
+        c = qk.convert(p)
+        got = c(x)
+    v = R.f16(x.numpy().astype(np.float64))
+    v = v.reshape(2, 3, 2, 2, 3, 2).max(axis=(3, 5))
+    v = R.f16_unary("sigmoid", np.maximum(v, np.float16(0)))
+    want = v.repeat(2, axis=2).repeat(2, axis=3).reshape(2, -1).astype(np.float32)
+    assert got.dtype == torch.float32 and np.array_equal(got.numpy(), want)
+    assert torch.equal(p(x), got)  # QAT rounds each float16 op's output the same way here

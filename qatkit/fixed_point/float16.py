@@ -5,13 +5,8 @@ float16 value is a ``torch.float16`` tensor (not a QTensor). Every float16 resul
 exact real result rounded once to float16 (round to nearest, ties to even), or, for the
 operators without a closed form (softmax, layer norm, the transcendental activations, bilinear
 resizing), PyTorch's float64 kernel on the exact float64 values of the float16 inputs, rounded
-once. A result that rounds beyond the finite float16 range (|x| >= 65520) is refused, never
-saturated or left as inf.
-
-Rounding float64 to float16 is done here, not by ``Tensor.to(torch.float16)``: PyTorch's CPU
-conversion from float64 goes through float32 and rounds twice (a float64 just above a float16
-tie becomes the tie in float32 and then rounds to even). :func:`f16` rounds to float32 *to odd*
-first, which makes the second rounding the correct one (24 >= 11 + 2 bits).
+once (:func:`qatkit.fixed_point.f16_math.f16`). A result that rounds beyond the finite
+float16 range (|x| >= 65520) is refused, never saturated or left as inf.
 """
 
 from __future__ import annotations
@@ -27,44 +22,17 @@ from qatkit.base import recorder
 from qatkit.base.errors import fail
 from qatkit.base.qtensor import QTensor
 from qatkit.base.quant_math import along
+from qatkit.fixed_point.f16_math import F16_MAX, check_finite, f16, gemm_output, overflow_error
 from qatkit.fixed_point.kernels import accumulator_scale, avg_pool_divisors
 from qatkit.fixed_point.modules import QModule, _adaptive_kernel
 
-F16_MAX = 65504.0
+__all__ = ["F16_MAX", "MAX_REDUCE", "QFloat16Functional", "QFloat16Op", "QFloat16QuantStub",
+           "as_f16", "check_finite", "dequantize_f16", "f16", "gemm_output", "overflow_error"]
+
 # float16 values are multiples of 2^-24 below 2^16: up to this many of them sum exactly in
 # float64, and a mean of that many is rounded correctly by float64 division then float16
 # rounding (section 19: the float64 quotient cannot land on a float16 midpoint it is not)
 MAX_REDUCE = 8191
-
-
-def f16(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (float64) rounded once to float16, round to nearest even, as IEEE 754."""
-    x = x.to(torch.float64)
-    y = x.to(torch.float32)  # nearest; then toward zero where it rounded away
-    y = torch.where(y.to(torch.float64).abs() > x.abs(), torch.nextafter(y, torch.zeros_like(y)),
-                    y)
-    inexact = y.to(torch.float64) != x
-    bits = y.view(torch.int32)
-    y = torch.where(inexact & ~torch.isnan(x), bits | 1, bits).view(torch.float32)  # to odd
-    return y.to(torch.float16)
-
-
-def check_finite(y: torch.Tensor, who: str) -> torch.Tensor:
-    """Refuse (QK103) a float16 result beyond the float16 range (inf) or NaN."""
-    if not bool(torch.isfinite(y).all()):
-        raise overflow_error(y, who)
-    return y
-
-
-def overflow_error(y: torch.Tensor, who: str) -> Exception:
-    n_inf = int(torch.isinf(y).sum())
-    n_nan = int(torch.isnan(y).sum())
-    return fail("QK103", f"{who} runs in float16 and {n_inf} of its results exceed the float16 "
-                f"range (|x| >= 65520 rounds to inf; the largest float16 is {F16_MAX:g})"
-                + (f" and {n_nan} are NaN" if n_nan else "") + ": float16 would not hold them "
-                "on the chip either, and saturating them would be silently wrong.",
-                "give this operator an integer qconfig (QuantSpec('qint16') has a calibrated "
-                "range), or scale its inputs down")
 
 
 def dequantize_f16(x: QTensor) -> torch.Tensor:
@@ -85,19 +53,6 @@ def as_f16(x: Any, who: str) -> torch.Tensor:
                    x, torch.Tensor) else type(x).__name__)
                + ": a value reached it without passing a QuantStub.",
                "put a QuantStub on every path by which data enters the quantized region")
-
-
-def gemm_output(acc: torch.Tensor, acc_scale: torch.Tensor, axis: int, activation: str | None,
-                who: str) -> torch.Tensor:
-    """A conv/linear with float16 output: its accumulator (int, bias included) times the
-    accumulator scale, in float64, rounded once to float16; a fused ReLU/ReLU6 after that
-    (exact: it selects or clamps float16 values)."""
-    y = f16(acc.to(torch.float64) * along(acc_scale.to(torch.float64), axis, acc.dim()))
-    if activation == "relu":
-        y = torch.clamp_min(y, 0)
-    elif activation == "relu6":
-        y = torch.clamp(y, 0, 6)
-    return check_finite(y, who)
 
 
 class _F16Module(QModule):
@@ -136,15 +91,15 @@ class QFloat16Op(_F16Module):
         self.op = copy.deepcopy(op).double()  # float64 parameters: float32 ones, exactly
 
     def forward(self, x: Any) -> torch.Tensor:
-        v = as_f16(x, self.who()).to(torch.float64)
-        if self.kind in ("avg_pool2d", "adaptive_avg_pool2d"):
-            y = self._avg_pool(v)
-        elif self.kind in ("leaky_relu", "prelu"):
-            y = self._prelu(v)
-        else:
-            with recorder.inside_leaf():
+        with recorder.inside_leaf():
+            v = as_f16(x, self.who()).to(torch.float64)
+            if self.kind in ("avg_pool2d", "adaptive_avg_pool2d"):
+                y = self._avg_pool(v)
+            elif self.kind in ("leaky_relu", "prelu"):
+                y = self._prelu(v)
+            else:
                 y = self.op(v)
-        return self._round(y)
+            return self._round(y)
 
     def _prelu(self, v: torch.Tensor) -> torch.Tensor:
         """x for x >= 0, else x times the slope held in float16 (like every constant operand
@@ -209,55 +164,60 @@ class QFloat16Functional(_F16Module):
     def _v(self, x: Any) -> torch.Tensor:
         return as_f16(x, self.who()).to(torch.float64)
 
-    def _fin(self, y64: torch.Tensor, op: str, inputs: tuple, **arguments: Any) -> torch.Tensor:
-        y = self._round(y64)
-        if self.fused_activation == "relu" or op == "add_relu":
-            y = torch.clamp_min(y, 0)
+    def _call(self, op: str, inputs: tuple, compute: Any, **arguments: Any) -> torch.Tensor:
+        """``compute()`` (float64, on the float16 inputs) rounded once; recorded as one op."""
+        with recorder.inside_leaf():
+            y = self._round(compute())
+            if self.fused_activation == "relu" or op == "add_relu":
+                y = torch.clamp_min(y, 0)
         rec = recorder.active()
         if rec is not None:
             rec.functional(self, op, tuple(inputs), y, arguments)
         return y
 
     def add(self, a: Any, b: Any) -> torch.Tensor:
-        return self._fin(self._v(a) + self._v(b), "add", (a, b))
+        return self._call("add", (a, b), lambda: self._v(a) + self._v(b))
 
     def add_relu(self, a: Any, b: Any) -> torch.Tensor:
-        return self._fin(self._v(a) + self._v(b), "add_relu", (a, b))
+        return self._call("add_relu", (a, b), lambda: self._v(a) + self._v(b))
 
     def sub(self, a: Any, b: Any) -> torch.Tensor:
-        return self._fin(self._v(a) - self._v(b), "sub", (a, b))
+        return self._call("sub", (a, b), lambda: self._v(a) - self._v(b))
 
     def add_scalar(self, a: Any, c: float) -> torch.Tensor:  # the constant held in float16
-        return self._fin(self._v(a) + _const(c), "add_scalar", (a,), c=c)
+        return self._call("add_scalar", (a,), lambda: self._v(a) + _const(c), c=c)
 
     def mul(self, a: Any, b: Any) -> torch.Tensor:
-        return self._fin(self._v(a) * self._v(b), "mul", (a, b))
+        return self._call("mul", (a, b), lambda: self._v(a) * self._v(b))
 
     def mul_scalar(self, a: Any, c: float) -> torch.Tensor:
-        return self._fin(self._v(a) * _const(c), "mul_scalar", (a,), c=c)
+        return self._call("mul_scalar", (a,), lambda: self._v(a) * _const(c), c=c)
 
     def maximum(self, a: Any, b: Any) -> torch.Tensor:
-        return self._fin(torch.maximum(self._v(a), self._v(b)), "maximum", (a, b))
+        return self._call("maximum", (a, b), lambda: torch.maximum(self._v(a), self._v(b)))
 
     def minimum(self, a: Any, b: Any) -> torch.Tensor:
-        return self._fin(torch.minimum(self._v(a), self._v(b)), "minimum", (a, b))
+        return self._call("minimum", (a, b), lambda: torch.minimum(self._v(a), self._v(b)))
 
     def cat(self, xs: Any, dim: int = 0) -> torch.Tensor:
-        return self._fin(torch.cat([self._v(x) for x in xs], dim), "cat", tuple(xs), dim=dim)
+        return self._call("cat", tuple(xs), lambda: torch.cat([self._v(x) for x in xs], dim),
+                          dim=dim)
 
     concat = cat
 
     def stack(self, xs: Any, dim: int = 0) -> torch.Tensor:
-        return self._fin(torch.stack([self._v(x) for x in xs], dim), "stack", tuple(xs),
-                         dim=dim)
+        return self._call("stack", tuple(xs),
+                          lambda: torch.stack([self._v(x) for x in xs], dim), dim=dim)
 
     def _reduce(self, a: Any, dim: Any, keepdim: bool, op: str) -> torch.Tensor:
-        v = self._v(a)
-        s = v.sum(dim, keepdim=keepdim)
-        n = v.numel() // max(s.numel(), 1)
-        if n > MAX_REDUCE:
-            raise _reduce_error(self.who(), n)
-        return self._fin(s if op == "sum" else s / n, op, (a,), dim=dim, keepdim=keepdim)
+        def compute() -> torch.Tensor:
+            v = self._v(a)
+            s = v.sum(dim, keepdim=keepdim)
+            n = v.numel() // max(s.numel(), 1)
+            if n > MAX_REDUCE:
+                raise _reduce_error(self.who(), n)
+            return s if op == "sum" else s / n
+        return self._call(op, (a,), compute, dim=dim, keepdim=keepdim)
 
     def sum(self, a: Any, dim: Any, keepdim: bool = False) -> torch.Tensor:
         return self._reduce(a, dim, keepdim, "sum")
@@ -274,9 +234,9 @@ class QFloat16Functional(_F16Module):
                        "on the chip; it received a float16 (or per-channel) operand.",
                        "put a QuantStub before each operand that comes from a float16 operator")
         acc = torch.matmul(a.q.to(torch.float64), b.q.to(torch.float64))
-        y = gemm_output(acc, accumulator_scale(a.scale, b.scale), acc.dim() - 1, None,
-                        self.who())
-        return self._fin(y.to(torch.float64), "matmul", (a, b))
+        return self._call("matmul", (a, b), lambda: gemm_output(
+            acc, accumulator_scale(a.scale, b.scale), acc.dim() - 1, None,
+            self.who()).to(torch.float64))
 
 
 def _const(c: float) -> torch.Tensor:

@@ -27,6 +27,7 @@ from qatkit.base.qtensor import QTensor
 from qatkit.base.quant_math import TORCH_DTYPE, qrange, quantize
 from qatkit.fixed_point import epilogue
 from qatkit.fixed_point import kernels as fp
+from qatkit.fixed_point.f16_math import gemm_output
 
 
 def _need_q(x: Any, who: nn.Module, per_tensor: bool = True) -> QTensor:
@@ -251,7 +252,6 @@ class _QWeighted(QModule):
         return self.output_mode == "quantized" and self.out_dtype != "float16"
 
     def _float16(self, acc: torch.Tensor, acc_scale: torch.Tensor, axis: int) -> torch.Tensor:
-        from qatkit.fixed_point.float16 import gemm_output
         return gemm_output(acc, acc_scale, axis, self.activation, self._who())
 
     def _who(self) -> str:
