@@ -19,6 +19,7 @@ from qatkit.base.errors import QatkitError
 from qatkit.base.qtensor import QTensor
 from qatkit.fixed_point.float16 import QFloat16Functional, QFloat16Op, f16
 from qatkit.fixed_point.modules import QQuantStub
+from qatkit.quantization import checkpoint
 from tests.reference import npref as R
 
 pytestmark = pytest.mark.filterwarnings("ignore::qatkit.base.errors.QatkitWarning")
@@ -298,7 +299,7 @@ def _reference(p: nn.Module, c: nn.Module, x: torch.Tensor) -> np.ndarray:
     return R.dequantize(acc2, R.accumulator_output_scale(b2, s2, s_w2), axis=-1)
 
 
-def test_mixed_model_end_to_end_bit_exact() -> None:
+def test_mixed_model_end_to_end_bit_exact(tmp_path) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     model = Mixed().eval()
     data = [torch.randn(8, 12) for _ in range(3)]
@@ -326,7 +327,8 @@ def test_mixed_model_end_to_end_bit_exact() -> None:
         p2.load_state_dict(p.state_dict())
         qk.calibrate(p2, data[:1])
         c2 = qk.convert(p2)
-        c2.load_state_dict(c.state_dict())
+        checkpoint.save(c, tmp_path / "fixed.pt")  # through torch.load(weights_only=True)
+        checkpoint.load(c2, tmp_path / "fixed.pt")
         assert torch.equal(c2(data[1]), c(data[1]))
         from qatkit.analysis.compare import compare
         layers = {lc.name: lc for lc in compare(p, c, data[0]).ranking()}
