@@ -156,7 +156,11 @@ class Recorder(recorder.Recorder):
         if outs and isinstance(outs[0], QTensor):
             q = outs[0]
             return q.scale, q.dtype, q.axis
+        if outs and isinstance(outs[0], torch.Tensor) and outs[0].dtype == torch.float16:
+            return _FLOAT16
         fq = _output_fq(c.module)
+        if fq is not None and fq.is_float16:
+            return _FLOAT16
         if fq is not None and bool(fq.initialized) and fq.state is not \
                 FakeQuantState.CALIBRATION and not bypassed(fq):
             return fq.scale.detach(), fq.dtype, None
@@ -268,6 +272,10 @@ def record(model: nn.Module, inputs: Any) -> tuple[list[Call], Any]:
 
 
 # ------------------------------------------------------------------------------ metrics
+# the "scale" of a float16 value: none (its dtype is what a comparison reports)
+_FLOAT16 = (torch.ones(()), "float16", None)
+
+
 def to_float(x: Any) -> torch.Tensor:
     return x.dequantize() if isinstance(x, QTensor) else x
 
@@ -300,7 +308,8 @@ def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
 def _lsb(err: torch.Tensor, like: Any, scale: tuple[torch.Tensor, str, int | None] | None
          ) -> torch.Tensor | None:
     """Signed error in units of the output scale (per channel along its axis)."""
-    if scale is None or scale[1] == "qint32":  # an accumulator's LSB is no useful unit
+    if scale is None or scale[1] in ("qint32", "float16"):  # no useful unit: an accumulator,
+        # a float16 value (spec section 19)
         return None
     s, _, axis = scale
     s = s.detach().to(torch.float64)
@@ -423,6 +432,8 @@ def _histogram(err: torch.Tensor, lsb: torch.Tensor | None, bins: int) -> dict[s
 # ------------------------------------------------------------------------------ own error
 def _quantize_like(x: Any, like: Any) -> Any:
     """``x`` (float or QTensor from side A) in the domain of ``like`` (side B's value)."""
+    if isinstance(like, torch.Tensor) and like.dtype == torch.float16:  # a float16 op's input
+        return to_float(x).to(torch.float16)
     if isinstance(like, QTensor):
         if isinstance(x, QTensor) and x.dtype == like.dtype and x.axis == like.axis and \
                 torch.equal(x.scale, like.scale):
@@ -496,7 +507,7 @@ def _compare_layer(ca: Call, cb: Call, index: int, own_error: bool, hist_bins: i
         op=cb.method or type(cb.module).__name__, index=index,
         shape=list(to_float(first[0]).shape) if first else [],
         dtype=scale[1] if scale is not None else None,
-        scale=float(s) if s is not None and s.numel() == 1 else None,
+        scale=float(s) if s is not None and s.numel() == 1 and scale[1] != "float16" else None,
         per_channel=s is not None and s.numel() > 1,
         cosine=cosine(fa, fb), sqnr_db=sqnr_db(fa, fb),
         max_abs_error=float(err.abs().max()) if err.numel() else 0.0,
@@ -507,8 +518,8 @@ def _compare_layer(ca: Call, cb: Call, index: int, own_error: bool, hist_bins: i
         own_err.numel() else None,
         own_max_error_lsb=float(own_lsb.abs().max()) if own_lsb is not None and
         own_lsb.numel() else None,
-        input_scales=[float(t[0]) if t is not None and t[0].numel() == 1 and t[1] != "qint32"
-                      else None for t in cb.in_scales],
+        input_scales=[float(t[0]) if t is not None and t[0].numel() == 1 and
+                      t[1] not in ("qint32", "float16") else None for t in cb.in_scales],
         error_hist=_histogram(err, lsb, hist_bins))
 
 

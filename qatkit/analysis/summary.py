@@ -88,7 +88,7 @@ class Summary(list):
 
 
 def _scale(fq: FakeQuantize | None) -> float | None:
-    if fq is None or not bool(fq.initialized) or fq.scale.numel() != 1:
+    if fq is None or fq.is_float16 or not bool(fq.initialized) or fq.scale.numel() != 1:
         return None
     return float(fq.scale)
 
@@ -146,7 +146,8 @@ def _converted_row(name: str, mod: nn.Module) -> Row | None:
 
 
 # fixed-point module -> registry kind, where the module does not record it
-_FIXED_KINDS = {"QFunctional": "functional", "QAvgPool2d": "avg_pool2d", "QClamp": "clamp",
+_FIXED_KINDS = {"QFunctional": "functional", "QFloat16Functional": "functional",
+                "QFloat16QuantStub": "quant_stub", "QAvgPool2d": "avg_pool2d", "QClamp": "clamp",
                 "QUpsampleBilinear": "upsample_bilinear"}
 
 

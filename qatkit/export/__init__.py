@@ -72,6 +72,13 @@ def export_onnx(quantized_model: nn.Module, example_inputs: Any, path: str | Non
     if m is None or m.stage != "converted":
         raise fail("QK000", "export_onnx needs the fixed-point model.",
                    "export the result of qk.convert(model)")
+    f16 = [n for n, mod in quantized_model.named_modules()
+           if getattr(mod, "out_dtype", None) == "float16"]
+    if f16:  # docs/fixed-point.md section 19: not yet written as ONNX ops
+        raise fail("QK106", f"export_onnx: {', '.join(f16[:5])} run in float16 (nash-p/nash-h), "
+                   "which the ONNX exporters do not write yet.",
+                   "export a model with integer qconfigs, or deploy it with the vendor "
+                   "toolchain from the QAT checkpoint")
     if flavour == "qdq":
         from qatkit.export.onnx_qdq import export_qdq
         model, enc = export_qdq(quantized_model, example_inputs)

@@ -27,9 +27,16 @@ from qatkit.base.qtensor import QTensor
 from qatkit.base.quant_math import TORCH_DTYPE, qrange, quantize
 from qatkit.fixed_point import epilogue
 from qatkit.fixed_point import kernels as fp
+from qatkit.fixed_point.f16_math import gemm_output
 
 
 def _need_q(x: Any, who: nn.Module, per_tensor: bool = True) -> QTensor:
+    if isinstance(x, torch.Tensor) and x.dtype == torch.float16:
+        raise fail("QK102", f"{type(who).__name__} is an integer operator and received the "
+                   "float16 output of a float16 operator: float16 -> integer is an explicit "
+                   "quantization (docs/fixed-point.md section 19).",
+                   "put a qk.QuantStub between the float16 operator and this one (it "
+                   "calibrates the integer scale)")
     if not isinstance(x, QTensor):
         raise fail("QK102", f"{type(who).__name__} received a float tensor in the fixed-point "
                    "model: a value reached a quantized op without passing a QuantStub.",
@@ -147,6 +154,8 @@ class QDeQuantStub(nn.Module):
                        "gradients): its weights are integers and it has no gradients.",
                        "train the QAT model (before qk.convert) and convert it again; call "
                        "model.eval() to run the fixed-point model")
+        if isinstance(x, torch.Tensor) and x.dtype == torch.float16:  # a float16 op's output
+            return x.to(torch.float32)  # exact
         return x.dequantize() if isinstance(x, QTensor) else x
 
 
@@ -171,7 +180,7 @@ class _QWeighted(QModule):
                  ) -> None:
         """``qat``: the QAT module; ``w_oc_first``: its weight with output channels first."""
         app = qat.activation_post_process
-        super().__init__(None if app is None else app.scale,
+        super().__init__(None if app is None or app.is_float16 else app.scale,
                          "qint32" if app is None else app.dtype)
         bias = qat.bias
         s_w = qat.weight_fake_quant.weight_scale(w_oc_first, bias)  # zero channels: section 5
@@ -196,7 +205,7 @@ class _QWeighted(QModule):
              if not isinstance(self, QConvTranspose2d) else fp.transposed_method(weight, x.dtype)}
         if c["q_b"] is None:  # a bias beyond int32 at s_in * s_w: spec section 5, exactly
             self._wide_constants(c, q_b, x, s_in, s_w, s_o)
-        elif self.output_mode == "quantized":
+        elif self.requantizes:
             c["mn"] = fp.multiplier(fp.real_multiplier(s_in, s_w, divide_by=s_o))
             c["clamp"] = _clamp_bounds(self.activation, float(s_o),
                                        self.out_dtype) or qrange(self.out_dtype)
@@ -221,7 +230,7 @@ class _QWeighted(QModule):
         addend); an int32 output (high-precision, or feeding an add) is shifted right by the
         channel's ``k`` and its scale is ``s_acc * 2^k``."""
         bounds = fp.channel_bounds(self.real("weight"), x.dtype)
-        if self.output_mode == "quantized":
+        if self.requantizes:
             m, n = c["mn"] = fp.multiplier(fp.real_multiplier(s_in, s_w, divide_by=s_o))
             c["clamp"] = _clamp_bounds(self.activation, float(s_o),
                                        self.out_dtype) or qrange(self.out_dtype)
@@ -244,6 +253,14 @@ class _QWeighted(QModule):
         """The weights in the layout the kernel of ``method`` reads."""
         raise NotImplementedError
 
+    @property
+    def requantizes(self) -> bool:
+        """An int8/int16 output (not int32, not the float16 output of section 19)."""
+        return self.output_mode == "quantized" and self.out_dtype != "float16"
+
+    def _float16(self, acc: torch.Tensor, acc_scale: torch.Tensor, axis: int) -> torch.Tensor:
+        return gemm_output(acc, acc_scale, axis, self.activation, self._who())
+
     def _who(self) -> str:
         name = getattr(self, "qualified_name", "")
         return f"{type(self).__name__} {name!r}" if name else type(self).__name__
@@ -254,11 +271,13 @@ class _QWeighted(QModule):
             return self._out(fp.ort_requant(v, c["ort_scale"], axis).clamp_(*c["clamp"]))
         if c["wide"] is not None:
             q = fp.requant_wide(acc, c["wide"], axis)
-            if self.output_mode == "quantized":
+            if self.requantizes:
                 return self._out(q.clamp(*c["clamp"]))
             fp.check_int32(q, self._who())
+            if self.out_dtype == "float16":
+                return self._float16(q, c["acc_scale"], axis)
             return QTensor(q.to(torch.int32), c["acc_scale"], "qint32", axis=axis)
-        if self.output_mode == "quantized" and c["f64"] is not None:
+        if self.requantizes and c["f64"] is not None:
             if epilogue.use_compiled(acc):  # one fused pass, the same integers
                 mult, addend = (fp.along(t, axis, acc.dim()) for t in c["f64"])
                 q = epilogue.conv_requant(acc, mult, addend, *c["clamp"],
@@ -267,9 +286,11 @@ class _QWeighted(QModule):
                 q = fp.requant_f64(acc, c["f64"], *c["clamp"], self.out_dtype, axis)
             return QTensor(q, self.real("out_scale"), self.out_dtype)
         acc = acc.to(torch.int64) + fp.along(c["q_b"], axis, acc.dim())
-        if self.output_mode != "quantized":
+        if not self.requantizes:
             if c["check"]:
                 fp.check_int32(acc, self._who())
+            if self.out_dtype == "float16":
+                return self._float16(acc, c["acc_scale"], axis)
             q = acc.to(torch.int32)
             return QTensor(q, c["acc_scale"], "qint32", axis=axis)
         q = fp.requant_mn(acc, *c["mn"], axis=axis).clamp(*c["clamp"])

@@ -78,10 +78,16 @@ class FakeQuantize(nn.Module):
             raise fail("QK000", "weights are quantized per output channel from their own "
                        f"min/max; observer {spec.observer!r} is not available for weights.",
                        "use QuantSpec(per_channel=True) for weights")
+        if is_weight and spec.dtype == "float16":
+            raise fail("QK002", "float16 weights: GEMM weights stay integer on every march "
+                       "(float16 runs only the non-GEMM operators of nash-p/nash-h).",
+                       "use QuantSpec('qint8' or 'qint16', per_channel=True) for weights")
         self.dtype, self.pow2, self.is_weight = spec.dtype, pow2, is_weight
         self.pow2_scale = spec.pow2 and not pow2  # consistency level (pow2: the march's rule)
         self.ch_axis = 0 if spec.per_channel else None
-        self.observer: Observer = spec.make_observer()
+        # float16: no scale, no statistics; its "observer" only says so to the guards (fixed)
+        self.observer: Observer = FixedScaleObserver(None, "float16", 1.0) \
+            if self.is_float16 else spec.make_observer()
         self.state = FakeQuantState.QAT
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
@@ -91,7 +97,10 @@ class FakeQuantize(nn.Module):
         # Python mirrors of the two flag buffers: what a compiled forward branches on
         self._is_initialized = False
         self._is_calibrated = False
-        if isinstance(self.observer, FixedScaleObserver):
+        if self.is_float16:
+            self.pow2_scale = False
+            self._mark_initialized()
+        elif isinstance(self.observer, FixedScaleObserver):
             if self.pow2_scale and not is_pow2(torch.tensor(self.observer.fixed_scale)):
                 raise fail("QK000", f"fixed scale {self.observer.fixed_scale!r} is not a power "
                            "of two, which the consistency level (power-of-two scales) needs.",
@@ -136,6 +145,12 @@ class FakeQuantize(nn.Module):
         self._sync_flags()  # the merge filled the flag buffers
 
     @property
+    def is_float16(self) -> bool:
+        """The op runs in float16 (docs/fixed-point.md section 19): its output is rounded to
+        float16, it has no scale (``scale`` stays 1)."""
+        return self.dtype == "float16"
+
+    @property
     def fixed(self) -> bool:
         return isinstance(self.observer, FixedScaleObserver)
 
@@ -151,7 +166,7 @@ class FakeQuantize(nn.Module):
 
     def update_scale(self) -> None:
         """Make ``scale`` from the observer (no-op for fixed scales)."""
-        if self.fixed or not self.observer.seen:
+        if self.is_float16 or self.fixed or not self.observer.seen:
             self._pending = False
             return
         s = self.scale_for(self.observer.amax())
@@ -179,6 +194,8 @@ class FakeQuantize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in _LOW_PRECISION:
             raise _low_precision_error(x.dtype)
+        if self.is_float16:  # every state: the chip computes in float16
+            return round_float16(x, self)
         st = active_state(self.state, self.training)
         if torch.compiler.is_exporting():
             return self._exported_forward(x)
@@ -248,6 +265,30 @@ class FakeQuantize(nn.Module):
 
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class _RoundFloat16(torch.autograd.Function):
+    """float32 -> nearest float16 (ties to even) -> float32; straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return x.to(torch.float16).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad
+
+
+def round_float16(x: torch.Tensor, fq: nn.Module | None = None) -> torch.Tensor:
+    """A float16 op's output in QAT/calibration: ``x`` rounded once to float16 (float32 to
+    float16 is one IEEE rounding in PyTorch). A value that rounds to inf, or a NaN, is refused
+    (QK103), as the fixed-point model refuses it: never saturated."""
+    y = _RoundFloat16.apply(x) if x.requires_grad else x.to(torch.float16).to(x.dtype)
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(y).all()):
+        from qatkit.fixed_point.float16 import overflow_error
+        name = getattr(fq, "_qatkit_owner_name", "") if fq is not None else ""
+        raise overflow_error(y, f"the operator {name!r}" if name else "an operator")
+    return y
 
 
 def _low_precision_error(dtype: torch.dtype) -> Exception:

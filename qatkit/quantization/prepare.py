@@ -22,7 +22,7 @@ from typing import Any
 import torch.nn as nn
 
 from qatkit.base import hooks
-from qatkit.base.errors import QatkitError, QatkitWarning
+from qatkit.base.errors import QatkitError, QatkitWarning, fail
 from qatkit.base.march import get_march
 from qatkit.base.modules import set_submodule
 from qatkit.quantization import call_sites, consistency, forwards, meta, validate
@@ -38,7 +38,7 @@ from qatkit.quantization.qconfig import (
     resolved_to_data,
     with_sources,
 )
-from qatkit.quantization.registry import GEMM_KINDS, op_kind, to_qat
+from qatkit.quantization.registry import GEMM_KINDS, keeps_scale, op_kind, to_qat
 from qatkit.quantization.stubs import DeQuantStub, FloatFunctional, QuantStub
 
 
@@ -92,6 +92,7 @@ def prepare(model: nn.Module, example_inputs: Any,
                    qconfigs=qconfigs, processor=processor, input_source=input_source,
                    history=history)  # the doctor's prepare-stage rules: an error raises here
     region = tr.quantized_nodes(g)
+    check_float16_boundaries(g, qconfigs, region, march.name)
     hp = high_precision_modules(g, qconfigs) if march.high_precision_output else set()
     for node in g.nodes:
         if node.kind not in ("module", "functional") or node.call or node.index not in region:
@@ -113,6 +114,55 @@ def prepare(model: nn.Module, example_inputs: Any,
     forwards.announce(model, fixed_point=False)  # QK006 hears each forward the user runs
     hooks.emit("prepared", model=model, graph=g)  # the doctor hooks per-batch checks
     return model
+
+
+def _float16(q: QConfig | None) -> bool:
+    return q is not None and q.activation is not None and q.activation.dtype == "float16"
+
+
+def _is_gemm(n: tr.Node) -> bool:
+    return op_kind(n.module) in GEMM_KINDS or (n.kind == "functional" and n.op == "matmul")
+
+
+def check_float16_boundaries(g: tr.Graph, qconfigs: dict[str, QConfig | None],
+                             region: set[int], march: str) -> None:
+    """float16 -> integer is an explicit quantization (spec section 19): every consumer of a
+    float16 operator's output (through reshapes, ReLU, max pooling, which move values) is a
+    float16 operator that is no GEMM, a QuantStub (the quantization, with its calibrated
+    scale) or a DeQuantStub. A GEMM's inputs are integers on every march."""
+    for n in g.nodes:
+        if n.kind not in ("module", "functional") or n.index not in region:
+            continue
+        if _float16(qconfigs.get(n.target)) and _is_gemm(n) and n.kind == "functional":
+            raise fail("QK002", f"{n.target!r} (matmul) has a float16 qconfig: a GEMM's "
+                       f"operands are integers on {march}; only its output could be float16, "
+                       "and qatkit gives a float16 output to conv/linear only.",
+                       f"set_module_name({n.target!r}, <an integer qconfig>)")
+        if not _float16(qconfigs.get(n.target)) or isinstance(n.module, DeQuantStub):
+            continue
+        todo, seen = g.consumers(n, through_shape_ops=True), set()
+        while todo:
+            u = todo.pop()
+            if u.index in seen:
+                continue
+            seen.add(u.index)
+            if isinstance(u.module, (QuantStub, DeQuantStub)):
+                continue
+            if u.kind == "function" or (u.kind == "module" and keeps_scale(u.module)):
+                todo.extend(g.consumers(u, through_shape_ops=True))  # values moved, not changed
+                continue
+            if u.kind in ("module", "functional") and _float16(qconfigs.get(u.target)) \
+                    and not _is_gemm(u):
+                continue
+            what = "a GEMM (integer inputs on every march)" if _is_gemm(u) else \
+                "an integer operator"
+            where = f" ({u.source})" if u.source else ""
+            raise fail("QK102", f"{u.target!r} ({u.op}){where} is {what} and receives the float16 "
+                       f"output of {n.target!r} ({n.op}, float16 on {march}) without a "
+                       "quantization: float16 -> integer needs a scale, which only a "
+                       "QuantStub calibrates (docs/fixed-point.md section 19).",
+                       f"put a qk.QuantStub between {n.target!r} and {u.target!r}"
+                       + ("" if _is_gemm(u) else ", or give it a float16 qconfig too"))
 
 
 # float model -> the prepare-stage warnings already shown for it
@@ -157,10 +207,13 @@ def _swap(model: nn.Module, name: str, mod: nn.Module, q: QConfig, pow2: bool, h
         return
     if isinstance(mod, FloatFunctional):
         mod.activation_post_process = FakeQuantize(q.activation, pow2)
+        mod.activation_post_process._qatkit_owner_name = name  # named in float16 errors
         mod.qconfig = q
         return
     mode = "high_precision" if name in hp else (
         "accumulator" if getattr(mod, "feeds_add", False) else "quantized")
     qat = to_qat(mod, q, pow2, mode)  # the registry row's QAT form (None: stays as it is)
+    if qat is not None and getattr(qat, "activation_post_process", None) is not None:
+        qat.activation_post_process._qatkit_owner_name = name  # named in float16 errors
     if qat is not None:
         set_submodule(model, name, qat)

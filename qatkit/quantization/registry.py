@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from qatkit.base.errors import fail
 from qatkit.base.march import MARCHES, March
+from qatkit.fixed_point import float16 as f16
 from qatkit.fixed_point import modules as fx
 from qatkit.quantization.fake_quant import FakeQuantize
 from qatkit.quantization.fused import FusedConv2d, FusedLinear
@@ -366,16 +367,24 @@ def to_qat(module: nn.Module, qconfig: object, pow2: bool, output_mode: str) -> 
     return QATOp(module, qconfig, pow2)
 
 
+def _float16(module: nn.Module) -> bool:
+    fq = getattr(module, "activation_post_process", None)
+    return isinstance(fq, FakeQuantize) and fq.is_float16
+
+
 def to_fixed_point(module: nn.Module) -> nn.Module | None:
-    """The fixed-point form of a prepared module (None: it stays as it is)."""
+    """The fixed-point form of a prepared module (None: it stays as it is). An output fake
+    quant in float16 makes the float16 form (``qatkit.fixed_point.float16``, spec section 19),
+    except for a GEMM, which keeps integer inputs and gets a float16 output."""
     if isinstance(module, QuantStub):
         if not isinstance(module.activation_post_process, FakeQuantize):
             return None
-        return _quant(module)
+        return f16.QFloat16QuantStub() if _float16(module) else _quant(module)
     if isinstance(module, FloatFunctional):
         if not isinstance(module.activation_post_process, FakeQuantize):
             return None
-        return _functional(module)
+        return f16.QFloat16Functional(module.fused_activation) if _float16(module) \
+            else _functional(module)
     if isinstance(module, DeQuantStub):
         return fx.QDeQuantStub()
     if not isinstance(module, (QATOp, _QATWeighted)):
@@ -383,6 +392,8 @@ def to_fixed_point(module: nn.Module) -> nn.Module | None:
     op = lookup(module)
     if op is None or op.fixed_point is None:
         return None
+    if isinstance(module, QATOp) and _float16(module):
+        return f16.QFloat16Op(module.op, op.kind)
     return op.fixed_point(module)
 
 

@@ -1092,3 +1092,158 @@ def avg_pool2d_divisor(
             M = _scale64(s_in) / float(d) / _scale64(s_o)
             out[:, :, i, j] = requant(acc, M)
     return sat(out, out_dtype)
+
+
+# ----------------------------------------------------------------------------- §19 float16
+# NumPy's float64 -> float16 cast rounds once, to nearest even (numpy's npy_double_to_half);
+# float16 -> float64 is exact. Everything below is written from §19 alone.
+
+F16_MAX = 65504.0
+F16_MAX_REDUCE = 8191
+
+
+def f16(x: ArrayLike) -> np.ndarray:
+    """The float64 value(s) ``x`` rounded once to float16; a result beyond the float16 range
+    (inf) or NaN is refused (§19), never saturated."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = np.asarray(x, dtype=np.float64).astype(np.float16)
+    if not np.isfinite(y).all():
+        raise Refused("a float16 result beyond the float16 range")
+    return y
+
+
+def _f64(x16: ArrayLike) -> np.ndarray:
+    x = np.asarray(x16)
+    assert x.dtype == np.float16, x.dtype
+    return x.astype(np.float64)
+
+
+def dequantize_f16(q: ArrayLike, s: Scale | ArrayLike, axis: int | None = None) -> np.ndarray:
+    """int -> float16 (§19): q * s in float64, rounded once to float16."""
+    q64 = _int64(q).astype(np.float64)
+    if axis is None or np.ndim(s) == 0:
+        return f16(q64 * _scale64(s))
+    shape = [1] * q64.ndim
+    shape[axis] = -1
+    return f16(q64 * _scales64(s).reshape(shape))
+
+
+def quantize_f16(x16: ArrayLike, s: Scale, dtype: str) -> np.ndarray:
+    """float16 -> int (§19): the float16 value is exact in float32; then §3's quantization."""
+    return quantize(_f64(x16).astype(np.float32), s, dtype)
+
+
+def f16_const(c: float) -> np.float64:
+    """A scalar operand of a float16 op: held as float16 (rounded once)."""
+    return np.float64(f16(np.float64(c)))
+
+
+def f16_binary(op: str, a16: ArrayLike, b16: ArrayLike) -> np.ndarray:
+    """add, sub, mul, maximum, minimum of float16 operands: exact in float64, rounded once."""
+    a, b = _f64(a16), _f64(b16)
+    exact = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "maximum": np.maximum,
+             "minimum": np.minimum}[op](a, b)
+    return f16(exact)
+
+
+def f16_reduce(op: str, a16: ArrayLike, dim: int | Sequence[int] | None,
+               keepdim: bool = False) -> np.ndarray:
+    """sum / mean over ``dim``: the exact float64 sum (at most 8191 float16 values), divided by
+    the count in float64 (mean), rounded once to float16."""
+    a = _f64(a16)
+    s = a.sum(axis=_axes(dim), keepdims=keepdim)
+    n = a.size // max(np.size(s), 1)
+    if n > F16_MAX_REDUCE:
+        raise Refused("a float16 reduction over more than 8191 values")
+    return f16(s if op == "sum" else s / n)
+
+
+def f16_avg_pool2d(x16: ArrayLike, k: Pair, s: Pair | None = None, p: Pair = 0) -> np.ndarray:
+    """AvgPool2d (count_include_pad) in float16: the exact window sum / (kh * kw), one
+    rounding."""
+    x = _f64(x16)
+    kh, kw = _pair(k)
+    sh, sw = _pair(s if s is not None else k)
+    ph, pw = _pair(p)
+    xp = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(ph, ph), (pw, pw)])
+    Ho = (x.shape[-2] + 2 * ph - kh) // sh + 1
+    Wo = (x.shape[-1] + 2 * pw - kw) // sw + 1
+    out = np.zeros((*x.shape[:-2], Ho, Wo))
+    for i in range(Ho):
+        for j in range(Wo):
+            out[..., i, j] = xp[..., i * sh:i * sh + kh, j * sw:j * sw + kw].sum(axis=(-2, -1))
+    return f16(out / (kh * kw))
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    return np.vectorize(math.erf, otypes=[np.float64])(x)
+
+
+F16_UNARY = {
+    "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
+    "tanh": np.tanh,
+    "silu": lambda x: x / (1.0 + np.exp(-x)),
+    "hardswish": lambda x: x * np.clip(x + 3.0, 0.0, 6.0) / 6.0,
+    "hardsigmoid": lambda x: np.clip(x + 3.0, 0.0, 6.0) / 6.0,
+    "gelu": lambda x: 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0))),
+    "gelu_tanh": lambda x: 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi)
+                                                    * (x + 0.044715 * x**3))),
+    "relu6": lambda x: np.clip(x, 0.0, 6.0),
+}
+
+
+def f16_unary(kind: str, x16: ArrayLike) -> np.ndarray:
+    """An elementwise function of float16 inputs: evaluated in float64, rounded once."""
+    with np.errstate(over="ignore"):
+        return f16(F16_UNARY[kind](_f64(x16)))
+
+
+def f16_leaky_relu(x16: ArrayLike, slope: ArrayLike, axis: int = 1) -> np.ndarray:
+    """x for x >= 0, else slope * x with the slope held in float16 (per channel along ``axis``
+    for PReLU): a product of two float16 values, exact in float64, rounded once."""
+    x = _f64(x16)
+    a = f16(np.asarray(slope, dtype=np.float64)).astype(np.float64)
+    if a.ndim == 1 and a.size > 1:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        a = a.reshape(shape)
+    return f16(np.where(x >= 0, x, a * x))
+
+
+def f16_softmax(x16: ArrayLike, dim: int) -> np.ndarray:
+    """exp(x - max) / sum exp(x - max) along ``dim`` in float64, rounded once."""
+    x = _f64(x16)
+    e = np.exp(x - x.max(axis=dim, keepdims=True))
+    return f16(e / e.sum(axis=dim, keepdims=True))
+
+
+def f16_layer_norm(x16: ArrayLike, n_dims: int, weight: ArrayLike | None,
+                   bias: ArrayLike | None, eps: float) -> np.ndarray:
+    """(x - mean) / sqrt(var + eps) * w + b over the last ``n_dims`` in float64 (biased
+    variance), float32 weight and bias exact in float64, rounded once."""
+    x = _f64(x16)
+    axes = tuple(range(x.ndim - n_dims, x.ndim))
+    mu = x.mean(axis=axes, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)
+    y = (x - mu) / np.sqrt(var + eps)
+    if weight is not None:
+        y = y * np.asarray(weight, dtype=np.float32).astype(np.float64)
+    if bias is not None:
+        y = y + np.asarray(bias, dtype=np.float32).astype(np.float64)
+    return f16(y)
+
+
+def gemm_f16(acc: ArrayLike, s_acc: ArrayLike, channel_axis: int,
+             activation: str | None = None) -> np.ndarray:
+    """A conv/linear with float16 output (§19): its int32 accumulator (bias included, §5's
+    accumulator output) times the accumulator scale in float64, rounded once; then ReLU or
+    ReLU6 on the float16 values."""
+    a = _int64(acc).astype(np.float64)
+    shape = [1] * a.ndim
+    shape[channel_axis] = -1
+    y = f16(a * _scales64(s_acc).reshape(shape))
+    if activation == "relu":
+        y = np.maximum(y, np.float16(0))
+    elif activation == "relu6":
+        y = np.clip(y, np.float16(0), np.float16(6))
+    return y
