@@ -5,8 +5,10 @@ multipliers made from them. Speed comes from choosing, per layer, an arithmetic 
 *provably* exact (section 12 of the spec):
 
 * int8 im2col + ``torch._int_mm`` (int32 accumulation) for int8 inputs and ungrouped convs,
+  where this machine's ``_int_mm`` is the faster engine (:mod:`qatkit.fixed_point.gemm`),
 * float32 convolution when a static bound shows every partial sum stays below 2^24 (grouped
-  and depthwise convs, int16 inputs with small kernels),
+  and depthwise convs, int16 inputs with small kernels, and int8 layers where float32 GEMM is
+  the faster engine),
 * float64 convolution (exact below 2^53) otherwise, and for transposed convs.
 """
 
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 
 from qatkit.base.errors import fail
 from qatkit.base.quant_math import along, qrange
-from qatkit.fixed_point import epilogue
+from qatkit.fixed_point import epilogue, gemm
 
 F32_EXACT = 2**24
 
@@ -353,12 +355,15 @@ def transposed_method(q_w: torch.Tensor, in_dtype: str) -> str:
 
 
 def conv_method(q_w: torch.Tensor, in_dtype: str, groups: int) -> str:
-    """Pick an exact arithmetic for a conv from a static bound of its partial sums
-    (int16 weights never take the int8 ``_int_mm`` path)."""
+    """Pick an exact arithmetic for a conv (or linear) from a static bound of its partial sums
+    (int16 weights never take the int8 ``_int_mm`` path). For int8 x int8 layers both
+    ``_int_mm`` and float32 (below 2^24) are exact; :func:`gemm.engine` says which is faster
+    on the weights' device."""
     bound = check_accumulator(q_w, in_dtype)
     if in_dtype == "qint8" and q_w.dtype == torch.int8 and groups == 1 and bound < INT32_EXACT:
-        # exact (the int32 sums cannot overflow: always so below 131072 taps), and faster than
-        # float32 convolution on CPU
+        # exact: the int32 sums cannot overflow (always so below 131072 taps)
+        if bound < F32_EXACT and gemm.engine(q_w.device) == "float32":
+            return "float32"
         return "int_mm"
     if bound < F32_EXACT:
         return "float32"
@@ -382,17 +387,30 @@ def conv2d(q: torch.Tensor, q_w: torch.Tensor, stride: tuple[int, int], padding:
 FLOAT_METHODS = {"float32": torch.float32, "float64": torch.float64}
 
 
+#: Reduced-precision settings a user may have turned on for float32 work, each one breaking
+#: the exactness bounds of section 12 (TF32 keeps 10 mantissa bits, bf16 8):
+#: ``torch.set_float32_matmul_precision("medium")`` makes oneDNN's CPU matmuls bf16.
+_FP32_PRECISION = (torch.backends.mkldnn.matmul, torch.backends.mkldnn.conv)
+
+
 @contextlib.contextmanager
 def no_tf32() -> Iterator[None]:
-    """float32 convolutions and matmuls in full float32 on CUDA: TF32 (cuDNN's default for
-    convolutions) keeps 10 mantissa bits, which breaks the exactness bound of section 12."""
+    """float32 convolutions and matmuls in full IEEE float32 on every backend: TF32 off on
+    CUDA (cuDNN's default for convolutions), oneDNN's float32 precision "ieee" (not bf16) on
+    CPU, and NNPACK off (its Winograd/FFT convolutions are not exact on integers)."""
     mm = torch.backends.cuda.matmul.allow_tf32
+    old = [b.fp32_precision for b in _FP32_PRECISION]
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
-        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+        for b in _FP32_PRECISION:
+            b.fp32_precision = "ieee"
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False), \
+                torch.backends.nnpack.flags(enabled=False):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = mm
+        for b, v in zip(_FP32_PRECISION, old, strict=True):
+            b.fp32_precision = v
 
 
 def int_mm(a: torch.Tensor, b: torch.Tensor, cuda_rules: bool | None = None) -> torch.Tensor:

@@ -25,7 +25,7 @@ from qatkit.base import recorder
 from qatkit.base.errors import fail
 from qatkit.base.qtensor import QTensor
 from qatkit.base.quant_math import TORCH_DTYPE, qrange, quantize
-from qatkit.fixed_point import epilogue
+from qatkit.fixed_point import epilogue, gemm
 from qatkit.fixed_point import kernels as fp
 from qatkit.fixed_point.f16_math import gemm_output
 
@@ -607,9 +607,15 @@ class QFunctional(QModule):
 
     def matmul(self, a: QTensor, b: QTensor) -> QTensor:
         a, b = _need_q(a, self), _need_q(b, self)
-        # int8 x int8 -> int32 is exact while k * 128 * 128 < 2^31
-        if a.q.dim() == 2 and b.q.dim() == 2 and a.dtype == b.dtype == "qint8" \
-                and a.q.shape[1] * 2**14 < fp.INT32_EXACT:
+        # int8 x int8: every partial sum is at most k * 128 * 128 in magnitude, so int32
+        # sums are exact below 2^31 and float32 sums below 2^24 (spec section 12)
+        int8, bound = a.dtype == b.dtype == "qint8", a.q.shape[-1] * 2**14
+        two_d = a.q.dim() == 2 and b.q.dim() == 2
+        if int8 and bound < fp.F32_EXACT and (
+                not two_d or gemm.engine(a.q.device) == "float32"):
+            with fp.no_tf32():
+                acc = torch.matmul(a.q.to(torch.float32), b.q.to(torch.float32)).to(torch.int64)
+        elif int8 and two_d and bound < fp.INT32_EXACT:
             acc = fp.int_mm(fp.canonical(a.q), fp.canonical(b.q))
         else:  # products < 2^31, sums < 2^53: exact in float64
             acc = torch.matmul(a.q.to(torch.float64), b.q.to(torch.float64)).to(torch.int64)
