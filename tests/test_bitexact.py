@@ -15,6 +15,7 @@ the two files take about a minute on one thread.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from unittest import mock
 
 import numpy as np
@@ -26,6 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qatkit as qk
+from qatkit.fixed_point import gemm
 from qatkit.fixed_point import kernels as fp
 from tests import _bitexact as B
 from tests.reference import npref as R
@@ -36,6 +38,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::qatkit.base.errors.QatkitWarnin
 
 
 ACT_MODULE = {None: None, "relu": nn.ReLU, "relu6": nn.ReLU6}
+
+
+@pytest.fixture
+def int_mm_engine() -> Iterator[None]:
+    """The ``_int_mm`` engine for int8 layers, whichever engine this machine would pick
+    (tests/test_gemm_engine.py covers the float32 one)."""
+    with gemm.int8_gemm("int_mm"):
+        yield
 
 
 # ------------------------------------------------------------------------------ §3 stubs
@@ -466,6 +476,7 @@ def _extreme_conv(cin: int, in_dtype: str, groups: int = 1) -> tuple[nn.Conv2d, 
     return conv, w, q
 
 
+@pytest.mark.usefixtures("int_mm_engine")
 def test_large_k_int_mm_is_exact_where_float32_is_not() -> None:
     """512 in-channels x 3x3 = 4608 taps of extreme int8 values: the int_mm path is exact, a
     float32 convolution of the same integers is not (so this test has teeth)."""
@@ -503,6 +514,7 @@ def test_large_k_int_mm_is_exact_where_float32_is_not() -> None:
     B.assert_ints(B.run_ops(c2, B.qtensor(q, s_in, "qint8")), want, "qint8", s_out, "requant")
 
 
+@pytest.mark.usefixtures("int_mm_engine")
 def test_large_k_linear_int_mm() -> None:
     """The same for Linear: K = 4608 extreme int8 values."""
     k = 4608
@@ -526,6 +538,7 @@ def test_large_k_linear_int_mm() -> None:
     assert not np.array_equal(f32, want), "float32 matmul was exact: no teeth"
 
 
+@pytest.mark.usefixtures("int_mm_engine")
 @pytest.mark.parametrize("in_dtype,groups,want_method", [
     ("qint8", 1, "int_mm"), ("qint8", 2, "float64"), ("qint16", 1, "float64")])
 def test_large_k_float64_and_int_mm_choice(in_dtype: str, groups: int, want_method: str) -> None:
@@ -612,6 +625,7 @@ def test_int8_sums_beyond_int32(op: str) -> None:
     B.assert_ints(c.ops[0](B.qtensor(q_in, s_in, "qint8")), want, "qint8", what=op)
 
 
+@pytest.mark.usefixtures("int_mm_engine")
 def test_int_mm_single_channel_full_width_kernel() -> None:
     """A one-channel input and a kernel as wide as the input with > 1032 taps: int_mm is the
     natural choice and the im2col matrix is an overlapping view of the input (rows 32 apart,

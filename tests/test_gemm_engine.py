@@ -1,10 +1,12 @@
 """The int8 x int8 GEMM engine (qatkit/fixed_point/gemm.py, spec section 12): ``_int_mm`` and
 float32 give the same integers, so the choice (timed once per device type, or forced) changes
-only the speed; layers whose bound reaches 2^24 never take float32; float32 runs in full IEEE
+only the speed; layers whose bound reaches 2^24 take float32 only split into channel ranges
+that each stay below it; float32 runs in full IEEE
 precision whatever reduced precision the user turned on."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -32,17 +34,19 @@ def test_engine_choice() -> None:
     for mode in ("int_mm", "float32"):
         with gemm.int8_gemm(mode):
             assert fp.conv_method(small, "qint8", 1) == mode
-            assert fp.conv_method(big, "qint8", 1) == "int_mm"  # float32 would round
+            # past 2^24 plain float32 would round: split over channels, or int_mm
+            assert fp.conv_method(big, "qint8", 1) == (
+                "int_mm" if mode == "int_mm" else "float32_split")
             assert fp.conv_method(small, "qint16", 1) == "float32"  # int16: bounds only
     assert gemm.get_int8_gemm() == "auto"
 
 
 def test_unknown_engine_is_refused() -> None:
-    with pytest.raises(qk.QatkitError, match="QK000.*not an int8 GEMM engine"):
+    with pytest.raises(qk.QatkitError, match=r"QK000.*not an int8 GEMM engine"):
         gemm.set_int8_gemm("int4")
     env = {**os.environ, "QATKIT_INT8_GEMM": "fast"}
-    r = subprocess.run([sys.executable, "-c", "import qatkit.fixed_point.gemm"], env=env, capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", "import qatkit.fixed_point.gemm"], env=env,
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "QATKIT_INT8_GEMM='fast' is not an int8 GEMM engine" in r.stderr
 
 
@@ -62,19 +66,19 @@ def test_full_precision_whatever_the_user_set() -> None:
 
 
 class Net(nn.Module):
-    """conv -> relu -> conv (+ residual) -> linear, and an int8 x int8 batched matmul."""
+    """conv -> conv (+ residual) -> linear, and an int8 x int8 batched matmul (no ReLU: a
+    one-channel ReLU output may be all zeros, which calibration rightly refuses)."""
 
     def __init__(self, c: int, k: int) -> None:
         super().__init__()
         self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
         self.c1 = nn.Conv2d(3, c, k, padding=k // 2)
-        self.relu = nn.ReLU()
         self.c2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
         self.add, self.mm = qk.FloatFunctional(), qk.FloatFunctional()
         self.fc = nn.Linear(c, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.c1(self.quant(x)))
+        x = self.c1(self.quant(x))
         x = self.add.add(self.c2(x), x)
         y = self.mm.matmul(x, x.transpose(-1, -2))  # [n, c, h, h]
         return self.dequant(self.fc(y.mean((2, 3))))
@@ -120,3 +124,71 @@ def test_float32_engine_against_reference() -> None:
     want = R.conv2d(q, 0.5, w, None, c.ops[0].weight_scale.numpy(), 1.0, "qint32", (1, 1),
                     (0, 0), (1, 1), 1, mode="accumulator")
     B.assert_ints(got, want, what="conv2d by the float32 engine")
+
+
+def test_chunks_keep_each_partial_sum_below_2_24() -> None:
+    rng = np.random.default_rng(1)
+    q_w = torch.from_numpy(rng.integers(-128, 128, size=(6, 300, 3, 3))).to(torch.int8)
+    chunks = fp.f32_chunks(q_w, "qint8")
+    assert chunks is not None and len(chunks) > 1
+    assert chunks[0][0] == 0 and chunks[-1][1] == 300
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(chunks))
+    for lo, hi in chunks:
+        assert fp.acc_bound(q_w[:, lo:hi], "qint8") < fp.F32_EXACT
+    # one channel of a 32x32 kernel of -128: 1024 * 2^14 = 2^24 taps alone, no split exists
+    assert fp.f32_chunks(torch.full((1, 1, 32, 32), -128, dtype=torch.int8), "qint8") is None
+    with gemm.int8_gemm("float32"):
+        assert fp.conv_method(q_w, "qint8", 1) == "float32_split"
+        assert fp.conv_method(torch.full((1, 1, 32, 32), -128, dtype=torch.int8), "qint8",
+                              1) == "int_mm"
+
+
+@settings(max_examples=B.examples(15), deadline=None)
+@given(seed=B.seeds, cin=st.integers(200, 700), fill=st.sampled_from(["extremes", "max",
+                                                                       "random"]),
+       hp=st.booleans(), s_out=B.scales)
+def test_float32_split_conv_against_reference(seed: int, cin: int, fill: str, hp: bool,
+                                              s_out: float) -> None:
+    """Convs whose sums reach past 2^24 (up to 6300 taps of extreme values) on the float32
+    engine: split over input channels, the same integers as the NumPy reference."""
+    rng = np.random.default_rng(seed)
+    conv = nn.Conv2d(cin, 3, 3, padding=1, bias=False)
+    w = B.float_weights(rng, (3, cin, 3, 3), fill)
+    B.set_param(conv.weight, w)
+    q = B.ints(rng, (1, cin, 4, 4), "qint8", fill)
+    s_in = 2.0**-4
+    scales = {"quant": s_in} if hp else {"quant": s_in, "ops.0": s_out}
+    _, c = B.build(B.Chain(conv), torch.randn(1, cin, 4, 4), scales,
+                   B.qconfig("qint8", high_precision=hp))
+    if fp.acc_bound(c.ops[0].weight, "qint8") < fp.F32_EXACT:
+        return  # a small draw of "random" weights: the plain float32 case
+    with gemm.int8_gemm("float32"):
+        got, want = B.agree(lambda: c.ops[0](B.qtensor(q, s_in, "qint8")), lambda: R.conv2d(
+            q, s_in, w, None, c.ops[0].weight_scale.numpy(), s_out,
+            "qint32" if hp else "qint8", (1, 1), (1, 1), (1, 1), 1,
+            mode="accumulator" if hp else "quantized"))
+    if want is None:
+        return
+    assert next(iter(c.ops[0]._cache.values()))["method"] == "float32_split"
+    B.assert_ints(got, want, what="conv2d by float32_split")
+
+
+def test_float32_split_linear_against_reference() -> None:
+    """K = 4608 extreme int8 values, sums past 2^25: exact through K ranges."""
+    k = 4608
+    lin = nn.Linear(k, 3, bias=False)
+    w = np.full((3, k), 1.5, dtype=np.float32)  # q_w = 127 and -128
+    w[1] = -1.5
+    w[2, k // 2:] = -1.5
+    B.set_param(lin.weight, w)
+    q = np.full((2, k), 127, dtype=np.int64)
+    q[1, ::5] = -128
+    _, c = B.build(B.Chain(lin), torch.randn(2, k), {"quant": 0.25},
+                   B.qconfig("qint8", high_precision=True))
+    with gemm.int8_gemm("float32"):
+        got = c.ops[0](B.qtensor(q, 0.25, "qint8"))
+    assert next(iter(c.ops[0]._cache.values()))["method"] == "float32_split"
+    want = R.linear(q, 0.25, w, None, c.ops[0].weight_scale.numpy(), 1.0, "qint32",
+                    mode="accumulator")
+    assert np.abs(want).max() > 2**25
+    B.assert_ints(got, want, "qint32", what="linear by float32_split")

@@ -170,26 +170,27 @@ def train(model: nn.Module, split: data.Split, epochs: int, lr: float, seed: int
 
 
 @torch.no_grad()
+def predictions(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """The top-1 class of every sample, in eval mode."""
+    model.eval()
+    return torch.cat([model(centered(x[i:i + batch_size])).argmax(1)
+                      for i in range(0, len(x), batch_size)]) if len(x) else \
+        torch.zeros(0, dtype=torch.int64)
+
+
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500
              ) -> float:
-    model.eval()
-    correct = 0
-    for i in range(0, len(y), batch_size):
-        out = model(centered(x[i:i + batch_size]))
-        correct += int((out.argmax(1) == y[i:i + batch_size]).sum())
-    return correct / len(y)
+    return hit_rate(predictions(model, x, batch_size), y)
 
 
-@torch.no_grad()
+def hit_rate(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """The fraction of equal entries (accuracy against labels, or agreement of two models)."""
+    return int((pred == y).sum()) / max(len(y), 1)
+
+
 def agreement(a: nn.Module, b: nn.Module, x: torch.Tensor, batch_size: int = 500) -> float:
     """The fraction of samples on which models ``a`` and ``b`` predict the same class."""
-    a.eval()
-    b.eval()
-    same = 0
-    for i in range(0, len(x), batch_size):
-        xb = centered(x[i:i + batch_size])
-        same += int((a(xb).argmax(1) == b(xb).argmax(1)).sum())
-    return same / max(len(x), 1)
+    return hit_rate(predictions(a, x, batch_size), predictions(b, x, batch_size))
 
 
 def calibration_batches(split: data.Split, n: int = 1024, batch_size: int = 128
@@ -248,11 +249,12 @@ def run(dataset: str = "digits", march: str = "nash-e", epochs: int | None = Non
               label="QAT")
         qat.eval()
         set_fake_quantize(qat, FakeQuantState.VALIDATION)
-        qat_acc = accuracy(qat, split.x_test, split.y_test)
+        qat_pred = predictions(qat, split.x_test)
         quantized = convert(qat)
-        quant_acc = accuracy(quantized, split.x_test, split.y_test)
+        quant_pred = predictions(quantized, split.x_test)
+        qat_acc, quant_acc = hit_rate(qat_pred, split.y_test), hit_rate(quant_pred, split.y_test)
+        agree = hit_rate(qat_pred, quant_pred)  # the same forwards, not a second pass
         saved = []
-        agree = agreement(qat, quantized, split.x_test)
         if save:  # each file atomic, all marked with this run's id (checkpoint.load_run)
             os.makedirs(save, exist_ok=True)
             run_id = uuid.uuid4().hex

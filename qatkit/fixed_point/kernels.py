@@ -362,29 +362,61 @@ def conv_method(q_w: torch.Tensor, in_dtype: str, groups: int) -> str:
     bound = check_accumulator(q_w, in_dtype)
     if in_dtype == "qint8" and q_w.dtype == torch.int8 and groups == 1 and bound < INT32_EXACT:
         # exact: the int32 sums cannot overflow (always so below 131072 taps)
-        if bound < F32_EXACT and gemm.engine(q_w.device) == "float32":
-            return "float32"
+        if gemm.engine(q_w.device) == "float32":
+            if bound < F32_EXACT:
+                return "float32"
+            if f32_chunks(q_w, in_dtype) is not None:
+                return "float32_split"
         return "int_mm"
     if bound < F32_EXACT:
         return "float32"
     return "float64"
 
 
+def f32_chunks(q_w: torch.Tensor, in_dtype: str) -> tuple[tuple[int, int], ...] | None:
+    """Ranges ``[lo, hi)`` of input channels (of ``q_w`` [O, C, kh, kw]; of K for a linear's
+    [O, K]) over which every partial sum of every output channel stays below 2^24, so each
+    range sums exactly in float32 (section 12); None when one channel alone reaches 2^24."""
+    w = q_w.to(torch.int64).abs()
+    per = input_bound(in_dtype) * (w.flatten(2).sum(2) if w.dim() > 2 else w)  # [O, C]
+    if not per.numel() or int(per.max()) >= F32_EXACT:
+        return None
+    # a new range starts where the running per-output-channel sum would reach 2^24
+    chunks, lo, run = [], 0, torch.zeros_like(per[:, 0])
+    for c in range(per.shape[1]):
+        if int((run + per[:, c]).max()) >= F32_EXACT:
+            chunks.append((lo, c))
+            lo, run = c, torch.zeros_like(run)
+        run += per[:, c]
+    chunks.append((lo, per.shape[1]))
+    return tuple(chunks)
+
+
 def conv2d(q: torch.Tensor, q_w: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int],
            dilation: tuple[int, int], groups: int, method: str,
-           w_cols: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact integer convolution sum (no bias): int32 for int_mm, otherwise a float tensor
-    holding integers. ``w_cols``: the weights prepared for ``method`` (see
-    :func:`prepared_weight`), to skip preparing them on every call."""
+           w_cols: torch.Tensor | None = None,
+           chunks: tuple[tuple[int, int], ...] | None = None) -> torch.Tensor:
+    """Exact integer convolution sum (no bias): int32 for int_mm and float32_split, otherwise
+    a float tensor holding integers. ``w_cols``: the weights prepared for ``method`` (see
+    :func:`prepared_weight`), to skip preparing them on every call; ``chunks``: the input
+    channel ranges of ``float32_split`` (:func:`f32_chunks` of the int8 weights)."""
     if method == "int_mm":
         return _conv2d_int_mm(q, q_w, stride, padding, dilation, w_cols)
     ft = FLOAT_METHODS[method]
     w = w_cols if w_cols is not None else q_w.to(ft)
     with no_tf32():
-        return F.conv2d(q.to(ft), w, None, stride, padding, dilation, groups)
+        if method != "float32_split":
+            return F.conv2d(q.to(ft), w, None, stride, padding, dilation, groups)
+        # each channel range sums exactly in float32; their sum is exact in int32
+        x, acc = q.to(ft), None
+        for lo, hi in chunks or f32_chunks(q_w, "qint8") or ():
+            part = F.conv2d(x[:, lo:hi], w[:, lo:hi], None, stride, padding, dilation)
+            acc = part.to(torch.int32) if acc is None else acc.add_(part.to(torch.int32))
+        return acc
 
 
-FLOAT_METHODS = {"float32": torch.float32, "float64": torch.float64}
+FLOAT_METHODS = {"float32": torch.float32, "float32_split": torch.float32,
+                 "float64": torch.float64}
 
 
 #: Reduced-precision settings a user may have turned on for float32 work, each one breaking
@@ -500,12 +532,20 @@ def _conv2d_int_mm(q: torch.Tensor, q_w: torch.Tensor, stride: tuple[int, int],
     return acc.view(n, ho, wo, o).permute(0, 3, 1, 2)
 
 
-def linear(q: torch.Tensor, q_w_t: torch.Tensor, method: str) -> torch.Tensor:
-    """Exact ``q @ q_w.T`` for inputs [..., K]; ``q_w_t`` is the [K, O] weight matrix."""
+def linear(q: torch.Tensor, q_w_t: torch.Tensor, method: str,
+           chunks: tuple[tuple[int, int], ...] | None = None) -> torch.Tensor:
+    """Exact ``q @ q_w.T`` for inputs [..., K]; ``q_w_t`` is the [K, O] weight matrix;
+    ``chunks``: the K ranges of ``float32_split``."""
     lead = q.shape[:-1]
     a = q.reshape(-1, q.shape[-1])
     if method == "int_mm":
         acc = int_mm(canonical(a.to(torch.int8)), canonical(q_w_t))
+    elif method == "float32_split":  # as conv2d: exact float32 ranges of K, summed in int32
+        af, wf = a.to(torch.float32), q_w_t.to(torch.float32)
+        acc = torch.zeros(a.shape[0], q_w_t.shape[1], dtype=torch.int32, device=a.device)
+        with no_tf32():
+            for lo, hi in chunks or f32_chunks(q_w_t.t(), "qint8") or ():
+                acc += (af[:, lo:hi] @ wf[lo:hi]).to(torch.int32)
     else:
         ft = torch.float32 if method == "float32" else torch.float64
         with no_tf32():

@@ -217,6 +217,7 @@ class _QWeighted(QModule):
             c["check"] = fp.acc_bound(weight, x.dtype) + int(
                 c["q_b"].abs().max()) >= fp.INT32_EXACT
         c["w"] = self._prepared_weight(weight, c["method"])
+        c["chunks"] = fp.f32_chunks(weight, x.dtype) if c["method"] == "float32_split" else None
         if self.profile is not None:
             c["ort_scale"] = fp.ort_constants(weight, x.dtype, q_b, s_in, s_w, s_o,
                                               self._who())
@@ -310,7 +311,7 @@ class QConv2d(_QWeighted):
         x = _need_q(x, self)
         c = self._prep(x)
         acc = fp.conv2d(x.q, self.real("weight"), self.stride, self.padding, self.dilation,
-                        self.groups, c["method"], c["w"])
+                        self.groups, c["method"], c["w"], c["chunks"])
         return self._finish(acc, c, 1)
 
     def _stored_weight(self, q_w: torch.Tensor, qat: nn.Module) -> torch.Tensor:
@@ -330,7 +331,7 @@ class QLinear(_QWeighted):
     def forward(self, x: QTensor) -> QTensor:
         x = _need_q(x, self)
         c = self._prep(x)
-        acc = fp.linear(x.q, c["w"], c["method"])
+        acc = fp.linear(x.q, c["w"], c["method"], c["chunks"])
         return self._finish(acc, c, acc.dim() - 1)
 
     def _stored_weight(self, q_w: torch.Tensor, qat: nn.Module) -> torch.Tensor:
@@ -338,7 +339,7 @@ class QLinear(_QWeighted):
 
     def _prepared_weight(self, weight: torch.Tensor, method: str) -> torch.Tensor:
         w = weight.t().contiguous()  # a view of the buffer (see _stored_weight)
-        return w if method == "int_mm" else w.to(torch.int64)
+        return w if method == "int_mm" else w.to(fp.FLOAT_METHODS[method])
 
 
 class QConvTranspose2d(_QWeighted):
