@@ -19,6 +19,7 @@ import torch.nn as nn
 
 import qatkit as qk
 from qatkit.base.errors import QatkitError, QatkitWarning
+from qatkit.fixed_point import gemm
 from tests._tv_import import import_torchvision
 
 
@@ -160,18 +161,28 @@ def test_torchvision_mnasnet_round_trip(tmp_path: str) -> None:
 
 def test_converted_weights_held_once_and_loaded_both_ways(tmp_path: str) -> None:
     """A converted conv/linear keeps its int8 weights once: the matrix its ``_int_mm`` kernel
-    reads is the ``weight`` buffer's own storage. The state_dict still holds ``weight`` as
-    int8 [O, C, kh, kw] / [O, K]; a contiguous state (as saved before this layout) loads into
+    reads is the ``weight`` buffer's own storage (the float32 engine casts them per call). The
+    state_dict still holds ``weight`` as int8 [O, C, kh, kw] / [O, K]; a contiguous state (as saved before this layout) loads into
     it, and its state loads into a module holding contiguous weights."""
     from qatkit.fixed_point.modules import QConv2d, QLinear
     batches = _data()
     torch.manual_seed(0)
     with qk.set_march("nash-e"):
-        fixed = qk.convert(_calibrated(Net().eval(), batches))
+        calibrated = _calibrated(Net().eval(), batches)
+        with gemm.int8_gemm("float32"):  # float kernels cast the int8 weights at each call
+            on_float = qk.convert(calibrated)
+            with torch.no_grad():
+                want = on_float(batches[1])
+        with gemm.int8_gemm("int_mm"):
+            fixed = qk.convert(calibrated)
+            with torch.no_grad():
+                assert torch.equal(fixed(batches[1]), want)
     weighted = {n: m for n, m in fixed.named_modules() if isinstance(m, (QConv2d, QLinear))}
     assert set(weighted) == {"block.conv", "fc"}
-    with torch.no_grad():
-        want = fixed(batches[1])
+    (c,) = on_float.block.conv._cache.values()
+    assert c["method"] == "float32" and c["w"] is None  # no float copy held
+    (c,) = on_float.fc._cache.values()
+    assert c["w"].untyped_storage().data_ptr() == on_float.fc.weight.untyped_storage().data_ptr()
     for m in weighted.values():
         (c,) = m._cache.values()
         assert c["method"] == "int_mm"

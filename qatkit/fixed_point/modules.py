@@ -320,7 +320,7 @@ class QConv2d(_QWeighted):
             return fp.columns_as_weight(fp.weight_columns(q_w), q_w.shape)
         return q_w
 
-    def _prepared_weight(self, weight: torch.Tensor, method: str) -> torch.Tensor:
+    def _prepared_weight(self, weight: torch.Tensor, method: str) -> torch.Tensor | None:
         return fp.prepared_weight(weight, method)
 
 
@@ -339,7 +339,7 @@ class QLinear(_QWeighted):
 
     def _prepared_weight(self, weight: torch.Tensor, method: str) -> torch.Tensor:
         w = weight.t().contiguous()  # a view of the buffer (see _stored_weight)
-        return w if method == "int_mm" else w.to(fp.FLOAT_METHODS[method])
+        return w  # float methods cast it at each call (see fp.prepared_weight)
 
 
 class QConvTranspose2d(_QWeighted):
