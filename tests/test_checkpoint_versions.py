@@ -162,8 +162,9 @@ def test_torchvision_mnasnet_round_trip(tmp_path: str) -> None:
 def test_converted_weights_held_once_and_loaded_both_ways(tmp_path: str) -> None:
     """A converted conv/linear keeps its int8 weights once: the matrix its ``_int_mm`` kernel
     reads is the ``weight`` buffer's own storage (the float32 engine casts them per call). The
-    state_dict still holds ``weight`` as int8 [O, C, kh, kw] / [O, K]; a contiguous state (as saved before this layout) loads into
-    it, and its state loads into a module holding contiguous weights."""
+    state_dict still holds ``weight`` as int8 [O, C, kh, kw] / [O, K]; a contiguous state (as
+    saved before this layout) loads into it, and its state loads into a module holding
+    contiguous weights."""
     from qatkit.fixed_point.modules import QConv2d, QLinear
     batches = _data()
     torch.manual_seed(0)
