@@ -514,9 +514,10 @@ def test_large_k_int_mm_is_exact_where_float32_is_not() -> None:
     B.assert_ints(B.run_ops(c2, B.qtensor(q, s_in, "qint8")), want, "qint8", s_out, "requant")
 
 
-@pytest.mark.usefixtures("int_mm_engine")
-def test_large_k_linear_int_mm() -> None:
-    """The same for Linear: K = 4608 extreme int8 values."""
+@pytest.mark.parametrize("engine,method", [("int_mm", "int_mm"), ("float32", "float32_split")])
+def test_large_k_linear(engine: str, method: str) -> None:
+    """The same for Linear: K = 4608 extreme int8 values, by ``_int_mm`` and by float32 over
+    ranges of K (tests/test_gemm_engine.py)."""
     k = 4608
     lin = nn.Linear(k, 3, bias=False)
     w = np.full((3, k), 1.5, dtype=np.float32)  # q_w = 127 and -128, as above
@@ -527,12 +528,14 @@ def test_large_k_linear_int_mm() -> None:
     q[1, ::5] = -128
     _, c = B.build(B.Chain(lin), torch.randn(2, k), {"quant": 0.25},
                    B.qconfig("qint8", high_precision=True))
-    assert fp.conv_method(c.ops[0].weight, "qint8", 1) == "int_mm"
-    got = c.ops[0](B.qtensor(q, 0.25, "qint8"))
+    with gemm.int8_gemm(engine):
+        assert fp.conv_method(c.ops[0].weight, "qint8", 1) == method
+        got = c.ops[0](B.qtensor(q, 0.25, "qint8"))
+    assert next(iter(c.ops[0]._cache.values()))["method"] == method
     s_w = c.ops[0].weight_scale.numpy()
     want = R.linear(q, 0.25, w, None, s_w, 1.0, "qint32", mode="accumulator")
     assert np.abs(want).max() > 2**25
-    B.assert_ints(got, want, "qint32", what="linear int_mm")
+    B.assert_ints(got, want, "qint32", what=f"linear {method}")
     q_w = torch.from_numpy(R.quantize_weight(w, s_w)).float()
     f32 = (torch.from_numpy(q).float() @ q_w.T).to(torch.int64).numpy()
     assert not np.array_equal(f32, want), "float32 matmul was exact: no teeth"

@@ -381,15 +381,24 @@ def f32_chunks(q_w: torch.Tensor, in_dtype: str) -> tuple[tuple[int, int], ...] 
     per = input_bound(in_dtype) * (w.flatten(2).sum(2) if w.dim() > 2 else w)  # [O, C]
     if not per.numel() or int(per.max()) >= F32_EXACT:
         return None
-    # a new range starts where the running per-output-channel sum would reach 2^24
-    chunks, lo, run = [], 0, torch.zeros_like(per[:, 0])
-    for c in range(per.shape[1]):
-        if int((run + per[:, c]).max()) >= F32_EXACT:
-            chunks.append((lo, c))
-            lo, run = c, torch.zeros_like(run)
-        run += per[:, c]
-    chunks.append((lo, per.shape[1]))
+    chunks, lo, c = [], 0, per.shape[1]
+    while lo < c:  # each range ends before its running sum reaches 2^24 in some channel
+        over = (per[:, lo:].cumsum(1) >= F32_EXACT).any(0).nonzero()
+        hi = lo + int(over[0]) if len(over) else c
+        chunks.append((lo, hi))
+        lo = hi
     return tuple(chunks)
+
+
+def _split(q_w: torch.Tensor, chunks: tuple[tuple[int, int], ...] | None
+           ) -> tuple[tuple[int, int], ...]:
+    """The ``float32_split`` ranges of int8 weights [O, C, ...]: given, or made; refused
+    (never an empty sum) where no split exists."""
+    chunks = chunks or f32_chunks(q_w, "qint8")
+    if chunks is None:
+        raise fail("QK106", "float32_split: one input channel alone can sum to 2^24, which "
+                   "float32 cannot hold exactly.", "use the int_mm or float64 method")
+    return chunks
 
 
 def conv2d(q: torch.Tensor, q_w: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int],
@@ -409,7 +418,7 @@ def conv2d(q: torch.Tensor, q_w: torch.Tensor, stride: tuple[int, int], padding:
             return F.conv2d(q.to(ft), w, None, stride, padding, dilation, groups)
         # each channel range sums exactly in float32; their sum is exact in int32
         x, acc = q.to(ft), None
-        for lo, hi in chunks or f32_chunks(q_w, "qint8") or ():
+        for lo, hi in _split(q_w, chunks):
             part = F.conv2d(x[:, lo:hi], w[:, lo:hi], None, stride, padding, dilation)
             acc = part.to(torch.int32) if acc is None else acc.add_(part.to(torch.int32))
         return acc
@@ -547,10 +556,10 @@ def linear(q: torch.Tensor, q_w_t: torch.Tensor, method: str,
         af, wf = a.to(torch.float32), q_w_t.to(torch.float32)
         acc = torch.zeros(a.shape[0], q_w_t.shape[1], dtype=torch.int32, device=a.device)
         with no_tf32():
-            for lo, hi in chunks or f32_chunks(q_w_t.t(), "qint8") or ():
+            for lo, hi in _split(q_w_t.t(), chunks):
                 acc += (af[:, lo:hi] @ wf[lo:hi]).to(torch.int32)
     else:
-        ft = torch.float32 if method == "float32" else torch.float64
+        ft = FLOAT_METHODS[method]
         with no_tf32():
             acc = (a.to(ft) @ q_w_t.to(ft)).to(torch.int64)
     return acc.reshape(*lead, q_w_t.shape[1])
