@@ -106,3 +106,35 @@ def test_norm_variants_identical(dtype):
     r = compare(model, q, data)
     assert r["identical"], [x for x in r["outputs"] + r["layers"] if x["identical"] < 1]
     assert {"ln_wide", "prelu", "ln_2d", "softmax"} <= {row["name"] for row in r["layers"]}
+
+
+class _Int16Gemms(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = qk.QuantStub(), qk.DeQuantStub()
+        self.conv = torch.nn.Conv2d(8, 6, 3, padding=1)
+        self.fc = torch.nn.Linear(6 * 5 * 5, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.fc(self.conv(self.quant(x)).flatten(1)))
+
+
+def test_int16_inputs_at_the_extremes_identical():
+    """The int16 split ``2^14 a + 2^7 b + c`` (integer flavour) gives every accumulator exactly
+    in onnxruntime where the input sits at the int16 bounds and the weights at the int8 bounds
+    with the same sign in adjacent taps: the case where a uint8 part of up to 255 (the earlier
+    ``256 hi + lo`` split) saturates the int16 pair sums of onnxruntime's AVX2 kernels."""
+    x = torch.randn(4, 8, 5, 5, generator=torch.Generator().manual_seed(3))
+    qc = qk.default_calibration_qconfig("qint16")
+    _, q = prepared_and_converted(_Int16Gemms(), x, "nash-e", qconfig=qc)
+    with torch.no_grad():  # weights at the int8 bounds, one sign per output channel
+        for mod in (q.conv, q.fc):
+            sign = torch.where(torch.arange(mod.weight.shape[0]) % 2 == 0, 1, -1)
+            mod.weight.copy_((sign.view(-1, *[1] * (mod.weight.dim() - 1))
+                              * torch.where(mod.weight >= 0, 127, 128)).to(mod.weight.dtype))
+    s = float(q.quant.real("out_scale"))
+    data = torch.cat([torch.full((1, 8, 5, 5), 40000 * s), torch.full((1, 8, 5, 5), -40000 * s),
+                      torch.full((1, 8, 5, 5), 255.0 * s),  # every low byte 255
+                      x * 1000.0])
+    r = compare(qk.export_onnx(q, x), q, data)
+    assert r["identical"], [v for v in r["outputs"] + r["layers"] if v["identical"] < 1]

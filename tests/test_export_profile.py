@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 pytest.importorskip("onnxruntime")
+import numpy as np
 import onnx
 
 import qatkit as qk
@@ -139,7 +140,8 @@ def test_cli_verify_expects_identity_for_profile_files(tmp_path):
     proto = onnx.load(str(out))
     w = next(t for t in proto.graph.initializer if t.name.startswith("conv1.weight"))
     arr = onnx.numpy_helper.to_array(w).copy()
-    arr.flat[0] = 127 if arr.flat[0] != 127 else -127
+    top = np.iinfo(arr.dtype).max  # uint8 with zero point 128 in the profile
+    arr.flat[0] = top if arr.flat[0] != top else top - 100
     w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
     onnx.save(proto, str(tmp_path / "bad.onnx"))
     r = cli("verify", str(tmp_path / "bad.onnx"), "target.py:build", "--data", "data.pt")

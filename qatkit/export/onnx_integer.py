@@ -5,7 +5,8 @@ constants each fixed-point module caches for its input scale, so it computes the
 
 * quantized activations are int32 tensors holding values of their qint8/qint16 range;
 * conv/linear accumulate with ConvInteger/MatMulInteger (int8 x int8 -> int32); an int16 input
-  is split exactly into ``256 * hi + lo`` (``hi`` int8, ``lo`` uint8) and accumulated twice;
+  is split exactly into ``2^14 a + 2^7 b + c`` (int8 parts of at most 7 bits of magnitude, see
+  ``split16``) and accumulated three times;
   a transposed conv is a ConvInteger on the zero-inserted input with flipped weights;
 * requantization ``floor((v * m + 2^(n-1)) / 2^n)`` runs in int64 with the exact floor division
   ``(t - Mod(t, 2^n)) / 2^n`` (``Mod`` with ``fmod=0`` takes the divisor's sign, so the
@@ -184,22 +185,35 @@ class IntegerExporter:
                                self.b.const(hi, np.int64, "hi")])
         return self.b.cast(c, self.T.INT32)
 
-    def split16(self, x: str) -> tuple[str, str]:
-        """int16 values (int32 tensor) as ``256 * hi + lo``: hi int8, lo uint8, exactly."""
+    def split16(self, x: str) -> list[tuple[str, int]]:
+        """int16 values (int32 tensor) as ``2^14 a + 2^7 b + c``: ``c = x mod 2^7`` and ``b =
+        floor(x / 2^7) mod 2^7`` in [0, 127], ``a = floor(x / 2^14)`` in [-2, 1], each an int8
+        tensor, with its weight. Every part stays within 7 bits of magnitude because
+        onnxruntime's AVX2 int8 kernels (no VNNI) add pairs of u8 x s8 products in int16 with
+        saturation (``vpmaddubsw``): a uint8 part up to 255 gives wrong sums on those CPUs, a
+        part of at most 127 against int8 weights cannot reach 2^15 (2 * 127 * 128 = 32512)."""
         b = self.b
-        k = b.const(256, np.int32, "k256")
-        lo = b.op("Mod", [x, k], fmod=0)
-        hi = b.op("Div", [b.op("Sub", [x, lo]), k])
-        return b.cast(hi, self.T.INT8), b.cast(lo, self.T.UINT8)
+        k = b.const(128, np.int32, "k128")
+        parts, t = [], x
+        for weight in (1, 128):
+            r = b.op("Mod", [t, k], fmod=0)
+            parts.append((b.cast(r, self.T.INT8), weight))
+            t = b.op("Div", [b.op("Sub", [t, r]), k])
+        parts.append((b.cast(t, self.T.INT8), 1 << 14))
+        return parts
 
     def accumulate(self, x: str, dtype: str, fn: Any) -> str:
-        """``fn(int8_or_uint8 input) -> int32``, exact for int8 and (split) int16 inputs; int64."""
+        """``fn(int8 input) -> int32``, exact for int8 and (split) int16 inputs; int64."""
         if dtype == "qint8":
             return self.i64(fn(self.b.cast(x, self.T.INT8)))
-        hi, lo = self.split16(x)
-        b = self.b
-        top = b.op("Mul", [self.i64(fn(hi)), b.const(256, np.int64, "k256")])
-        return b.op("Add", [top, self.i64(fn(lo))])
+        b, total = self.b, None
+        for part, weight in self.split16(x):
+            acc = self.i64(fn(part))
+            if weight != 1:
+                acc = b.op("Mul", [acc, b.const(weight, np.int64, f"k{weight}")])
+            total = acc if total is None else b.op("Add", [total, acc])
+        assert total is not None
+        return total
 
     # ---- modules -----------------------------------------------------------------------
     def conv(self, mod: QConv2d, x: QTensor, name: str, node: tr.Node) -> tuple[str, Any]:

@@ -126,12 +126,23 @@ class QdqExporter(IntegerExporter):
         """An integer initializer dequantized per channel along ``axis``."""
         b = self.b
         np_t = {"qint8": np.int8, "qint32": np.int32}[dtype]
+        enc = {"layer": label, "dtype": f"int{BITS[dtype]}", "bitwidth": BITS[dtype],
+               "axis": axis, "scale": [float(v) for v in scale],
+               "offset": [0] * len(scale), "is_symmetric": True}
+        zero = np.zeros(scale.shape, np_t)
+        if self.profile is not None and dtype == "qint8":
+            # uint8 weights with zero point 128 (the same values): onnxruntime's u8u8 kernels
+            # are exact on every x86 CPU; its u8s8 ones on AVX2 without VNNI add pairs of
+            # products in int16 with saturation (``vpmaddubsw``), so a u8s8 group there does
+            # not compute the accumulator that qatkit (and the same kernel on VNNI) computes
+            np_t = np.uint8
+            values = (values.astype(np.int16) + UINT8_ZERO).astype(np.uint8)
+            zero = np.full(scale.shape, UINT8_ZERO, np.uint8)
+            enc.update(dtype="uint8", offset=[-UINT8_ZERO] * len(scale))
         q = b.const(values, np_t, f"{label}.{'weight' if dtype == 'qint8' else 'bias'}")
         s = b.const(scale.astype(np.float32), np.float32, "s")
-        zp = b.const(np.zeros(scale.shape, np_t), np_t, "zp")
-        self.params[q] = {"layer": label, "dtype": f"int{BITS[dtype]}", "bitwidth": BITS[dtype],
-                          "axis": axis, "scale": [float(v) for v in scale],
-                          "offset": [0] * len(scale), "is_symmetric": True}
+        zp = b.const(zero, np_t, "zp")
+        self.params[q] = enc
         return b.op("DequantizeLinear", [q, s, zp], "dq", axis=axis)
 
     # ---- the walk ------------------------------------------------------------------------
