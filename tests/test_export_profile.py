@@ -6,6 +6,7 @@ arithmetic is untouched."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -60,6 +61,13 @@ def test_profile_qdq_identical_in_onnxruntime(march, level):
     onnx.checker.check_model(model, full_check=True)
     props = {p.key: p.value for p in model.metadata_props}
     assert props["qatkit.profile"] == "onnxruntime"
+    # weights as uint8 with zero point 128 (u8u8 groups: exact without VNNI), the same values
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    (w,) = [v for k, v in inits.items() if k.startswith("conv1.weight")]
+    assert w.dtype == np.uint8 and np.array_equal(w.astype(np.int16) - 128, q.conv1.weight.numpy())
+    enc = json.loads(props["qatkit.encodings"])["param_encodings"]
+    assert {(e["dtype"], e["offset"][0]) for e in enc.values() if e["bitwidth"] == 8} == {
+        ("uint8", -128)}
     assert {"QLinearConv", "QGemm"} <= _fused(model)  # every conv/linear group is fused
     assert not _fused(model) & {"Conv", "Gemm", "FusedConv"}
     r = compare(model, q, _data())

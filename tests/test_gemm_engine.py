@@ -138,15 +138,14 @@ def test_chunks_keep_each_partial_sum_below_2_24() -> None:
     for lo, hi in chunks[:-1]:  # as long as they can be: one more channel would reach 2^24
         assert fp.acc_bound(q_w[:, lo:hi + 1], "qint8") >= fp.F32_EXACT
     # one channel of a 32x32 kernel of -128: 1024 * 2^14 = 2^24 taps alone, no split exists
-    assert fp.f32_chunks(torch.full((1, 1, 32, 32), -128, dtype=torch.int8), "qint8") is None
     lone = torch.full((1, 1, 32, 32), -128, dtype=torch.int8)
+    assert fp.f32_chunks(lone, "qint8") is None
     with pytest.raises(qk.QatkitError, match=r"QK106.*one input channel alone"):
         fp.conv2d(torch.zeros(1, 1, 32, 32, dtype=torch.int8), lone, (1, 1), (0, 0), (1, 1),
                   1, "float32_split")
     with gemm.int8_gemm("float32"):
         assert fp.conv_method(q_w, "qint8", 1) == "float32_split"
-        assert fp.conv_method(torch.full((1, 1, 32, 32), -128, dtype=torch.int8), "qint8",
-                              1) == "int_mm"
+        assert fp.conv_method(lone, "qint8", 1) == "int_mm"
 
 
 @settings(max_examples=B.examples(15), deadline=None)
